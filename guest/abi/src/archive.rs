@@ -104,15 +104,18 @@ pub fn open<'a, R: Read + 'a>(mut source: R) -> Result<TarStream<'a>, ArchiveErr
         // One stream only: what follows it is padding or stale data.
         Compression::Xz => Box::new(xz2::read::XzDecoder::new(stream)),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(stream)),
-        Compression::Zstd => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(stream).map_err(|e| ArchiveError::Corrupt {
+        Compression::Zstd => Box::new(ruzstd::decoding::StreamingDecoder::new(stream).map_err(
+            |e| ArchiveError::Corrupt {
                 compression: "zstd",
                 source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-            })?,
-        ),
+            },
+        )?),
         Compression::None => Box::new(stream),
     };
-    Ok(TarStream { compression, reader })
+    Ok(TarStream {
+        compression,
+        reader,
+    })
 }
 
 fn corrupt(compression: Compression, source: io::Error) -> ArchiveError {
@@ -215,7 +218,11 @@ pub fn list(source: impl Read) -> Result<(Compression, Vec<EntryInfo>), ArchiveE
 
 /// Reads one regular file out of the archive at the start of `source`, at most `limit` bytes.
 /// Returns `None` when the archive has no such file.
-pub fn read_file(source: impl Read, path: &str, limit: u64) -> Result<Option<Vec<u8>>, ArchiveError> {
+pub fn read_file(
+    source: impl Read,
+    path: &str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, ArchiveError> {
     let want = normalize(path);
     let stream = open(source)?;
     let compression = stream.compression;
@@ -267,13 +274,18 @@ mod tests {
                 e.finish().unwrap()
             }
             Compression::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                 e.write_all(tar).unwrap();
                 e.finish().unwrap()
             }
             Compression::Zstd => {
                 let mut out = Vec::new();
-                ruzstd::encoding::compress(tar, &mut out, ruzstd::encoding::CompressionLevel::Fastest);
+                ruzstd::encoding::compress(
+                    tar,
+                    &mut out,
+                    ruzstd::encoding::CompressionLevel::Fastest,
+                );
                 out
             }
             Compression::None => tar.to_vec(),
@@ -284,8 +296,16 @@ mod tests {
 
     #[test]
     fn every_compression_unpacks_with_trailing_padding_and_stale_data() {
-        let tar = tar_of(&[("./opt/job/construir", SCRIPT, 0o755), ("opt/job/data", b"12345", 0o644)]);
-        for how in [Compression::Xz, Compression::Gzip, Compression::Zstd, Compression::None] {
+        let tar = tar_of(&[
+            ("./opt/job/construir", SCRIPT, 0o755),
+            ("opt/job/data", b"12345", 0o644),
+        ]);
+        for how in [
+            Compression::Xz,
+            Compression::Gzip,
+            Compression::Zstd,
+            Compression::None,
+        ] {
             let mut disk = compress(&tar, how);
             disk.extend(std::iter::repeat_n(0u8, 4096));
             disk.extend(compress(&tar_of(&[("stale", b"old", 0o644)]), how));
@@ -297,9 +317,18 @@ mod tests {
             let script = dir.path().join(JOB_SCRIPT);
             assert_eq!(std::fs::read(&script).unwrap(), SCRIPT);
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&script).unwrap().permissions().mode() & 0o777, 0o755);
-            assert!(!dir.path().join("stale").exists(), "{how:?} read past the first archive");
-            assert_eq!(read_file(&disk[..], "opt/job/data", 100).unwrap().unwrap(), b"12345");
+            assert_eq!(
+                std::fs::metadata(&script).unwrap().permissions().mode() & 0o777,
+                0o755
+            );
+            assert!(
+                !dir.path().join("stale").exists(),
+                "{how:?} read past the first archive"
+            );
+            assert_eq!(
+                read_file(&disk[..], "opt/job/data", 100).unwrap().unwrap(),
+                b"12345"
+            );
             assert_eq!(read_file(&disk[..], "missing", 100).unwrap(), None);
             let (c, entries) = list(&disk[..]).unwrap();
             assert_eq!(c, how);
@@ -311,8 +340,15 @@ mod tests {
     #[test]
     fn garbage_and_zeros_are_not_archives() {
         let dir = tempfile::tempdir().unwrap();
-        for junk in [vec![0u8; 4096], vec![], b"hello world, this is not a tar".to_vec()] {
-            assert!(matches!(unpack(&junk[..], dir.path()), Err(ArchiveError::NotAnArchive)));
+        for junk in [
+            vec![0u8; 4096],
+            vec![],
+            b"hello world, this is not a tar".to_vec(),
+        ] {
+            assert!(matches!(
+                unpack(&junk[..], dir.path()),
+                Err(ArchiveError::NotAnArchive)
+            ));
         }
     }
 
@@ -324,7 +360,10 @@ mod tests {
             let full = compress(&tar, how);
             let dir = tempfile::tempdir().unwrap();
             let cut = &full[..full.len() / 2];
-            assert!(matches!(unpack(cut, dir.path()), Err(ArchiveError::Corrupt { .. })), "{how:?} cut");
+            assert!(
+                matches!(unpack(cut, dir.path()), Err(ArchiveError::Corrupt { .. })),
+                "{how:?} cut"
+            );
             let mut damaged = full.clone();
             let mid = damaged.len() / 2;
             for b in &mut damaged[mid..mid + 64] {
@@ -341,7 +380,13 @@ mod tests {
             read_file(&tar[..], "./out.bin", 999),
             Err(ArchiveError::TooLarge { .. })
         ));
-        assert_eq!(read_file(&tar[..], "/out.bin", 1000).unwrap().unwrap().len(), 1000);
+        assert_eq!(
+            read_file(&tar[..], "/out.bin", 1000)
+                .unwrap()
+                .unwrap()
+                .len(),
+            1000
+        );
     }
 
     #[test]

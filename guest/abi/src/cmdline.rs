@@ -187,7 +187,11 @@ mod tests {
         for p in EMULATED_HOST_PARAMS {
             assert!(!line.contains(p), "{p} in {line}");
         }
-        assert!(!KernelCmdline::for_host(HostKind::NoKvm).to_string().contains("construir.emulated"));
+        assert!(
+            !KernelCmdline::for_host(HostKind::NoKvm)
+                .to_string()
+                .contains("construir.emulated")
+        );
     }
 
     #[test]
@@ -196,9 +200,15 @@ mod tests {
         for p in ["construir.emulated", "noxsave", "nosmap", "nosmep", "nopti"] {
             assert!(line.split(' ').any(|w| w == p), "{p} missing in {line}");
         }
-        let clear = line.split(' ').find(|w| w.starts_with("clearcpuid=")).unwrap();
+        let clear = line
+            .split(' ')
+            .find(|w| w.starts_with("clearcpuid="))
+            .unwrap();
         for f in ["popcnt", "avx", "smap", "smep", "fsrm", "erms"] {
-            assert!(clear["clearcpuid=".len()..].split(',').any(|x| x == f), "{f}");
+            assert!(
+                clear["clearcpuid=".len()..].split(',').any(|x| x == f),
+                "{f}"
+            );
         }
     }
 
@@ -219,7 +229,12 @@ mod tests {
     fn defaults_when_absent_and_errors_when_malformed() {
         let p = GuestParams::parse("console=ttyS0 rw\n").unwrap();
         assert_eq!(p, GuestParams::default());
-        assert_eq!(GuestParams::parse("construir.timeout=0").unwrap().timeout_secs, None);
+        assert_eq!(
+            GuestParams::parse("construir.timeout=0")
+                .unwrap()
+                .timeout_secs,
+            None
+        );
         for bad in [
             "construir.time=soon",
             "construir.timeout=-1",

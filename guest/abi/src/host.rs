@@ -134,13 +134,25 @@ mod tests {
     #[test]
     fn classification() {
         assert_eq!(facts(false, false, "vmx").kind(), HostKind::NoKvm);
-        assert_eq!(facts(true, false, "fpu vmx sse").kind(), HostKind::HardwareKvm);
+        assert_eq!(
+            facts(true, false, "fpu vmx sse").kind(),
+            HostKind::HardwareKvm
+        );
         assert_eq!(facts(true, false, "fpu svm").kind(), HostKind::HardwareKvm);
         // A nested guest with VMX passed through is hardware-assisted.
-        assert_eq!(facts(true, false, "hypervisor vmx").kind(), HostKind::HardwareKvm);
+        assert_eq!(
+            facts(true, false, "hypervisor vmx").kind(),
+            HostKind::HardwareKvm
+        );
         // This workplace: kvm_pvm, hypervisor flag, no vmx/svm.
-        assert_eq!(facts(true, true, "fpu hypervisor").kind(), HostKind::EmulatedKvm);
-        assert_eq!(facts(true, false, "fpu hypervisor sse").kind(), HostKind::EmulatedKvm);
+        assert_eq!(
+            facts(true, true, "fpu hypervisor").kind(),
+            HostKind::EmulatedKvm
+        );
+        assert_eq!(
+            facts(true, false, "fpu hypervisor sse").kind(),
+            HostKind::EmulatedKvm
+        );
         assert_eq!(facts(true, true, "svm").kind(), HostKind::EmulatedKvm);
     }
 
@@ -161,7 +173,11 @@ mod tests {
 
     #[test]
     fn names_parse_back() {
-        for k in [HostKind::HardwareKvm, HostKind::EmulatedKvm, HostKind::NoKvm] {
+        for k in [
+            HostKind::HardwareKvm,
+            HostKind::EmulatedKvm,
+            HostKind::NoKvm,
+        ] {
             assert_eq!(k.as_str().parse::<HostKind>().unwrap(), k);
         }
         assert!("tcg".parse::<HostKind>().is_err());

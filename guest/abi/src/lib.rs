@@ -11,7 +11,9 @@
 pub mod archive;
 pub mod cmdline;
 pub mod host;
+pub mod jobname;
 #[cfg(feature = "manifest")]
 pub mod manifest;
+mod manifest_index;
 pub mod outcome;
 pub mod status;

@@ -38,7 +38,9 @@ pub struct ImageManifest {
 /// Why a manifest could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("no image {index:?} in {dir} (no {dir}/{index}.json; build it with `image/build {index}`)")]
+    #[error(
+        "no image {index:?} in {dir} (no {dir}/{index}.json; build it with `image/build {index}`)"
+    )]
     Missing { index: String, dir: PathBuf },
     #[error("image index {0:?} is not valid (expected a letter and a number, like i0 or t0)")]
     BadIndex(String),
@@ -56,14 +58,7 @@ pub enum ManifestError {
     },
 }
 
-/// Whether `index` looks like an image index: a lower-case letter then digits (`i0`, `t12`).
-pub fn valid_index(index: &str) -> bool {
-    let mut chars = index.chars();
-    matches!(chars.next(), Some('a'..='z'))
-        && index.len() >= 2
-        && index.len() <= 8
-        && chars.all(|c| c.is_ascii_digit())
-}
+pub use crate::manifest_index::valid_index;
 
 /// A manifest together with the directory it was read from.
 #[derive(Debug, Clone)]
@@ -89,7 +84,8 @@ impl Image {
             }
             Err(source) => return Err(ManifestError::Read { path, source }),
         };
-        let manifest = serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path, source })?;
+        let manifest =
+            serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path, source })?;
         Ok(Image {
             manifest,
             dir: dir.to_path_buf(),
@@ -146,8 +142,14 @@ mod tests {
         let err = Image::load(dir.path(), "i0").unwrap_err();
         assert!(err.to_string().contains("image/build i0"), "{err}");
         std::fs::write(dir.path().join("t0.json"), "{").unwrap();
-        assert!(matches!(Image::load(dir.path(), "t0"), Err(ManifestError::Parse { .. })));
-        assert!(matches!(Image::load(dir.path(), "../x"), Err(ManifestError::BadIndex(_))));
+        assert!(matches!(
+            Image::load(dir.path(), "t0"),
+            Err(ManifestError::Parse { .. })
+        ));
+        assert!(matches!(
+            Image::load(dir.path(), "../x"),
+            Err(ManifestError::BadIndex(_))
+        ));
         let m = ImageManifest {
             index: "t1".into(),
             description: "test".into(),
@@ -163,7 +165,11 @@ mod tests {
             installed: vec!["busybox".into()],
             build_key: "k".into(),
         };
-        std::fs::write(dir.path().join("t1.json"), serde_json::to_string(&m).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join("t1.json"),
+            serde_json::to_string(&m).unwrap(),
+        )
+        .unwrap();
         let img = Image::load(dir.path(), "t1").unwrap();
         assert_eq!(img.manifest, m);
         assert_eq!(img.disk_path(), dir.path().join("t1.qcow2"));

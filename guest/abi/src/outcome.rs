@@ -52,10 +52,12 @@ impl RunOutcome {
         match report {
             Some(GuestReport::Exited(code)) => RunOutcome::Exited(code),
             Some(GuestReport::Signaled(sig)) => RunOutcome::Signaled(sig),
-            Some(GuestReport::NoArchive) => {
-                RunOutcome::InvalidJob("the job disk holds no readable archive (xz, gzip, zstd or tar)")
+            Some(GuestReport::NoArchive) => RunOutcome::InvalidJob(
+                "the job disk holds no readable archive (xz, gzip, zstd or tar)",
+            ),
+            Some(GuestReport::NoScript) => {
+                RunOutcome::InvalidJob("the job archive has no opt/job/construir")
             }
-            Some(GuestReport::NoScript) => RunOutcome::InvalidJob("the job archive has no opt/job/construir"),
             Some(GuestReport::TimeLimit) => RunOutcome::TimedOut { in_guest: true },
             Some(GuestReport::InitFailed) => {
                 RunOutcome::GuestFailed("the guest init failed (see the console log)".into())
@@ -108,8 +110,12 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::Exited(code) => write!(f, "job failed with exit status {code}"),
             RunOutcome::Signaled(sig) => write!(f, "job killed by signal {sig}"),
             RunOutcome::InvalidJob(why) => write!(f, "invalid job: {why}"),
-            RunOutcome::TimedOut { in_guest: true } => write!(f, "timed out: the guest's time limit killed the job"),
-            RunOutcome::TimedOut { in_guest: false } => write!(f, "timed out: the host stopped the VM"),
+            RunOutcome::TimedOut { in_guest: true } => {
+                write!(f, "timed out: the guest's time limit killed the job")
+            }
+            RunOutcome::TimedOut { in_guest: false } => {
+                write!(f, "timed out: the host stopped the VM")
+            }
             RunOutcome::GuestFailed(why) => write!(f, "guest failed: {why}"),
             RunOutcome::Interrupted => write!(f, "interrupted"),
         }
@@ -128,12 +134,24 @@ mod tests {
         assert_eq!(RunOutcome::Exited(100).exit_code(), 100);
         assert_eq!(RunOutcome::Exited(255).exit_code(), 100);
         assert_eq!(RunOutcome::Signaled(9).exit_code(), 100);
-        assert_eq!(RunOutcome::from_report(Some(GuestReport::NoScript), "").exit_code(), 101);
-        assert_eq!(RunOutcome::from_report(Some(GuestReport::NoArchive), "").exit_code(), 101);
-        assert_eq!(RunOutcome::from_report(Some(GuestReport::TimeLimit), "").exit_code(), 102);
+        assert_eq!(
+            RunOutcome::from_report(Some(GuestReport::NoScript), "").exit_code(),
+            101
+        );
+        assert_eq!(
+            RunOutcome::from_report(Some(GuestReport::NoArchive), "").exit_code(),
+            101
+        );
+        assert_eq!(
+            RunOutcome::from_report(Some(GuestReport::TimeLimit), "").exit_code(),
+            102
+        );
         assert_eq!(RunOutcome::TimedOut { in_guest: false }.exit_code(), 102);
         assert_eq!(RunOutcome::from_report(None, "reset").exit_code(), 103);
-        assert_eq!(RunOutcome::from_report(Some(GuestReport::InitFailed), "").exit_code(), 103);
+        assert_eq!(
+            RunOutcome::from_report(Some(GuestReport::InitFailed), "").exit_code(),
+            103
+        );
         assert_eq!(RunOutcome::Interrupted.exit_code(), 106);
     }
 
@@ -142,7 +160,10 @@ mod tests {
         assert_eq!(RunOutcome::Exited(0).status(), "success");
         assert_eq!(RunOutcome::Exited(1).status(), "failed");
         assert_eq!(RunOutcome::Signaled(9).job_exit_status(), Some(137));
-        assert_eq!(RunOutcome::TimedOut { in_guest: true }.job_exit_status(), None);
+        assert_eq!(
+            RunOutcome::TimedOut { in_guest: true }.job_exit_status(),
+            None
+        );
         let failed = RunOutcome::from_report(None, "triple fault");
         assert!(failed.to_string().contains("triple fault"), "{failed}");
     }

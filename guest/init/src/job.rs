@@ -20,7 +20,8 @@ pub enum Unpacked {
 /// Unpacks the archive at the start of `device` into `/`.
 pub fn unpack(device: &str) -> anyhow::Result<Unpacked> {
     let started = Instant::now();
-    let disk = std::fs::File::open(device).with_context(|| format!("open the job disk {device}"))?;
+    let disk =
+        std::fs::File::open(device).with_context(|| format!("open the job disk {device}"))?;
     let reader = std::io::BufReader::with_capacity(1 << 20, disk);
     match archive::unpack(reader, Path::new("/")) {
         Ok(summary) => say!(
@@ -41,7 +42,10 @@ pub fn unpack(device: &str) -> anyhow::Result<Unpacked> {
         Ok(meta) if meta.is_file() => {
             if meta.permissions().mode() & 0o111 == 0 {
                 say!("{JOB_SCRIPT} is not executable; making it so");
-                std::fs::set_permissions(&script, std::fs::Permissions::from_mode(meta.permissions().mode() | 0o755))?;
+                std::fs::set_permissions(
+                    &script,
+                    std::fs::Permissions::from_mode(meta.permissions().mode() | 0o755),
+                )?;
             }
             Ok(Unpacked::Ready)
         }
@@ -66,7 +70,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// The environment the job runs with: complete enough for compilers and autotools (measured:
 /// without PATH, `gcc` cannot find `cc1`), and nothing from the kernel's.
 pub const JOB_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
     ("HOME", "/root"),
     ("USER", "root"),
     ("LOGNAME", "root"),
@@ -96,7 +103,9 @@ pub fn report_for_wait_status(status: libc::c_int) -> GuestReport {
 /// working directory or a pre-exec hook, and this kernel has no sockets at all (CONFIG_NET=n).
 fn spawn_job(script: &str) -> std::io::Result<libc::pid_t> {
     use std::ffi::CString;
-    let cstr = |s: &str| CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let cstr = |s: &str| {
+        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
     let path = cstr(script)?;
     let shell = cstr("/bin/sh")?;
     let dir = cstr(&format!("/{JOB_DIR}"))?;
@@ -167,10 +176,13 @@ pub fn run(timeout_secs: Option<u64>) -> anyhow::Result<GuestReport> {
         }
     };
     status_port::send(&[op::JOB_STARTED]);
-    say!("job started (pid {pid}), time limit {}", match timeout_secs {
-        Some(s) => format!("{s} s"),
-        None => "none".to_string(),
-    });
+    say!(
+        "job started (pid {pid}), time limit {}",
+        match timeout_secs {
+            Some(s) => format!("{s} s"),
+            None => "none".to_string(),
+        }
+    );
     let started = Instant::now();
     let finished = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -192,7 +204,10 @@ pub fn run(timeout_secs: Option<u64>) -> anyhow::Result<GuestReport> {
     } else {
         report_for_wait_status(status)
     };
-    say!("job ended after {:.1} s: {report:?}", started.elapsed().as_secs_f64());
+    say!(
+        "job ended after {:.1} s: {report:?}",
+        started.elapsed().as_secs_f64()
+    );
     Ok(report)
 }
 

@@ -44,7 +44,10 @@ fn main() {
             GuestReport::InitFailed
         }
     };
-    say!("outcome {report:?} after {:.1} s in the init", started.elapsed().as_secs_f64());
+    say!(
+        "outcome {report:?} after {:.1} s in the init",
+        started.elapsed().as_secs_f64()
+    );
     finish(report);
 }
 
@@ -74,7 +77,10 @@ fn finish(report: GuestReport) -> ! {
     loop {
         // SAFETY: reboot(2) with a valid command; as PID 1 with CAP_SYS_BOOT this resets the VM.
         unsafe { libc::reboot(libc::RB_AUTOBOOT) };
-        say!("reboot failed: {}; retrying", std::io::Error::last_os_error());
+        say!(
+            "reboot failed: {}; retrying",
+            std::io::Error::last_os_error()
+        );
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }

@@ -17,13 +17,49 @@ struct Mount {
 const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
 
 const MOUNTS: &[Mount] = &[
-    Mount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: "" },
-    Mount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: "" },
+    Mount {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    Mount {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
     // The kernel mounts devtmpfs on /dev itself (DEVTMPFS_MOUNT); EBUSY then is fine.
-    Mount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: libc::MS_NOSUID, data: "mode=0755" },
-    Mount { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: libc::MS_NOSUID | libc::MS_NOEXEC, data: "mode=0620,ptmxmode=0666" },
-    Mount { source: "tmpfs", target: "/dev/shm", fstype: "tmpfs", flags: libc::MS_NOSUID | libc::MS_NODEV, data: "mode=1777" },
-    Mount { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: libc::MS_NOSUID | libc::MS_NODEV, data: "mode=0755" },
+    Mount {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: libc::MS_NOSUID,
+        data: "mode=0755",
+    },
+    Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: "mode=0620,ptmxmode=0666",
+    },
+    Mount {
+        source: "tmpfs",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: "mode=1777",
+    },
+    Mount {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: "mode=0755",
+    },
 ];
 
 fn mount(m: &Mount) -> anyhow::Result<()> {
@@ -32,7 +68,13 @@ fn mount(m: &Mount) -> anyhow::Result<()> {
     let (source, target, fstype, data) = (c(m.source), c(m.target), c(m.fstype), c(m.data));
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), m.flags, data.as_ptr().cast())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            m.flags,
+            data.as_ptr().cast(),
+        )
     };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
@@ -49,7 +91,8 @@ pub fn mount_filesystems() -> anyhow::Result<()> {
         mount(m)?;
     }
     std::fs::create_dir_all("/tmp").context("mkdir /tmp")?;
-    std::fs::set_permissions("/tmp", std::fs::Permissions::from_mode(0o1777)).context("chmod /tmp")?;
+    std::fs::set_permissions("/tmp", std::fs::Permissions::from_mode(0o1777))
+        .context("chmod /tmp")?;
     Ok(())
 }
 
@@ -68,7 +111,9 @@ pub const DEV_LINKS: &[(&str, &str)] = &[
 pub fn alias_disks() -> anyhow::Result<()> {
     for disk in ["/dev/vda", "/dev/vdb"] {
         if !Path::new(disk).exists() {
-            bail!("{disk} is missing: the VM must give the root disk and the job disk as virtio-blk");
+            bail!(
+                "{disk} is missing: the VM must give the root disk and the job disk as virtio-blk"
+            );
         }
     }
     for (link, target) in DEV_LINKS {
@@ -83,13 +128,20 @@ pub fn alias_disks() -> anyhow::Result<()> {
 
 /// The wall-clock time to set, if any: the guest's clock is behind the host's time at VM start
 /// (no RTC, no kvmclock under TCG), so it becomes that time plus the time since boot.
-pub fn clock_correction(guest_now: i64, host_time_at_start: Option<u64>, uptime: i64) -> Option<i64> {
+pub fn clock_correction(
+    guest_now: i64,
+    host_time_at_start: Option<u64>,
+    uptime: i64,
+) -> Option<i64> {
     let host = i64::try_from(host_time_at_start?).ok()?;
     (guest_now < host).then_some(host.saturating_add(uptime.max(0)))
 }
 
 fn clock_seconds(clock: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid timespec for the kernel to fill.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec
@@ -102,7 +154,10 @@ pub fn set_clock(host_time: Option<u64>) {
     let Some(target) = clock_correction(now, host_time, uptime) else {
         return;
     };
-    let ts = libc::timespec { tv_sec: target, tv_nsec: 0 };
+    let ts = libc::timespec {
+        tv_sec: target,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid timespec; CLOCK_REALTIME may be set by root.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == 0 {
         say!("clock was at {now}, set to the host's time {target} (Unix seconds)");
@@ -118,9 +173,15 @@ mod tests {
     #[test]
     fn the_clock_moves_forward_only() {
         // TCG: the guest thinks it is 1970, 3 s after boot.
-        assert_eq!(clock_correction(3, Some(1_795_000_000), 3), Some(1_795_000_003));
+        assert_eq!(
+            clock_correction(3, Some(1_795_000_000), 3),
+            Some(1_795_000_003)
+        );
         // kvmclock already right: leave it.
-        assert_eq!(clock_correction(1_795_000_100, Some(1_795_000_000), 100), None);
+        assert_eq!(
+            clock_correction(1_795_000_100, Some(1_795_000_000), 100),
+            None
+        );
         assert_eq!(clock_correction(3, None, 3), None);
     }
 
