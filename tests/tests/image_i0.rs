@@ -1,0 +1,73 @@
+//! Image i0 (Debian bookworm with the build tools) builds a small C program with make under QEMU
+//! (TCG: faster than this host's emulated KVM), and the binary comes back through the job disk
+//! and runs on the host.
+
+use construir_tests::*;
+use construir_tools::pack::JobFile;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+const HELLO_C: &str = r#"#include <stdio.h>
+#include "greeting.h"
+int main(void) { printf("%s, %d\n", GREETING, 6 * 7); return 0; }
+"#;
+const GREETING_H: &str = "#define GREETING \"hello from construir i0\"\n";
+const MAKEFILE: &str =
+    "CFLAGS = -O2 -Wall -Werror\nhello: hello.c greeting.h\n\t$(CC) $(CFLAGS) -o $@ hello.c\n";
+
+#[test]
+fn i0_compiles_a_c_program_with_make() {
+    let images = images_dir("i0");
+    let script = "#!/bin/sh\nset -e\ncd /opt/job/src\nmake > /tmp/build.log 2>&1 || { cat /tmp/build.log; exit 1; }\n\
+                  cat /tmp/build.log\ncp hello /tmp/hello\ngcc --version | head -n 1 > /tmp/gcc.txt\n\
+                  cd /tmp && tar -cJf /dev/sdb hello build.log gcc.txt\n";
+    let job = TestJob::new(
+        "hello",
+        "i0",
+        &[
+            JobFile::script(script),
+            JobFile::new("src/hello.c", HELLO_C.as_bytes(), 0o644),
+            JobFile::new("src/greeting.h", GREETING_H.as_bytes(), 0o644),
+            JobFile::new("src/Makefile", MAKEFILE.as_bytes(), 0o644),
+        ],
+        8 << 20,
+    );
+    let args = [
+        "--accel",
+        "tcg",
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--job",
+        job.path.to_str().unwrap(),
+        "--timeout",
+        "20m",
+    ];
+    let run = run_launcher(
+        &binary("construir-qemu"),
+        &args,
+        Duration::from_secs(30 * 60),
+    );
+    run.expect_code(0);
+    eprintln!(
+        "i0 build job took {:.1} s under TCG",
+        run.elapsed.as_secs_f64()
+    );
+    let binary = job.output("hello");
+    assert_eq!(&binary[..4], b"\x7fELF");
+    let log = String::from_utf8(job.output("build.log")).unwrap();
+    assert!(log.contains("-O2 -Wall -Werror -o hello hello.c"), "{log}");
+    assert!(
+        String::from_utf8(job.output("gcc.txt"))
+            .unwrap()
+            .contains("Debian")
+    );
+    // Same Debian release as this host: the binary runs here.
+    let exe = job.dir.path().join("hello");
+    std::fs::write(&exe, &binary).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&exe).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from construir i0, 42\n"
+    );
+}
