@@ -9,8 +9,8 @@
 //! with `-no-reboot`), the status port as an `isa-debugcon` that copies the guest's bytes to a
 //! file, and no network device. The host kills QEMU at the host deadline; SIGINT/SIGTERM stop it.
 
-use crate::console::CappedSink;
 use construir_abi::cmdline::{GuestParams, KernelCmdline};
+use construir_abi::console::CappedSink;
 use construir_abi::host::HostKind;
 use construir_abi::outcome::RunOutcome;
 use construir_abi::status::{self, STATUS_PORT};

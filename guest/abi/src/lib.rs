@@ -10,6 +10,7 @@
 #[cfg(feature = "archive")]
 pub mod archive;
 pub mod cmdline;
+pub mod console;
 pub mod host;
 pub mod jobname;
 #[cfg(feature = "manifest")]

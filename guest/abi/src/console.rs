@@ -1,6 +1,6 @@
 //! The guest console's sink: a file, stdout, or nothing, capped in size so a guest that floods
 //! its console cannot fill the host's disk. Past the cap the bytes are counted and dropped, and
-//! one line says so.
+//! one line says so. Both launchers (construir-vmm, construir-qemu) use it.
 
 use std::io::Write;
 
@@ -13,6 +13,7 @@ pub struct CappedSink<W: Write> {
     cap: u64,
     written: u64,
     dropped: u64,
+    first_byte: Option<std::time::Instant>,
 }
 
 impl<W: Write> CappedSink<W> {
@@ -22,12 +23,16 @@ impl<W: Write> CappedSink<W> {
             cap,
             written: 0,
             dropped: 0,
+            first_byte: None,
         }
     }
 
     /// Takes `data` from the guest; never fails because of the guest (write errors of the sink
     /// itself are returned).
     pub fn accept(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.first_byte.is_none() && !data.is_empty() {
+            self.first_byte = Some(std::time::Instant::now());
+        }
         let room = self.cap.saturating_sub(self.written);
         let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         if take > 0 {
@@ -53,9 +58,25 @@ impl<W: Write> CappedSink<W> {
         self.written
     }
 
+    /// When the first byte arrived.
+    pub fn first_byte(&self) -> Option<std::time::Instant> {
+        self.first_byte
+    }
+
     /// Bytes dropped past the cap.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+}
+
+impl<W: Write> Write for CappedSink<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.accept(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -71,6 +92,7 @@ mod tests {
         sink.accept(b"more").unwrap();
         assert_eq!(sink.written(), 10);
         assert_eq!(sink.dropped(), 7);
+        assert!(sink.first_byte().is_some());
         let out = String::from_utf8(sink.inner).unwrap();
         assert!(out.starts_with("1234567890\n[construir: console log capped at 10 bytes"));
         assert_eq!(out.matches("capped").count(), 1);
