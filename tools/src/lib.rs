@@ -1,5 +1,4 @@
-//! construir's tools as a library: packing jobs ([`pack`]), durations on the command line ([`duration`]) and the QEMU launcher ([`qemu`]).
+//! construir's tools as a library: packing jobs ([`pack`]), the QEMU launcher ([`qemu`]).
 
-pub mod duration;
 pub mod pack;
 pub mod qemu;

@@ -11,6 +11,7 @@
 pub mod archive;
 pub mod cmdline;
 pub mod console;
+pub mod duration;
 pub mod host;
 pub mod jobname;
 #[cfg(feature = "manifest")]

@@ -3,11 +3,11 @@
 use anyhow::Context;
 use clap::Parser;
 use construir_abi::console::DEFAULT_CONSOLE_CAP;
+use construir_abi::duration::parse_duration;
 use construir_abi::host::{HostFacts, HostKind};
 use construir_abi::jobname::parse_job_name;
 use construir_abi::manifest::{Image, default_images_dir};
 use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_SETUP_ERROR, RunOutcome};
-use construir_tools::duration::parse_duration;
 use construir_tools::qemu::{self, Accel, LaunchConfig, LaunchError};
 use std::io::Write;
 use std::path::PathBuf;

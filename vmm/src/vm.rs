@@ -1,0 +1,391 @@
+//! Builds the VM and runs it to the end. The boot order (DESIGN.md): KVM → VM (TSS, identity
+//! map, irqchip, PIT) → guest memory → kernel, command line, zero page, page tables, GDT, MP table →
+//! legacy devices (serial, i8042, status port) → virtio-blk disks (MMIO slot, irqfd, ioeventfd) →
+//! vCPUs (CPUID, MSRs, registers, LAPIC) → vCPU threads → the event loop on this thread (queue
+//! notifications, the reset, vCPU stops, the deadline, SIGINT/SIGTERM).
+
+use crate::arch::{boot, cpu, layout, mptable};
+use crate::devices::EventTrigger;
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{ConsoleSink, SerialDevice};
+use crate::devices::status::StatusPort;
+use crate::disk::DiskBackend;
+use crate::vcpu::{StopReason, StopSignal, describe_internal_error, run_vcpu};
+use crate::virtio::Interrupt;
+use crate::virtio::block::{Block, DiskStats};
+use crate::virtio::mmio::{MmioTransport, reg};
+use construir_abi::console::CappedSink;
+use construir_abi::outcome::RunOutcome;
+use construir_abi::status::GuestReport;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Set by SIGINT/SIGTERM.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// What the VMM needs to run one guest.
+pub struct VmConfig {
+    pub kernel: std::path::PathBuf,
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    /// The disks in order (vda, vdb, …): backend, read-only, name for the summary.
+    pub disks: Vec<(Box<dyn DiskBackend>, bool, String)>,
+    pub console: Box<dyn Write + Send>,
+    pub console_cap: u64,
+    /// The host's deadline: the VM is stopped past it.
+    pub deadline: Duration,
+    /// Process start, for the boot-time markers.
+    pub process_start: Instant,
+}
+
+/// Boot-time markers, from process start.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub to_first_kvm_run: Option<Duration>,
+    pub to_first_console_byte: Option<Duration>,
+    pub to_init: Option<Duration>,
+    pub to_exit: Duration,
+}
+
+/// What a run gave.
+pub struct RunReport {
+    pub outcome: RunOutcome,
+    pub timings: Timings,
+    pub disks: Vec<(String, Arc<DiskStats>)>,
+    pub console_written: u64,
+    pub console_dropped: u64,
+}
+
+/// Errors setting the VM up (the guest's own failures are outcomes).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks {0}")]
+    KvmCapability(&'static str),
+    #[error("KVM refused to {what}")]
+    KvmSetup {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] crate::devices::bus::BusOverlap),
+    #[error("cannot create an event")]
+    Event(#[source] std::io::Error),
+    #[error("the event loop failed")]
+    EventLoop(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmSetup { what, source }
+}
+
+/// Opens /dev/kvm and checks what we need.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    for (cap, name) in [
+        (kvm_ioctls::Cap::Irqchip, "an in-kernel irqchip"),
+        (kvm_ioctls::Cap::Irqfd, "irqfd"),
+        (kvm_ioctls::Cap::Ioeventfd, "ioeventfd"),
+        (kvm_ioctls::Cap::UserMemory, "user memory"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("set the identity map"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM (both live until
+        // the process ends), and the slots do not overlap.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_err("map guest memory"))?;
+    }
+    Ok(vm)
+}
+
+/// Watches a block device's queue notifications (ioeventfd).
+struct QueueHandler {
+    block: Arc<Mutex<Block>>,
+    event: EventFd,
+}
+
+impl MutEventSubscriber for QueueHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.event.read();
+        self.block.lock().expect("block lock").process_queue();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
+            tracing::error!("cannot watch a queue notification: {e:?}");
+        }
+    }
+}
+
+/// Turns an eventfd into a stop reason (the i8042 reset) or just wakes the loop (vCPU stops).
+struct StopHandler {
+    event: EventFd,
+    stop: Arc<StopSignal>,
+    reason: Option<StopReason>,
+}
+
+impl MutEventSubscriber for StopHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.event.read();
+        if let Some(reason) = &self.reason {
+            self.stop.stop(reason.clone());
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
+            tracing::error!("cannot watch the stop event: {e:?}");
+        }
+    }
+}
+
+/// The `virtio_mmio.device=` parameters for `count` disks.
+pub fn virtio_cmdline(count: u32) -> String {
+    (0..count)
+        .map(|i| {
+            let (addr, irq) = layout::virtio_mmio_slot(i);
+            format!("virtio_mmio.device=4K@{addr:#x}:{irq}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Builds the VM, runs it until it ends, and reports.
+pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
+    let VmConfig {
+        kernel,
+        cmdline,
+        memory_mib,
+        vcpus,
+        disks,
+        console,
+        console_cap,
+        deadline,
+        process_start,
+    } = config;
+    let kvm = open_kvm()?;
+    let mem = boot::create_memory(memory_mib)?;
+    let vm = create_vm(&kvm, &mem)?;
+
+    let entry = boot::load_kernel(&mem, &kernel)?;
+    let full_cmdline = format!("{cmdline} {}", virtio_cmdline(disks.len() as u32));
+    boot::write_cmdline(&mem, &full_cmdline)?;
+    boot::write_zero_page(&mem, full_cmdline.len())?;
+    boot::write_page_tables(&mem)?;
+    boot::write_gdt(&mem)?;
+    let table = mptable::mptable(vcpus)?;
+    vm_memory::Bytes::write_slice(&mem, &table, vm_memory::GuestAddress(layout::MPTABLE_ADDR))
+        .map_err(|source| boot::BootError::GuestWrite {
+            what: "the MP table",
+            source,
+        })?;
+
+    let stop = Arc::new(StopSignal::new().map_err(VmError::Event)?);
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+        EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+
+    // Legacy devices.
+    let mut pio = Bus::new();
+    let sink: ConsoleSink = Arc::new(Mutex::new(CappedSink::new(console, console_cap)));
+    let serial_irq = EventTrigger::new().map_err(VmError::Event)?;
+    vm.register_irqfd(&serial_irq.0, layout::SERIAL_IRQ)
+        .map_err(kvm_err("wire the serial IRQ"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink.clone())));
+    pio.insert(
+        serial,
+        u64::from(layout::SERIAL_PORT),
+        u64::from(layout::SERIAL_PORT_LEN),
+    )?;
+    let reset = EventTrigger::new().map_err(VmError::Event)?;
+    let reset_watch = reset.0.try_clone().map_err(VmError::Event)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(reset))),
+        u64::from(layout::I8042_PORT),
+        u64::from(layout::I8042_PORT_LEN),
+    )?;
+    let status = Arc::new(Mutex::new(StatusPort::default()));
+    pio.insert(
+        status.clone() as Arc<Mutex<dyn BusDevice>>,
+        u64::from(layout::STATUS_PORT),
+        1,
+    )?;
+    events.add_subscriber(Box::new(StopHandler {
+        event: reset_watch,
+        stop: stop.clone(),
+        reason: Some(StopReason::GuestEnded(
+            "the guest reset through the i8042 (reboot)".into(),
+        )),
+    }));
+    events.add_subscriber(Box::new(StopHandler {
+        event: stop.event.try_clone().map_err(VmError::Event)?,
+        stop: stop.clone(),
+        reason: None,
+    }));
+
+    // virtio-blk disks.
+    let mut mmio = Bus::new();
+    let mut disk_stats = Vec::new();
+    for (i, (backend, read_only, name)) in disks.into_iter().enumerate() {
+        let (addr, irq) = layout::virtio_mmio_slot(i as u32);
+        let block = Block::new(backend, read_only);
+        disk_stats.push((name, block.stats.clone()));
+        let block = Arc::new(Mutex::new(block));
+        let interrupt = Interrupt::new().map_err(VmError::Event)?;
+        vm.register_irqfd(&interrupt.irq, irq)
+            .map_err(kvm_err("wire a virtio IRQ"))?;
+        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Event)?;
+        vm.register_ioevent(
+            &notify,
+            &IoEventAddress::Mmio(addr + reg::QUEUE_NOTIFY),
+            NoDatamatch,
+        )
+        .map_err(kvm_err("register a queue notification"))?;
+        events.add_subscriber(Box::new(QueueHandler {
+            block: block.clone(),
+            event: notify,
+        }));
+        let transport = MmioTransport::new(block, mem.clone(), interrupt);
+        mmio.insert(
+            Arc::new(Mutex::new(transport)),
+            addr,
+            layout::VIRTIO_MMIO_SIZE,
+        )?;
+    }
+
+    // vCPUs.
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report its CPUID"))?;
+    let first_run = Arc::new(Mutex::new(None));
+    let mut threads = Vec::new();
+    for index in 0..vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("create a vCPU"))?;
+        cpu::configure_vcpu(&vcpu, &supported, index, vcpus, entry.0)?;
+        let (pio, mmio, mem, stop) = (pio.clone(), mmio.clone(), mem.clone(), stop.clone());
+        let first = (index == 0).then(|| first_run.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_vcpu(vcpu, pio, mmio, mem, stop, first))
+                .map_err(VmError::Event)?,
+        );
+    }
+
+    // The event loop.
+    let started = Instant::now();
+    let host_stop = loop {
+        if let Some(reason) = stop.reason() {
+            break Ok(reason);
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break Err(RunOutcome::Interrupted);
+        }
+        if started.elapsed() > deadline {
+            break Err(RunOutcome::TimedOut { in_guest: false });
+        }
+        events
+            .run_with_timeout(100)
+            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    };
+    // vCPU threads end at their next exit; the process exits after the report, so they are not
+    // joined (a vCPU may be inside a long emulated KVM_RUN).
+    drop(threads);
+
+    let status = status.lock().expect("status lock");
+    let outcome = match host_stop {
+        Err(outcome) => outcome,
+        Ok(StopReason::GuestEnded(how)) => RunOutcome::from_report(status.outcome(), &how),
+        Ok(StopReason::InternalError {
+            suberror,
+            rip,
+            bytes,
+        }) => {
+            let msg = describe_internal_error(suberror, rip, &bytes);
+            tracing::error!("{msg}");
+            match status.outcome() {
+                // The job had already reported: a failure during the reboot does not change it.
+                Some(report @ GuestReport::Exited(_)) => RunOutcome::from_report(Some(report), ""),
+                _ => RunOutcome::GuestFailed(msg),
+            }
+        }
+        Ok(StopReason::FailEntry(reason)) => RunOutcome::GuestFailed(format!(
+            "KVM could not enter the guest (hardware entry failure {reason:#x})"
+        )),
+        Ok(StopReason::Error(msg)) => RunOutcome::GuestFailed(msg),
+    };
+    let since = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(process_start));
+    let sink = sink.lock().expect("console lock");
+    let timings = Timings {
+        to_first_kvm_run: since(*first_run.lock().expect("timing lock")),
+        to_first_console_byte: since(sink.first_byte()),
+        to_init: since(status.first_write()),
+        to_exit: process_start.elapsed(),
+    };
+    Ok(RunReport {
+        outcome,
+        timings,
+        disks: disk_stats,
+        console_written: sink.written(),
+        console_dropped: sink.dropped(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_devices_are_announced_on_the_command_line() {
+        assert_eq!(
+            virtio_cmdline(2),
+            "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
+}
