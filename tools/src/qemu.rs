@@ -253,6 +253,19 @@ pub fn prepare_job_disk(path: &Path) -> Result<u64, LaunchError> {
     Ok(rounded)
 }
 
+/// The vCPUs a launch really gets: one under an emulated KVM, where secondary vCPUs never come up
+/// (measured here: the guest hangs at "Booting SMP configuration", with QEMU and construir-vmm alike).
+pub fn effective_vcpus(accel: Accel, host: HostKind, wanted: u32) -> u32 {
+    if accel == Accel::Kvm && host == HostKind::EmulatedKvm && wanted > 1 {
+        tracing::warn!(
+            "using 1 vCPU instead of {wanted}: secondary vCPUs never come up on an emulated-KVM host"
+        );
+        1
+    } else {
+        wanted
+    }
+}
+
 /// Largest status stream a guest may write before the launcher calls it misbehaving.
 const STATUS_FILE_CAP: u64 = 1 << 20;
 
@@ -275,7 +288,9 @@ pub fn launch<W: Write + Send + 'static>(
     let status_file = status_dir.join("status");
     std::fs::write(&status_file, b"")?;
     let cmdline = kernel_cmdline(config).to_string();
-    let args = qemu_args(config, &cmdline, &status_file);
+    let mut config = config.clone();
+    config.vcpus = effective_vcpus(config.accel, config.host, config.vcpus);
+    let args = qemu_args(&config, &cmdline, &status_file);
     tracing::debug!(qemu = %config.qemu.display(), ?args, "starting QEMU");
     let mut child = Command::new(&config.qemu)
         .args(&args)
@@ -437,6 +452,13 @@ mod tests {
             boot_allowance(Accel::Kvm, HostKind::EmulatedKvm),
             Duration::from_secs(600)
         );
+    }
+
+    #[test]
+    fn emulated_kvm_gets_one_vcpu() {
+        assert_eq!(effective_vcpus(Accel::Kvm, HostKind::EmulatedKvm, 2), 1);
+        assert_eq!(effective_vcpus(Accel::Tcg, HostKind::EmulatedKvm, 2), 2);
+        assert_eq!(effective_vcpus(Accel::Kvm, HostKind::HardwareKvm, 4), 4);
     }
 
     #[test]

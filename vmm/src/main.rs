@@ -210,11 +210,19 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
             std::fs::File::create(path).with_context(|| format!("create console log {path}"))?,
         ),
     };
+    let mut vcpus = cli.vcpus.unwrap_or(image.manifest.vcpus.clamp(1, 32) as u8);
+    if host == HostKind::EmulatedKvm && vcpus > 1 {
+        tracing::warn!(
+            "using 1 vCPU instead of {vcpus}: secondary vCPUs never come up on an emulated-KVM host \
+             (measured here with QEMU too: the guest hangs at \"Booting SMP configuration\")"
+        );
+        vcpus = 1;
+    }
     let config = VmConfig {
         kernel,
         cmdline: cmdline.to_string(),
         memory_mib: cli.memory.unwrap_or(u64::from(image.manifest.memory_mib)),
-        vcpus: cli.vcpus.unwrap_or(image.manifest.vcpus.clamp(1, 32) as u8),
+        vcpus,
         disks: vec![
             (
                 Box::new(root) as Box<dyn DiskBackend>,
