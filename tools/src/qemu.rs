@@ -292,7 +292,17 @@ pub fn launch<W: Write + Send + 'static>(
     config.vcpus = effective_vcpus(config.accel, config.host, config.vcpus);
     let args = qemu_args(&config, &cmdline, &status_file);
     tracing::debug!(qemu = %config.qemu.display(), ?args, "starting QEMU");
-    let mut child = Command::new(&config.qemu)
+    let mut command = Command::new(&config.qemu);
+    // QEMU dies with its launcher, whatever kills the launcher.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,0 +1,180 @@
+//! How a job runs: `construir-vmm` (hardware KVM), `construir-qemu` (TCG, or KVM when asked), or a
+//! test program with the same command line. Every backend gets the same arguments and prints the
+//! same one-line JSON summary, so the runner makes the same record from any of them.
+
+use construir_abi::host::HostKind;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// construir-vmm.
+    Vmm { exe: PathBuf },
+    /// construir-qemu with this accelerator.
+    Qemu { exe: PathBuf, accel: &'static str },
+    /// A program with the launchers' command line (tests drive failure cases with it).
+    Program { exe: PathBuf },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Vmm { .. } => "vmm",
+            Backend::Qemu { .. } => "qemu",
+            Backend::Program { .. } => "program",
+        }
+    }
+
+    /// The command that runs `job`.
+    pub fn command(
+        &self,
+        job: &Path,
+        images_dir: &Path,
+        timeout: Duration,
+        console_log: &Path,
+    ) -> Command {
+        let exe = match self {
+            Backend::Vmm { exe } | Backend::Qemu { exe, .. } | Backend::Program { exe } => exe,
+        };
+        let mut cmd = Command::new(exe);
+        cmd.arg("--job")
+            .arg(job)
+            .arg("--images-dir")
+            .arg(images_dir)
+            .arg("--timeout")
+            .arg(format!("{}s", timeout.as_secs().max(1)))
+            .arg("--console")
+            .arg(console_log)
+            .arg("--json");
+        if let Backend::Qemu { accel, .. } = self {
+            cmd.arg("--accel").arg(accel);
+        }
+        cmd
+    }
+
+    /// How long the runner waits for the backend before killing it: the job's limit, the backend's
+    /// own boot allowance, and a margin for its start and exit.
+    pub fn hard_limit(&self, timeout: Duration, host: HostKind) -> Duration {
+        let boot = match self {
+            Backend::Vmm { .. } if host == HostKind::EmulatedKvm => 600,
+            Backend::Qemu { accel: "kvm", .. } if host == HostKind::EmulatedKvm => 600,
+            _ => 60,
+        };
+        timeout + Duration::from_secs(boot + 120)
+    }
+}
+
+/// What `auto` picks on `host`, and why (said once at start).
+pub fn choose(requested: &str, host: HostKind, dir: &Path) -> Result<(Backend, String), String> {
+    let vmm = Backend::Vmm {
+        exe: dir.join("construir-vmm"),
+    };
+    let tcg = Backend::Qemu {
+        exe: dir.join("construir-qemu"),
+        accel: "tcg",
+    };
+    match requested {
+        "vmm" => Ok((vmm, "asked for".into())),
+        "qemu" => {
+            let accel = if host == HostKind::HardwareKvm { "kvm" } else { "tcg" };
+            Ok((Backend::Qemu { exe: dir.join("construir-qemu"), accel }, format!("asked for (QEMU with {accel})")))
+        }
+        "auto" => Ok(match host {
+            HostKind::HardwareKvm => (vmm, "this host has hardware KVM".into()),
+            HostKind::EmulatedKvm => (
+                tcg,
+                "this host's KVM is emulated (no hardware virtualization): QEMU's TCG runs jobs far faster here; \
+                 construir-vmm's path on such hosts is for tests"
+                    .into(),
+            ),
+            HostKind::NoKvm => (tcg, "this host has no /dev/kvm: QEMU with TCG".into()),
+        }),
+        other => Err(format!("--backend {other:?}: expected auto, vmm or qemu")),
+    }
+}
+
+/// The directory the construir binaries live in (next to the runner's own executable).
+pub fn binaries_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_vmm_only_on_hardware() {
+        let d = Path::new("/bin");
+        assert_eq!(
+            choose("auto", HostKind::HardwareKvm, d).unwrap().0.name(),
+            "vmm"
+        );
+        let (b, why) = choose("auto", HostKind::EmulatedKvm, d).unwrap();
+        assert_eq!(
+            b,
+            Backend::Qemu {
+                exe: d.join("construir-qemu"),
+                accel: "tcg"
+            }
+        );
+        assert!(why.contains("emulated"));
+        assert_eq!(choose("auto", HostKind::NoKvm, d).unwrap().0.name(), "qemu");
+        assert_eq!(
+            choose("qemu", HostKind::HardwareKvm, d).unwrap().0,
+            Backend::Qemu {
+                exe: d.join("construir-qemu"),
+                accel: "kvm"
+            }
+        );
+        assert!(choose("firecracker", HostKind::NoKvm, d).is_err());
+    }
+
+    #[test]
+    fn commands_carry_the_same_arguments() {
+        let b = Backend::Qemu {
+            exe: "/x/construir-qemu".into(),
+            accel: "tcg",
+        };
+        let cmd = b.command(
+            Path::new("/q/a_t0.tar.xz"),
+            Path::new("/img"),
+            Duration::from_secs(90),
+            Path::new("/l/a.log"),
+        );
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--job",
+                "/q/a_t0.tar.xz",
+                "--images-dir",
+                "/img",
+                "--timeout",
+                "90s",
+                "--console",
+                "/l/a.log",
+                "--json",
+                "--accel",
+                "tcg"
+            ]
+        );
+        assert_eq!(
+            b.hard_limit(Duration::from_secs(10), HostKind::EmulatedKvm),
+            Duration::from_secs(190)
+        );
+        let v = Backend::Vmm {
+            exe: "/x/construir-vmm".into(),
+        };
+        assert_eq!(
+            v.hard_limit(Duration::from_secs(10), HostKind::EmulatedKvm),
+            Duration::from_secs(730)
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! construir-runner: watch a queue directory and run each job in its own VM.
+
+mod backend;
+mod dirs;
+mod record;
+mod runner;
+
+use anyhow::Context;
+use clap::Parser;
+use construir_abi::duration::parse_duration;
+use construir_abi::host::{HostFacts, HostKind};
+use construir_abi::manifest::default_images_dir;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "construir-runner",
+    about = "Watch DIR/queue and run each job in its own throw-away VM; results go to DIR/done or DIR/failed",
+    after_help = "Example:\n  construir-runner --dir /srv/construir --jobs 2\n  \
+(then: cp hello_i0.tar.xz /srv/construir/hello_i0.tar.xz.partial && mv /srv/construir/hello_i0.tar.xz.partial /srv/construir/queue/)\n\n\
+Write jobs elsewhere and rename them into queue/ (or copy them in: a file is taken once it is closed after writing)."
+)]
+struct Cli {
+    /// The runner's directory (queue/, running/, done/, failed/, logs/, state/ are made in it).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Jobs run in parallel (default: what the host's cores and memory allow).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// auto (construir-vmm on hardware KVM, QEMU with TCG elsewhere), vmm or qemu.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Each job's time limit (90s, 30m, 2h).
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Where image manifests live (default: $CONSTRUIR_IMAGES or ~/.cache/construir/images).
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
+    /// Run this one job file (moved into the queue), then exit.
+    #[arg(long)]
+    once: Option<PathBuf>,
+    /// Print a JSON event per job start and end on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Starts a job gets before it is failed instead of retried, when the runner keeps dying during it.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// After SIGTERM/SIGINT, how long running jobs may go on before they are stopped and re-queued.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    grace: Duration,
+    /// A program with the launchers' command line to use as the backend (tests).
+    #[arg(long, hide = true)]
+    backend_program: Option<PathBuf>,
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    runner::STOP.store(true, Ordering::SeqCst);
+}
+
+fn default_jobs() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(2048);
+    // One VM per core, and 1.5 GiB of host memory per VM (i0 guests get 1 GiB).
+    cores.min((mem_mib / 1536).max(1) as usize).max(1)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONSTRUIR_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    if let Err(e) = run(cli) {
+        eprintln!("construir-runner: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let dirs = dirs::QueueDirs::create(&cli.dir)
+        .with_context(|| format!("set up {}", cli.dir.display()))?;
+    let host: HostKind = HostFacts::read().kind();
+    let (backend, why) = match &cli.backend_program {
+        Some(p) => (
+            backend::Backend::Program { exe: p.clone() },
+            "a test program".to_string(),
+        ),
+        None => backend::choose(&cli.backend, host, &backend::binaries_dir())
+            .map_err(anyhow::Error::msg)?,
+    };
+    let jobs = cli.jobs.unwrap_or_else(default_jobs).max(1);
+    eprintln!(
+        "construir-runner: {} job(s) at a time with backend {} ({why}); host {host}; watching {}",
+        jobs,
+        backend.name(),
+        dirs.queue.display()
+    );
+    let once = match &cli.once {
+        Some(file) => {
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("--once needs a file name")?
+                .to_string();
+            let target = dirs.queue.join(&name);
+            if std::fs::rename(file, &target).is_err() {
+                // Another file system: copy under a hidden name, then rename in.
+                let tmp = dirs.queue.join(format!(".{name}.partial"));
+                std::fs::copy(file, &tmp)
+                    .with_context(|| format!("copy {} into the queue", file.display()))?;
+                std::fs::rename(&tmp, &target)?;
+                std::fs::remove_file(file)?;
+            }
+            Some(name)
+        }
+        None => None,
+    };
+    runner::run(runner::RunnerConfig {
+        dirs,
+        jobs,
+        backend,
+        host,
+        timeout: cli.timeout,
+        images_dir: cli.images_dir.unwrap_or_else(default_images_dir),
+        max_attempts: cli.max_attempts.max(1),
+        grace: cli.grace,
+        json: cli.json,
+        once,
+    })
+}
