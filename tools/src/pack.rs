@@ -71,20 +71,59 @@ pub fn job_archive(files: &[JobFile]) -> Result<Vec<u8>, PackError> {
     Ok(xz.finish()?)
 }
 
-/// Writes a job file: the archive, zero-padded to at least `min_size` bytes and to a whole
-/// number of 512-byte sectors (the job's output is written over the same file).
-pub fn write_job(path: &Path, files: &[JobFile], min_size: u64) -> Result<u64, PackError> {
-    let archive = job_archive(files)?;
+/// Packs the tree at `dir` (everything but `.git`, symlinks kept as symlinks) as `opt/job/`.
+/// The tree must hold the job's script, `construir`, at its top.
+pub fn archive_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
+    if !dir.join("construir").is_file() {
+        return Err(PackError::NoScript);
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    builder.mode(tar::HeaderMode::Deterministic);
+    fn walk(builder: &mut tar::Builder<Vec<u8>>, root: &Path, dir: &Path) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            if entry.file_name() == ".git" {
+                continue;
+            }
+            let path = entry.path();
+            let rel = path.strip_prefix(root).expect("under root");
+            let name = Path::new(JOB_DIR).join(rel);
+            builder.append_path_with_name(&path, &name)?;
+            if entry.file_type()?.is_dir() {
+                walk(builder, root, &path)?;
+            }
+        }
+        Ok(())
+    }
+    builder.append_dir("opt", dir)?;
+    builder.append_dir(JOB_DIR, dir)?;
+    walk(&mut builder, dir, dir)?;
+    let tar = builder.into_inner()?;
+    let mut xz = xz2::write::XzEncoder::new(Vec::new(), 6);
+    xz.write_all(&tar)?;
+    Ok(xz.finish()?)
+}
+
+/// Writes `archive` as a job file, zero-padded to `min_size` and whole sectors.
+pub fn write_archive(path: &Path, archive: &[u8], min_size: u64) -> Result<u64, PackError> {
     let size = (archive.len() as u64).max(min_size).div_ceil(512) * 512;
     let tmp = path.with_extension("partial");
     {
         let mut out = std::fs::File::create(&tmp)?;
-        out.write_all(&archive)?;
+        out.write_all(archive)?;
         out.set_len(size)?;
         out.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
     Ok(size)
+}
+
+/// Writes a job file: the archive, zero-padded to at least `min_size` bytes and to a whole
+/// number of 512-byte sectors (the job's output is written over the same file).
+pub fn write_job(path: &Path, files: &[JobFile], min_size: u64) -> Result<u64, PackError> {
+    write_archive(path, &job_archive(files)?, min_size)
 }
 
 #[cfg(test)]
@@ -128,6 +167,40 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_directory_packs_without_git_and_with_modes_and_links() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("construir"), "#!/bin/sh\nmake\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            d.path().join("construir"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::create_dir_all(d.path().join("src")).unwrap();
+        std::fs::write(d.path().join("src/main.c"), "int main(){}").unwrap();
+        std::os::unix::fs::symlink("src/main.c", d.path().join("link.c")).unwrap();
+        std::fs::create_dir_all(d.path().join(".git/objects")).unwrap();
+        std::fs::write(d.path().join(".git/HEAD"), "ref").unwrap();
+        let archive = archive_from_dir(d.path()).unwrap();
+        let (_, entries) = construir_abi::archive::list(&archive[..]).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"opt/job/construir") && paths.contains(&"opt/job/src/main.c"));
+        assert!(!paths.iter().any(|p| p.contains(".git")), "{paths:?}");
+        let link = entries.iter().find(|e| e.path == "opt/job/link.c").unwrap();
+        assert_eq!(link.kind, '2', "a symlink stays a symlink");
+        let script = entries
+            .iter()
+            .find(|e| e.path == "opt/job/construir")
+            .unwrap();
+        assert_eq!(script.mode & 0o111, 0o111);
+        std::fs::remove_file(d.path().join("construir")).unwrap();
+        assert!(matches!(
+            archive_from_dir(d.path()),
+            Err(PackError::NoScript)
+        ));
     }
 
     #[test]
