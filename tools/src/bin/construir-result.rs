@@ -37,7 +37,7 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let open =
         || std::fs::File::open(&cli.job).with_context(|| format!("open {}", cli.job.display()));
-    let reader = || open().map(|f| std::io::BufReader::new(f));
+    let reader = || open().map(std::io::BufReader::new);
     if let Some(path) = &cli.cat {
         let data = archive::read_file(reader()?, path, cli.max_bytes)?
             .with_context(|| format!("the job's output has no {path}"))?;
