@@ -286,3 +286,35 @@ fn bad_names_unknown_images_garbage_and_timeouts_end_in_failed_with_reasons() {
     assert!(d.path().join("done").read_dir().unwrap().next().is_none());
     runner.stop();
 }
+
+#[test]
+fn a_backend_that_crashes_or_prints_garbage_fails_the_job_with_its_reason() {
+    let d = tempfile::tempdir().unwrap();
+    // A stand-in backend with the launchers' command line: garbage on stdout, then a crash.
+    let fake = d.path().join("fake-backend");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'this is not a summary'\necho 'boom' >&2\nkill -SEGV $$\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let farm = d.path().join("farm");
+    let runner = Runner::start(&farm, &["--backend-program", fake.to_str().unwrap()]);
+    drop_job(&farm, "crashy_t0.tar.xz", &job_bytes("x", 0));
+    wait_for("the record", Duration::from_secs(30), || {
+        farm.join("failed/crashy_t0.tar.xz.json").exists()
+    });
+    let rec = runner.record("failed", "crashy_t0.tar.xz");
+    assert_eq!(rec["status"], "backend-failed", "{rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("without a summary"),
+        "{rec}"
+    );
+    let log = std::fs::read_to_string(farm.join("logs/crashy_t0.tar.xz.backend.log")).unwrap();
+    assert!(log.contains("boom"));
+    runner.stop();
+}
