@@ -40,6 +40,9 @@ pub const EMULATED_HOST_PARAMS: &[&str] = &[
     // Boot time: write-protecting the kernel's read-only data took ~7 s of an emulated boot. It
     // hardens the guest kernel against the guest itself, which runs the job as root anyway.
     "rodata=off",
+    // Speculation mitigations (retpolines, buffer clearing on every return to user space) protect
+    // the guest kernel from the guest's own user space; under emulation they only cost time.
+    "mitigations=off",
 ];
 
 /// `construir.time=SECONDS`: the host's wall clock (Unix seconds) when it started the VM. The init
