@@ -28,7 +28,7 @@ pub const EMULATED_SWITCH: &str = "construir.emulated";
 /// What a guest needs on a host whose KVM emulates the guest kernel (module `kvm_pvm` and the
 /// like): our kernel's switch, and the avoidance of instructions that host's emulator lacks
 /// (`xrstor`, `clac`/`stac`, `popcnt`, AVX) or gets wrong (`rep movsb` corrupted data: `fsrm`,
-/// `erms`), and `rodata=off` for boot time there. Measured on this workplace's host; see
+/// `erms`), and `rodata=off mitigations=off` for boot time there. Measured on this workplace's host; see
 /// guest/kernel/README.md. Never used on hardware.
 pub const EMULATED_HOST_PARAMS: &[&str] = &[
     EMULATED_SWITCH,
