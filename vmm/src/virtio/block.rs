@@ -200,14 +200,15 @@ pub fn execute(
 ) -> (u8, u32) {
     let ok = VIRTIO_BLK_S_OK as u8;
     let ioerr = VIRTIO_BLK_S_IOERR as u8;
-    let mut buf = vec![0u8; CHUNK];
+    // Sized to the request: a 4 KiB read should not allocate and zero the whole chunk.
+    let mut buf = vec![0u8; CHUNK.min(usize::try_from(req.data_len).unwrap_or(CHUNK))];
     match req.kind {
         RequestKind::Read => {
             let mut offset = req.offset;
             for &(addr, len) in &req.data {
                 let mut done = 0usize;
                 while done < len as usize {
-                    let n = CHUNK.min(len as usize - done);
+                    let n = buf.len().min(len as usize - done);
                     if disk.read_at(&mut buf[..n], offset).is_err()
                         || mem
                             .write_slice(&buf[..n], GuestAddress(addr.0 + done as u64))
@@ -230,7 +231,7 @@ pub fn execute(
             for &(addr, len) in &req.data {
                 let mut done = 0usize;
                 while done < len as usize {
-                    let n = CHUNK.min(len as usize - done);
+                    let n = buf.len().min(len as usize - done);
                     if mem
                         .read_slice(&mut buf[..n], GuestAddress(addr.0 + done as u64))
                         .is_err()
