@@ -56,12 +56,14 @@ impl Backend {
     /// How long the runner waits for the backend before killing it: the job's limit, the backend's
     /// own boot allowance, and a margin for its start and exit.
     pub fn hard_limit(&self, timeout: Duration, host: HostKind) -> Duration {
-        let boot = match self {
-            Backend::Vmm { .. } if host == HostKind::EmulatedKvm => 600,
-            Backend::Qemu { accel: "kvm", .. } if host == HostKind::EmulatedKvm => 600,
-            _ => 60,
-        };
-        timeout + Duration::from_secs(boot + 120)
+        let emulated_kernel = host == HostKind::EmulatedKvm
+            && matches!(
+                self,
+                Backend::Vmm { .. } | Backend::Qemu { accel: "kvm", .. }
+            );
+        timeout
+            + construir_abi::launcher::boot_allowance(emulated_kernel)
+            + Duration::from_secs(120)
     }
 }
 

@@ -9,9 +9,9 @@ use anyhow::Context;
 use clap::Parser;
 use construir_abi::duration::parse_duration;
 use construir_abi::host::{HostFacts, HostKind};
+use construir_abi::launcher;
 use construir_abi::manifest::default_images_dir;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -55,10 +55,6 @@ struct Cli {
     backend_program: Option<PathBuf>,
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    runner::STOP.store(true, Ordering::SeqCst);
-}
-
 fn default_jobs() -> usize {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -77,19 +73,9 @@ fn default_jobs() -> usize {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CONSTRUIR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    let cli = Cli::parse();
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
+    launcher::init_logging();
+    let cli: Cli = launcher::parse_args();
+    launcher::stop_on_termination_signals(&runner::STOP);
     if let Err(e) = run(cli) {
         eprintln!("construir-runner: error: {e:#}");
         std::process::exit(1);

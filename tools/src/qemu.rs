@@ -71,10 +71,7 @@ pub struct LaunchConfig {
 /// How long booting may take on top of the job's limit before the host kills the VM: minutes
 /// where the guest kernel is emulated instruction by instruction, seconds elsewhere.
 pub fn boot_allowance(accel: Accel, host: HostKind) -> Duration {
-    match (accel, host) {
-        (Accel::Kvm, HostKind::EmulatedKvm) => Duration::from_secs(600),
-        _ => Duration::from_secs(60),
-    }
+    construir_abi::launcher::boot_allowance(accel == Accel::Kvm && host == HostKind::EmulatedKvm)
 }
 
 /// What a run produced.
@@ -117,20 +114,9 @@ pub enum LaunchError {
     Io(#[from] std::io::Error),
 }
 
-/// Set by SIGINT/SIGTERM; the launcher then stops the VM.
+/// Set by SIGINT/SIGTERM (`construir_abi::launcher::stop_on_termination_signals`); the launcher
+/// then stops the VM.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Makes SIGINT and SIGTERM set [`INTERRUPTED`] instead of killing the launcher.
-pub fn catch_termination_signals() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
 
 /// The kernel command line for a launch.
 pub fn kernel_cmdline(config: &LaunchConfig) -> KernelCmdline {

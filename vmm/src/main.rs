@@ -7,6 +7,7 @@ use construir_abi::cmdline::{GuestParams, KernelCmdline};
 use construir_abi::console::DEFAULT_CONSOLE_CAP;
 use construir_abi::host::{HostFacts, HostKind};
 use construir_abi::jobname::parse_job_name;
+use construir_abi::launcher;
 use construir_abi::manifest::{Image, cache_dir, default_images_dir};
 use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_SETUP_ERROR};
 use construir_vmm::disk::DiskBackend;
@@ -84,36 +85,11 @@ fn parse_memory(text: &str) -> Result<u64, String> {
     Ok(mib)
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    vm::INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
 fn main() {
     let process_start = Instant::now();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CONSTRUIR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                i32::from(EXIT_SETUP_ERROR)
-            } else {
-                0
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
-    };
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
+    launcher::init_logging();
+    let cli: Cli = launcher::parse_args();
+    launcher::stop_on_termination_signals(&vm::INTERRUPTED);
     let code = match run(cli, process_start) {
         Ok(code) => code,
         Err(e) => {
@@ -197,19 +173,9 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
         timeout_secs: Some(cli.timeout.as_secs().max(1)),
         ..GuestParams::default()
     });
-    let boot_allowance = if host == HostKind::EmulatedKvm {
-        Duration::from_secs(600)
-    } else {
-        Duration::from_secs(60)
-    };
-    let console: Box<dyn Write + Send> = match cli.console.as_deref() {
-        None => Box::new(std::io::stderr()),
-        Some("-") => Box::new(std::io::stdout()),
-        Some("none") => Box::new(std::io::sink()),
-        Some(path) => Box::new(
-            std::fs::File::create(path).with_context(|| format!("create console log {path}"))?,
-        ),
-    };
+    let boot_allowance = launcher::boot_allowance(host == HostKind::EmulatedKvm);
+    let console = launcher::open_console(cli.console.as_deref())
+        .with_context(|| format!("open the console log {:?}", cli.console))?;
     let mut vcpus = cli.vcpus.unwrap_or(image.manifest.vcpus.clamp(1, 32) as u8);
     if host == HostKind::EmulatedKvm && vcpus > 1 {
         tracing::warn!(

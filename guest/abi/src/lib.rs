@@ -14,6 +14,8 @@ pub mod console;
 pub mod duration;
 pub mod host;
 pub mod jobname;
+#[cfg(feature = "launcher")]
+pub mod launcher;
 #[cfg(feature = "manifest")]
 pub mod manifest;
 mod manifest_index;

@@ -6,10 +6,10 @@ use construir_abi::console::DEFAULT_CONSOLE_CAP;
 use construir_abi::duration::parse_duration;
 use construir_abi::host::{HostFacts, HostKind};
 use construir_abi::jobname::parse_job_name;
+use construir_abi::launcher;
 use construir_abi::manifest::{Image, default_images_dir};
 use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_SETUP_ERROR, RunOutcome};
 use construir_tools::qemu::{self, Accel, LaunchConfig, LaunchError};
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -68,27 +68,9 @@ struct Cli {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CONSTRUIR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                i32::from(EXIT_SETUP_ERROR)
-            } else {
-                0
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
-    };
-    qemu::catch_termination_signals();
+    launcher::init_logging();
+    let cli: Cli = launcher::parse_args();
+    launcher::stop_on_termination_signals(&qemu::INTERRUPTED);
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -150,14 +132,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         boot_allowance: qemu::boot_allowance(accel, host),
         console_cap: cli.console_cap,
     };
-    let console: Box<dyn Write + Send> = match cli.console.as_deref() {
-        None => Box::new(std::io::stderr()),
-        Some("-") => Box::new(std::io::stdout()),
-        Some("none") => Box::new(std::io::sink()),
-        Some(path) => Box::new(
-            std::fs::File::create(path).with_context(|| format!("create console log {path}"))?,
-        ),
-    };
+    let console = launcher::open_console(cli.console.as_deref())
+        .with_context(|| format!("open the console log {:?}", cli.console))?;
     let result = qemu::launch(&config, console)?;
     let outcome = &result.outcome;
     if let RunOutcome::GuestFailed(_) = outcome
