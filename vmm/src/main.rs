@@ -4,11 +4,9 @@
 use anyhow::Context;
 use clap::Parser;
 use construir_abi::cmdline::{GuestParams, KernelCmdline};
-use construir_abi::console::DEFAULT_CONSOLE_CAP;
-use construir_abi::host::{HostFacts, HostKind};
-use construir_abi::jobname::parse_job_name;
-use construir_abi::launcher;
-use construir_abi::manifest::{Image, cache_dir, default_images_dir};
+use construir_abi::host::HostKind;
+use construir_abi::launcher::{self, JobArgs};
+use construir_abi::manifest::cache_dir;
 use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_SETUP_ERROR};
 use construir_vmm::disk::DiskBackend;
 use construir_vmm::disk::overlay::OverlayDisk;
@@ -16,7 +14,6 @@ use construir_vmm::disk::qcow2::{cached_raw_base, sha256_file};
 use construir_vmm::disk::raw::RawDisk;
 use construir_vmm::vm::{self, VmConfig, VmError};
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,59 +27,8 @@ Exit status: the job's own status for 0-99; 100 job failed with >= 100 or by a s
 104 host cannot run guests; 105 setup error; 106 interrupted."
 )]
 struct Cli {
-    /// The job file (an xz tar with opt/job/construir; its output is written over it).
-    #[arg(long)]
-    job: PathBuf,
-    /// Image index (default: from the job name, NAME_INDEX.tar.xz).
-    #[arg(long)]
-    image: Option<String>,
-    /// Where image manifests live (default: $CONSTRUIR_IMAGES or ~/.cache/construir/images).
-    #[arg(long)]
-    images_dir: Option<PathBuf>,
-    /// Guest memory: 512M, 1G, or MiB (default: the image's).
-    #[arg(long, value_parser = parse_memory)]
-    memory: Option<u64>,
-    /// vCPUs (default: the image's).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=32))]
-    vcpus: Option<u8>,
-    /// The job's time limit (90s, 30m, 2h); boot time is allowed on top.
-    #[arg(long, default_value = "30m", value_parser = construir_abi::duration::parse_duration)]
-    timeout: Duration,
-    /// Console: a file, - for stdout, or none (default: stderr).
-    #[arg(long)]
-    console: Option<String>,
-    /// Console bytes kept at most.
-    #[arg(long, default_value_t = DEFAULT_CONSOLE_CAP)]
-    console_cap: u64,
-    /// Print a one-line JSON summary on stdout.
-    #[arg(long)]
-    json: bool,
-    /// Use this kernel (ELF vmlinux) instead of the image's.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Use this raw root disk as the read-only base instead of the image's.
-    #[arg(long)]
-    root: Option<PathBuf>,
-    /// Override host detection: auto, hardware or emulated.
-    #[arg(long, default_value = "auto")]
-    host_kind: String,
-}
-
-fn parse_memory(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a memory size (examples: 512M, 2G)"))?;
-    let mib = n * mult;
-    if !(64..=65536).contains(&mib) {
-        return Err(format!("{text}: guest memory must be between 64M and 64G"));
-    }
-    Ok(mib)
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 fn main() {
@@ -105,21 +51,10 @@ fn main() {
 }
 
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
-    let file_name = cli
-        .job
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let index = match cli.image.clone() {
-        Some(index) => index,
-        None => parse_job_name(file_name)?.image,
-    };
-    let images_dir = cli.images_dir.clone().unwrap_or_else(default_images_dir);
-    let image = Image::load(&images_dir, &index)?;
-    let host = match cli.host_kind.as_str() {
-        "auto" => HostFacts::read().kind(),
-        other => other.parse::<HostKind>().map_err(anyhow::Error::msg)?,
-    };
+    let cli = cli.job;
+    let image = cli.image()?;
+    let index = image.manifest.index.clone();
+    let host = cli.host()?;
     match host {
         HostKind::NoKvm => {
             eprintln!(

@@ -2,11 +2,115 @@
 //! way: logging, argument errors as the documented setup-error exit code, SIGINT/SIGTERM as a
 //! flag, the console sink, and how long a boot may take.
 
+use crate::console::DEFAULT_CONSOLE_CAP;
+use crate::duration::parse_duration;
+use crate::host::{HostFacts, HostKind};
+use crate::jobname::{JobNameError, parse_job_name};
+use crate::manifest::{Image, ManifestError, default_images_dir};
 use crate::outcome::EXIT_SETUP_ERROR;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// The options both launchers (construir-vmm, construir-qemu) take for one job; the runner gives
+/// every backend the same ones.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobArgs {
+    /// The job file (an xz tar with opt/job/construir; its output is written over it).
+    #[arg(long)]
+    pub job: PathBuf,
+    /// Image index (default: from the job name, NAME_INDEX.tar.xz).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Where image manifests live (default: $CONSTRUIR_IMAGES or ~/.cache/construir/images).
+    #[arg(long)]
+    pub images_dir: Option<PathBuf>,
+    /// Override host detection: auto, hardware, emulated or none.
+    #[arg(long, default_value = "auto")]
+    pub host_kind: String,
+    /// Guest memory: 512M, 1G, or MiB (default: the image's).
+    #[arg(long, value_parser = parse_memory)]
+    pub memory: Option<u64>,
+    /// vCPUs (default: the image's).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub vcpus: Option<u8>,
+    /// The job's time limit (90s, 30m, 2h); boot time is allowed on top.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Console: a file, - for stdout, or none (default: stderr).
+    #[arg(long)]
+    pub console: Option<String>,
+    /// Console bytes kept at most.
+    #[arg(long, default_value_t = DEFAULT_CONSOLE_CAP)]
+    pub console_cap: u64,
+    /// Print a one-line JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Use this kernel (ELF vmlinux) instead of the image's.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Use this root disk instead of the image's (construir-vmm: raw; construir-qemu: qcow2 or raw).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+}
+
+/// Why the job's image could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum JobArgsError {
+    #[error(transparent)]
+    Name(#[from] JobNameError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("--host-kind: {0}")]
+    HostKind(String),
+}
+
+impl JobArgs {
+    /// The image the job runs in: `--image`, else the index in the job's name.
+    pub fn image(&self) -> Result<Image, JobArgsError> {
+        let index = match &self.image {
+            Some(index) => index.clone(),
+            None => {
+                let file_name = self
+                    .job
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                parse_job_name(file_name)?.image
+            }
+        };
+        let dir = self.images_dir.clone().unwrap_or_else(default_images_dir);
+        Ok(Image::load(&dir, &index)?)
+    }
+
+    /// The host kind: detected, or as `--host-kind` says.
+    pub fn host(&self) -> Result<HostKind, JobArgsError> {
+        match self.host_kind.as_str() {
+            "auto" => Ok(HostFacts::read().kind()),
+            other => other.parse().map_err(JobArgsError::HostKind),
+        }
+    }
+}
+
+/// Parses a guest memory size into MiB: `512M`, `1G`, or a plain number of MiB; 64M to 64G.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a memory size (examples: 512M, 2G)"))?;
+    let mib = n.saturating_mul(mult);
+    if !(64..=65536).contains(&mib) {
+        return Err(format!("{text}: guest memory must be between 64M and 64G"));
+    }
+    Ok(mib)
+}
 
 /// Logs to stderr through `tracing`, filtered by `CONSTRUIR_LOG` (default `info`).
 pub fn init_logging() {
@@ -87,6 +191,41 @@ mod tests {
         assert!(open_console(Some("/nonexistent/dir/x")).is_err());
         assert_eq!(boot_allowance(true), Duration::from_secs(600));
         assert_eq!(boot_allowance(false), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512M").unwrap(), 512);
+        assert_eq!(parse_memory("2G").unwrap(), 2048);
+        assert_eq!(parse_memory("256").unwrap(), 256);
+        for bad in ["", "G", "12M", "100G", "1.5G", "-1G"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_image_comes_from_the_job_name() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            job: JobArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--job",
+            "/q/hello_i7.tar.xz",
+            "--images-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        let err = cli.job.image().unwrap_err().to_string();
+        assert!(err.contains("no image \"i7\""), "{err}");
+        let cli = Cli::parse_from(["x", "--job", "/q/no-index.tar.xz"]);
+        assert!(matches!(cli.job.image(), Err(JobArgsError::Name(_))));
+        let cli = Cli::parse_from(["x", "--job", "j", "--host-kind", "tcg"]);
+        assert!(matches!(cli.job.host(), Err(JobArgsError::HostKind(_))));
+        assert_eq!(cli.job.timeout, Duration::from_secs(1800));
     }
 
     #[test]

@@ -2,16 +2,11 @@
 
 use anyhow::Context;
 use clap::Parser;
-use construir_abi::console::DEFAULT_CONSOLE_CAP;
-use construir_abi::duration::parse_duration;
-use construir_abi::host::{HostFacts, HostKind};
-use construir_abi::jobname::parse_job_name;
-use construir_abi::launcher;
-use construir_abi::manifest::{Image, default_images_dir};
+use construir_abi::host::HostKind;
+use construir_abi::launcher::{self, JobArgs};
 use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_SETUP_ERROR, RunOutcome};
 use construir_tools::qemu::{self, Accel, LaunchConfig, LaunchError};
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,45 +18,11 @@ Exit status: the job's own status for 0-99; 100 job failed with >= 100 or by a s
 106 interrupted."
 )]
 struct Cli {
-    /// The job file (an xz tar with opt/job/construir; its output is written over it).
-    #[arg(long)]
-    job: PathBuf,
-    /// Image index (default: from the job name, NAME_INDEX.tar.xz).
-    #[arg(long)]
-    image: Option<String>,
-    /// Where image manifests live (default: $CONSTRUIR_IMAGES or ~/.cache/construir/images).
-    #[arg(long)]
-    images_dir: Option<PathBuf>,
+    #[command(flatten)]
+    job: JobArgs,
     /// kvm, tcg, or auto: KVM on hardware-assisted KVM, TCG elsewhere.
     #[arg(long, default_value = "auto")]
     accel: String,
-    /// Override host detection: auto, hardware, emulated or none.
-    #[arg(long, default_value = "auto")]
-    host_kind: String,
-    /// Guest memory in MiB (default: the image's).
-    #[arg(long)]
-    memory: Option<u32>,
-    /// vCPUs (default: the image's).
-    #[arg(long)]
-    vcpus: Option<u32>,
-    /// The job's time limit (90s, 30m, 2h); boot time is allowed on top.
-    #[arg(long, default_value = "30m", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Console: a file, - for stdout, or none (default: stderr).
-    #[arg(long)]
-    console: Option<String>,
-    /// Console bytes kept at most.
-    #[arg(long, default_value_t = DEFAULT_CONSOLE_CAP)]
-    console_cap: u64,
-    /// Print a one-line JSON summary on stdout.
-    #[arg(long)]
-    json: bool,
-    /// Use this kernel instead of the image's.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Use this root disk (qcow2 or raw) instead of the image's.
-    #[arg(long)]
-    root: Option<PathBuf>,
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -85,22 +46,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
-    let file_name = cli
-        .job
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let index = match cli.image.clone() {
-        Some(index) => index,
-        None => parse_job_name(file_name)?.image,
-    };
-    let images_dir = cli.images_dir.clone().unwrap_or_else(default_images_dir);
-    let image = Image::load(&images_dir, &index)?;
-    let facts = HostFacts::read();
-    let host = match cli.host_kind.as_str() {
-        "auto" => facts.kind(),
-        other => other.parse::<HostKind>().map_err(anyhow::Error::msg)?,
-    };
+    let image = cli.job.image()?;
+    let index = image.manifest.index.clone();
+    let host = cli.job.host()?;
     let (accel, why) = match cli.accel.as_str() {
         "auto" => Accel::auto(host),
         "kvm" => (Accel::Kvm, "asked for"),
@@ -113,27 +61,27 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
              minutes and user space runs far slower than under TCG; adding the emulated-host kernel parameters"
         );
     }
-    tracing::info!(image = %index, accel = accel.as_str(), host = %host, "running {} ({why})", cli.job.display());
+    let job = &cli.job;
+    tracing::info!(image = %index, accel = accel.as_str(), host = %host, "running {} ({why})", job.job.display());
     let config = LaunchConfig {
         qemu: cli.qemu.clone(),
-        kernel: cli.kernel.clone().unwrap_or_else(|| image.kernel_path()),
-        root_disk: cli.root.clone().unwrap_or_else(|| image.disk_path()),
-        root_format: if cli.root.is_some() {
-            detect_format(cli.root.as_deref().unwrap())?
-        } else {
-            image.manifest.disk_format.clone()
+        kernel: job.kernel.clone().unwrap_or_else(|| image.kernel_path()),
+        root_disk: job.root.clone().unwrap_or_else(|| image.disk_path()),
+        root_format: match &job.root {
+            Some(root) => detect_format(root)?,
+            None => image.manifest.disk_format.clone(),
         },
-        job: cli.job.clone(),
+        job: job.job.clone(),
         accel,
         host,
-        memory_mib: cli.memory.unwrap_or(image.manifest.memory_mib),
-        vcpus: cli.vcpus.unwrap_or(image.manifest.vcpus),
-        job_timeout: cli.timeout,
+        memory_mib: job.memory.map_or(image.manifest.memory_mib, |m| m as u32),
+        vcpus: job.vcpus.map_or(image.manifest.vcpus, u32::from),
+        job_timeout: job.timeout,
         boot_allowance: qemu::boot_allowance(accel, host),
-        console_cap: cli.console_cap,
+        console_cap: job.console_cap,
     };
-    let console = launcher::open_console(cli.console.as_deref())
-        .with_context(|| format!("open the console log {:?}", cli.console))?;
+    let console = launcher::open_console(job.console.as_deref())
+        .with_context(|| format!("open the console log {:?}", job.console))?;
     let result = qemu::launch(&config, console)?;
     let outcome = &result.outcome;
     if let RunOutcome::GuestFailed(_) = outcome
@@ -148,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         result.accel.as_str(),
         result.host
     );
-    if cli.json {
+    if job.json {
         let summary = serde_json::json!({
             "status": outcome.status(),
             "exit_code": outcome.exit_code(),
