@@ -9,7 +9,7 @@
 //! with `-no-reboot`), the status port as an `isa-debugcon` that copies the guest's bytes to a
 //! file, and no network device. The host kills QEMU at the host deadline; SIGINT/SIGTERM stop it.
 
-use construir_abi::cmdline::{GuestParams, KernelCmdline};
+use construir_abi::cmdline::KernelCmdline;
 use construir_abi::console::CappedSink;
 use construir_abi::host::HostKind;
 use construir_abi::outcome::RunOutcome;
@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How QEMU runs the guest's instructions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,17 +125,7 @@ pub fn kernel_cmdline(config: &LaunchConfig) -> KernelCmdline {
     } else {
         HostKind::NoKvm
     };
-    let mut line = KernelCmdline::for_host(host);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    line.push_guest_params(&GuestParams {
-        host_time: Some(now),
-        timeout_secs: Some(config.job_timeout.as_secs().max(1)),
-        ..GuestParams::default()
-    });
-    line
+    KernelCmdline::for_job(host, config.job_timeout)
 }
 
 /// QEMU's arguments for a launch (the status file receives the status port's bytes).

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use construir_abi::cmdline::{GuestParams, KernelCmdline};
+use construir_abi::cmdline::KernelCmdline;
 use construir_abi::host::HostKind;
 use construir_abi::launcher::{self, JobArgs};
 use construir_abi::manifest::cache_dir;
@@ -15,7 +15,7 @@ use construir_vmm::disk::raw::RawDisk;
 use construir_vmm::vm::{self, VmConfig, VmError};
 use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -98,16 +98,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
     let job = RawDisk::new(job_file, "construir-job")?;
     let job_size_before = job.size();
 
-    let mut cmdline = KernelCmdline::for_host(host);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    cmdline.push_guest_params(&GuestParams {
-        host_time: Some(now),
-        timeout_secs: Some(cli.timeout.as_secs().max(1)),
-        ..GuestParams::default()
-    });
+    let cmdline = KernelCmdline::for_job(host, cli.timeout);
     let boot_allowance = launcher::boot_allowance(host == HostKind::EmulatedKvm);
     let console = launcher::open_console(cli.console.as_deref())
         .with_context(|| format!("open the console log {:?}", cli.console))?;

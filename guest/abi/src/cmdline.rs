@@ -74,6 +74,22 @@ impl KernelCmdline {
         line
     }
 
+    /// The whole line for running one job on `host`: the base and host-kind parameters, the host's
+    /// clock now, and the job's time limit (at least 1 s).
+    pub fn for_job(host: HostKind, timeout: std::time::Duration) -> Self {
+        let mut line = Self::for_host(host);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        line.push_guest_params(&GuestParams {
+            host_time: Some(now),
+            timeout_secs: Some(timeout.as_secs().max(1)),
+            ..GuestParams::default()
+        });
+        line
+    }
+
     /// Adds one parameter as given.
     pub fn push(&mut self, param: impl Into<String>) -> &mut Self {
         self.params.push(param.into());
@@ -230,6 +246,18 @@ mod tests {
         let mut line = KernelCmdline::for_host(HostKind::EmulatedKvm);
         line.push_guest_params(&want);
         assert_eq!(GuestParams::parse(&line.to_string()).unwrap(), want);
+    }
+
+    #[test]
+    fn a_job_line_carries_the_clock_and_the_limit() {
+        let p = GuestParams::parse(
+            &KernelCmdline::for_job(HostKind::NoKvm, std::time::Duration::from_millis(10))
+                .to_string(),
+        )
+        .unwrap();
+        assert_eq!(p.timeout_secs, Some(1));
+        assert!(p.host_time.unwrap() > 1_700_000_000);
+        assert!(!p.emulated);
     }
 
     #[test]
