@@ -3,6 +3,7 @@
 
 use crate::devices::bus::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -69,6 +70,8 @@ pub fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> ExitAction {
 /// Shared between vCPU threads and the VMM loop: the first stop reason wins.
 pub struct StopSignal {
     reason: Mutex<Option<StopReason>>,
+    /// Set with the reason; read after every vCPU exit without taking the lock.
+    stopped: AtomicBool,
     pub event: EventFd,
 }
 
@@ -76,6 +79,7 @@ impl StopSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            stopped: AtomicBool::new(false),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
@@ -85,7 +89,13 @@ impl StopSignal {
         if r.is_none() {
             *r = Some(reason);
         }
+        self.stopped.store(true, Ordering::SeqCst);
         let _ = self.event.write(1);
+    }
+
+    /// Whether the VM is stopping (cheap: no lock).
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     pub fn reason(&self) -> Option<StopReason> {
@@ -121,7 +131,7 @@ pub fn run_vcpu(
         *first.lock().expect("timing lock") = Some(Instant::now());
     }
     loop {
-        if stop.reason().is_some() {
+        if stop.is_stopped() {
             return;
         }
         let action = match vcpu.run() {
@@ -243,6 +253,7 @@ mod tests {
         let s = StopSignal::new().unwrap();
         s.stop(StopReason::Error("a".into()));
         s.stop(StopReason::Error("b".into()));
+        assert!(s.is_stopped());
         assert_eq!(s.reason(), Some(StopReason::Error("a".into())));
         assert_eq!(s.event.read().unwrap(), 2);
     }
