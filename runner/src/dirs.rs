@@ -46,8 +46,13 @@ impl QueueDirs {
             .unwrap_or(0)
     }
 
-    /// Records one more start (durably, before the job moves to running/).
+    /// Records how many times the job was started (durably, before it moves to running/); 0
+    /// removes the count.
     pub fn set_attempts(&self, job: &str, n: u32) -> io::Result<()> {
+        if n == 0 {
+            self.clear_attempts(job);
+            return Ok(());
+        }
         write_atomic(&self.attempts_path(job), format!("{n}\n").as_bytes())
     }
 
@@ -148,6 +153,12 @@ mod tests {
         assert_eq!(q.attempts("j"), 2);
         q.clear_attempts("j");
         assert_eq!(q.attempts("j"), 0);
+        q.set_attempts("j", 1).unwrap();
+        q.set_attempts("j", 0).unwrap();
+        assert!(
+            !q.state.join("j.attempts").exists(),
+            "0 leaves no file behind"
+        );
         std::fs::write(q.queue.join("b_t0.tar.xz"), b"1").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(q.queue.join("a_t0.tar.xz"), b"2").unwrap();

@@ -182,10 +182,7 @@ fn handle(cfg: &RunnerConfig, name: &str, children: &Mutex<HashMap<String, u32>>
     if let Err(e) = std::fs::rename(d.queue.join(name), &running) {
         // Gone (taken back by its owner, or a duplicate event): nothing to do.
         tracing::debug!("{name}: not in the queue any more ({e})");
-        d.set_attempts(name, attempts - 1).ok();
-        if attempts == 1 {
-            d.clear_attempts(name);
-        }
+        let _ = d.set_attempts(name, attempts - 1);
         return;
     }
     let mut rec = base_record(cfg, name, attempts);
