@@ -72,16 +72,42 @@ impl DiskBackend for OverlayDisk {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // One read per run of clusters that come from the same file, not one per cluster.
+        let mut run_start = 0usize; // in buf
+        let mut run_len = 0usize;
+        let mut run_written = false;
         let mut done = 0usize;
-        for (cluster, within, n) in pieces(offset, buf.len() as u64) {
-            let dst = &mut buf[done..done + n as usize];
-            let at = cluster * CLUSTER + within;
-            if self.is_written(cluster) {
-                read_full_at(&self.overlay, dst, at)?;
-            } else {
-                read_full_at(&self.base, dst, at)?;
+        for (cluster, _, n) in pieces(offset, buf.len() as u64) {
+            let written = self.is_written(cluster);
+            if run_len > 0 && written != run_written {
+                let file = if run_written {
+                    &self.overlay
+                } else {
+                    &self.base
+                };
+                read_full_at(
+                    file,
+                    &mut buf[run_start..run_start + run_len],
+                    offset + run_start as u64,
+                )?;
+                run_start = done;
+                run_len = 0;
             }
+            run_written = written;
+            run_len += n as usize;
             done += n as usize;
+        }
+        if run_len > 0 {
+            let file = if run_written {
+                &self.overlay
+            } else {
+                &self.base
+            };
+            read_full_at(
+                file,
+                &mut buf[run_start..run_start + run_len],
+                offset + run_start as u64,
+            )?;
         }
         Ok(())
     }
@@ -151,6 +177,20 @@ mod tests {
         disk.read_at(&mut c, 2 * CLUSTER).unwrap();
         assert!(c.iter().all(|&b| b == 1));
         assert_eq!(disk.written_clusters(), 3);
+    }
+
+    #[test]
+    fn reads_spanning_base_overlay_base_merge() {
+        let base_data: Vec<u8> = (0..4 * CLUSTER).map(|i| (i % 249) as u8).collect();
+        let (_path, base) = base_with(&base_data);
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = OverlayDisk::new(base, base_data.len() as u64, dir.path(), "root").unwrap();
+        disk.write_at(&[0x11; 10], CLUSTER + 5).unwrap();
+        let mut got = vec![0u8; (3 * CLUSTER) as usize];
+        disk.read_at(&mut got, 100).unwrap();
+        let mut want = base_data.clone();
+        want[(CLUSTER + 5) as usize..(CLUSTER + 15) as usize].fill(0x11);
+        assert!(got[..] == want[100..100 + (3 * CLUSTER) as usize]);
     }
 
     #[test]
