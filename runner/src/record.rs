@@ -10,7 +10,8 @@ pub struct Record {
     /// Where the job file is now, relative to the runner's directory.
     pub job_file: String,
     /// success, failed, invalid-job, timed-out, guest-failed, interrupted, bad-name,
-    /// unknown-image, backend-failed, crashed-runner.
+    /// unknown-image, backend-failed, vmm-fault (the VMM process was killed: seccomp, limits,
+    /// crash), crashed-runner.
     pub status: String,
     /// The backend's exit code (construir_abi::outcome), if it ran.
     pub exit_code: Option<i32>,

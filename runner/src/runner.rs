@@ -13,6 +13,7 @@ use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -309,9 +310,10 @@ fn handle(cfg: &RunnerConfig, name: &str, children: &Mutex<HashMap<String, u32>>
             rec.console_bytes = s.get("console_bytes").and_then(|v| v.as_u64());
         }
         None => {
-            rec.status = "backend-failed".into();
+            let (status_name, why) = backend_death(status.and_then(|s| s.signal()));
+            rec.status = status_name.into();
             rec.reason = format!(
-                "the {} backend ended ({}) without a summary; see {}",
+                "the {} backend ended ({}) without a summary{why}; see {}",
                 cfg.backend.name(),
                 match status {
                     Some(s) => s.to_string(),
@@ -323,6 +325,25 @@ fn handle(cfg: &RunnerConfig, name: &str, children: &Mutex<HashMap<String, u32>>
     }
     let success = rec.status == "success";
     finish(cfg, &running, rec, success);
+}
+
+/// How a backend that ended without a summary is recorded. Killed by a signal, the VMM process
+/// itself failed (`vmm-fault`): its seccomp filter (SIGSYS: a system call outside its allow-list,
+/// a VMM bug or an escape attempt), its file-size limit (SIGXFSZ), a crash, or the OOM killer.
+pub fn backend_death(signal: Option<i32>) -> (&'static str, &'static str) {
+    match signal {
+        Some(libc::SIGSYS) => (
+            "vmm-fault",
+            ": killed by its seccomp filter (a system call outside its allow-list)",
+        ),
+        Some(libc::SIGXFSZ) => ("vmm-fault", ": it hit its file-size limit"),
+        Some(libc::SIGSEGV | libc::SIGBUS | libc::SIGABRT | libc::SIGILL) => {
+            ("vmm-fault", ": it crashed")
+        }
+        Some(libc::SIGKILL) => ("vmm-fault", ": killed (out of memory, or by hand)"),
+        Some(_) => ("vmm-fault", ": killed by a signal"),
+        None => ("backend-failed", ""),
+    }
 }
 
 /// Runs the queue until stopped (or, with `once`, until that job is done).
@@ -419,6 +440,16 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_killed_vmm_is_a_vmm_fault() {
+        let (status, why) = backend_death(Some(libc::SIGSYS));
+        assert_eq!(status, "vmm-fault");
+        assert!(why.contains("seccomp"));
+        assert_eq!(backend_death(Some(libc::SIGXFSZ)).0, "vmm-fault");
+        assert_eq!(backend_death(Some(libc::SIGSEGV)).0, "vmm-fault");
+        assert_eq!(backend_death(None).0, "backend-failed");
+    }
 
     fn config(root: &Path) -> RunnerConfig {
         RunnerConfig {

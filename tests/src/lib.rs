@@ -137,6 +137,7 @@ pub struct Run {
     pub console: String,
     pub stderr: String,
     pub elapsed: Duration,
+    pub probe: ProcessProbe,
 }
 
 /// Runs a launcher binary with `args` plus `--json --console FILE`, killing it after `deadline`.
@@ -155,19 +156,21 @@ pub fn run_launcher(binary: &Path, args: &[&str], deadline: Duration) -> Run {
     let pid = child.id();
     let watchdog = std::thread::spawn(move || {
         let start = Instant::now();
+        let mut probe = ProcessProbe::default();
         while start.elapsed() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(100));
             // SAFETY: kill(pid, 0) only probes whether the process exists.
             if unsafe { libc::kill(pid as i32, 0) } != 0 {
-                return false;
+                return (false, probe);
             }
+            probe.sample(pid);
         }
         // SAFETY: killing our own child that outlived its deadline.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        true
+        (true, probe)
     });
     let output = child.wait_with_output().expect("wait launcher");
-    let killed = watchdog.join().unwrap_or(false);
+    let (killed, probe) = watchdog.join().unwrap_or_default();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let console_text =
@@ -188,6 +191,67 @@ pub fn run_launcher(binary: &Path, args: &[&str], deadline: Duration) -> Run {
         console: console_text,
         stderr,
         elapsed: started.elapsed(),
+        probe,
+    }
+}
+
+/// What a launcher process looked like from outside while it ran (sampled every 100 ms).
+#[derive(Debug, Default, Clone)]
+pub struct ProcessProbe {
+    /// Samples taken while the process existed.
+    pub samples: u32,
+    /// Socket descriptors ever seen open (`socket:[inode]`).
+    pub sockets: Vec<String>,
+    /// Most threads seen at once, and most of them under a seccomp filter at once (`Seccomp: 2`).
+    pub threads: usize,
+    pub filtered_threads: usize,
+    /// `NoNewPrivs: 1` seen, and the core-dump limit seen at 0.
+    pub no_new_privs: bool,
+    pub no_core_dumps: bool,
+}
+
+impl ProcessProbe {
+    pub fn sample(&mut self, pid: u32) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return;
+        };
+        self.samples += 1;
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let target = target.to_string_lossy().into_owned();
+                if target.starts_with("socket:") && !self.sockets.contains(&target) {
+                    self.sockets.push(target);
+                }
+            }
+        }
+        let (mut threads, mut filtered) = (0, 0);
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let status =
+                    std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                threads += 1;
+                if status
+                    .lines()
+                    .any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2'))
+                {
+                    filtered += 1;
+                }
+                if status
+                    .lines()
+                    .any(|l| l.starts_with("NoNewPrivs:") && l.trim_end().ends_with('1'))
+                {
+                    self.no_new_privs = true;
+                }
+            }
+        }
+        self.threads = self.threads.max(threads);
+        self.filtered_threads = self.filtered_threads.max(filtered);
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        if limits.lines().any(|l| {
+            l.starts_with("Max core file size") && l.split_whitespace().nth(4) == Some("0")
+        }) {
+            self.no_core_dumps = true;
+        }
     }
 }
 

@@ -44,7 +44,8 @@ fn jobs_through_construir_vmm_on_this_hosts_kvm() {
         let lane_a = s.spawn(|| {
             // The seed format: out.txt written over /dev/sdb.
             let seed = seed_job("t0");
-            let run = vmm(&seed, "t0", &[]);
+            // Informational kernel messages (the emulated-host switch's line) only with a loglevel.
+            let run = vmm(&seed, "t0", &["--kernel-arg", "loglevel=7"]);
             run.expect_code(0);
             assert_eq!(run.summary["backend"], "vmm");
             assert_eq!(run.summary["host_kind"], host.as_str());
@@ -62,6 +63,19 @@ fn jobs_through_construir_vmm_on_this_hosts_kvm() {
                     > 0
             );
             check_seed_output(&seed);
+            // The sandbox, seen from outside while the guest ran: every thread (event loop and
+            // vCPU) under its seccomp filter, no new privileges, no core dumps, and never a socket.
+            let probe = &run.probe;
+            assert!(probe.samples > 10, "{probe:?}");
+            assert!(
+                probe.threads >= 2 && probe.filtered_threads == probe.threads,
+                "{probe:?}"
+            );
+            assert!(probe.no_new_privs && probe.no_core_dumps, "{probe:?}");
+            assert!(
+                probe.sockets.is_empty(),
+                "the VMM had sockets open: {probe:?}"
+            );
             let emulated = run
                 .console
                 .contains("construir: emulated-KVM host support on");

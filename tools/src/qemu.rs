@@ -48,6 +48,27 @@ impl Accel {
     }
 }
 
+/// Which QEMU machine the guest gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// `-M microvm` with virtio-mmio disks: what construir runs.
+    Microvm,
+    /// QEMU's default machine (i440FX PC, SeaBIOS) with its default devices and the disks on its
+    /// IDE controller: the seed's way of running jobs, kept as a benchmark baseline. Needs the
+    /// `pc` kernel variant (`guest/kernel/build --variant pc`), which has PCI and ATA.
+    Pc,
+}
+
+impl Machine {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "microvm" => Some(Machine::Microvm),
+            "pc" => Some(Machine::Pc),
+            _ => None,
+        }
+    }
+}
+
 /// Everything a launch needs.
 #[derive(Debug, Clone)]
 pub struct LaunchConfig {
@@ -66,6 +87,9 @@ pub struct LaunchConfig {
     /// Extra time the host allows for boot and shutdown before it kills the VM.
     pub boot_allowance: Duration,
     pub console_cap: u64,
+    /// Extra kernel command-line parameters (profiling).
+    pub kernel_args: Vec<String>,
+    pub machine: Machine,
 }
 
 /// How long booting may take on top of the job's limit before the host kills the VM: minutes
@@ -125,7 +149,15 @@ pub fn kernel_cmdline(config: &LaunchConfig) -> KernelCmdline {
     } else {
         HostKind::NoKvm
     };
-    KernelCmdline::for_job(host, config.job_timeout)
+    let mut cmdline = KernelCmdline::for_job(host, config.job_timeout);
+    if config.machine == Machine::Pc {
+        // The last root= wins; the init links /dev/vd[ab] to the IDE disks.
+        cmdline.push("root=/dev/sda");
+    }
+    for param in &config.kernel_args {
+        cmdline.push(param.clone());
+    }
+    cmdline
 }
 
 /// QEMU's arguments for a launch (the status file receives the status port's bytes).
@@ -134,7 +166,10 @@ pub fn qemu_args(config: &LaunchConfig, cmdline: &str, status_file: &Path) -> Ve
     let mut push = |a: &str| args.push(a.to_string());
     // The PIT stays on: under TCG the guest hangs calibrating the TSC without it.
     push("-M");
-    push("microvm,acpi=off,rtc=off,x-option-roms=off");
+    push(match config.machine {
+        Machine::Microvm => "microvm,acpi=off,rtc=off,x-option-roms=off",
+        Machine::Pc => "pc",
+    });
     match config.accel {
         Accel::Kvm => {
             push("-accel");
@@ -150,12 +185,14 @@ pub fn qemu_args(config: &LaunchConfig, cmdline: &str, status_file: &Path) -> Ve
             push("max");
         }
     }
+    if config.machine == Machine::Microvm {
+        push("-nodefaults");
+    }
     for a in [
         "-m".to_string(),
         format!("{}M", config.memory_mib),
         "-smp".to_string(),
         config.vcpus.to_string(),
-        "-nodefaults".to_string(),
         "-no-user-config".to_string(),
         "-no-reboot".to_string(),
         "-display".to_string(),
@@ -172,23 +209,39 @@ pub fn qemu_args(config: &LaunchConfig, cmdline: &str, status_file: &Path) -> Ve
         config.kernel.display().to_string(),
         "-append".to_string(),
         cmdline.to_string(),
-        "-drive".to_string(),
-        format!(
-            "id=root,file={},format={},if=none,snapshot=on,read-only=off",
-            qemu_path(&config.root_disk),
-            config.root_format
-        ),
-        "-device".to_string(),
-        "virtio-blk-device,drive=root".to_string(),
-        "-drive".to_string(),
-        format!(
-            "id=job,file={},format=raw,if=none,cache=writeback",
-            qemu_path(&config.job)
-        ),
-        "-device".to_string(),
-        "virtio-blk-device,drive=job".to_string(),
-        "-device".to_string(),
-        "i8042".to_string(),
+    ] {
+        args.push(a);
+    }
+    let root = qemu_path(&config.root_disk);
+    let job = qemu_path(&config.job);
+    let disks = match config.machine {
+        Machine::Microvm => vec![
+            "-drive".to_string(),
+            format!(
+                "id=root,file={root},format={},if=none,snapshot=on,read-only=off",
+                config.root_format
+            ),
+            "-device".to_string(),
+            "virtio-blk-device,drive=root".to_string(),
+            "-drive".to_string(),
+            format!("id=job,file={job},format=raw,if=none,cache=writeback"),
+            "-device".to_string(),
+            "virtio-blk-device,drive=job".to_string(),
+            "-device".to_string(),
+            "i8042".to_string(),
+        ],
+        Machine::Pc => vec![
+            "-drive".to_string(),
+            format!(
+                "file={root},format={},if=ide,index=0,snapshot=on",
+                config.root_format
+            ),
+            "-drive".to_string(),
+            format!("file={job},format=raw,if=ide,index=1,cache=writeback"),
+        ],
+    };
+    args.extend(disks);
+    for a in [
         "-chardev".to_string(),
         format!("file,id=status,path={}", qemu_path(status_file)),
         "-device".to_string(),
@@ -413,6 +466,8 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             job_timeout: Duration::from_secs(30),
+            kernel_args: Vec::new(),
+            machine: Machine::Microvm,
             boot_allowance: boot_allowance(accel, host),
             console_cap: 1000,
         }

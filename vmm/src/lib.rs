@@ -14,6 +14,7 @@ pub mod arch {
 }
 pub mod devices;
 pub mod disk;
+pub mod sandbox;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

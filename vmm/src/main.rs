@@ -10,8 +10,9 @@ use construir_abi::manifest::cache_dir;
 use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_SETUP_ERROR};
 use construir_vmm::disk::DiskBackend;
 use construir_vmm::disk::overlay::OverlayDisk;
-use construir_vmm::disk::qcow2::{cached_raw_base, sha256_file};
+use construir_vmm::disk::qcow2::{cached_raw_base, sha256_reader};
 use construir_vmm::disk::raw::RawDisk;
+use construir_vmm::sandbox::AllowedFile;
 use construir_vmm::vm::{self, VmConfig, VmError};
 use std::io::Write;
 use std::sync::atomic::Ordering;
@@ -29,6 +30,10 @@ Exit status: the job's own status for 0-99; 100 job failed with >= 100 or by a s
 struct Cli {
     #[command(flatten)]
     job: JobArgs,
+    /// Run without seccomp, landlock and resource limits: only to debug the VMM itself, never
+    /// for strangers' jobs.
+    #[arg(long, hide = true)]
+    no_sandbox: bool,
 }
 
 fn main() {
@@ -51,6 +56,7 @@ fn main() {
 }
 
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
+    let no_sandbox = cli.no_sandbox;
     let cli = cli.job;
     let image = cli.image()?;
     let index = image.manifest.index.clone();
@@ -81,6 +87,15 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
     };
     let base = std::fs::File::open(&base_path)
         .with_context(|| format!("open the root disk {}", base_path.display()))?;
+    // With --root (tests), the summary proves the base unchanged: hashed after the run through a
+    // second handle opened now, as the sandbox allows no open() later.
+    let base_check = match &cli.root {
+        Some(_) => Some(
+            base.try_clone()
+                .context("duplicate the root disk's handle")?,
+        ),
+        None => None,
+    };
     let base_size = construir_vmm::disk::round_to_sectors(base.metadata()?.len());
     let tmp = std::env::temp_dir();
     let root = OverlayDisk::new(base, base_size, &tmp, "construir-root")
@@ -98,7 +113,10 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
     let job = RawDisk::new(job_file, "construir-job")?;
     let job_size_before = job.size();
 
-    let cmdline = KernelCmdline::for_job(host, cli.timeout);
+    let mut cmdline = KernelCmdline::for_job(host, cli.timeout);
+    for param in &cli.kernel_args {
+        cmdline.push(param.clone());
+    }
     let boot_allowance = launcher::boot_allowance(host == HostKind::EmulatedKvm);
     let console = launcher::open_console(cli.console.as_deref())
         .with_context(|| format!("open the console log {:?}", cli.console))?;
@@ -110,6 +128,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
         );
         vcpus = 1;
     }
+    let sandbox = (!no_sandbox).then(|| sandbox_files(&cli, &kernel, &base_path));
     let config = VmConfig {
         kernel,
         cmdline: cmdline.to_string(),
@@ -127,6 +146,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
         console_cap: cli.console_cap,
         deadline: cli.timeout + boot_allowance,
         process_start,
+        sandbox,
     };
     tracing::info!(image = %index, host = %host, "booting {} in a VM", cli.job.display());
     let report = vm::run(config)?;
@@ -175,10 +195,36 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
             "job_disk_bytes": job_size_before,
             "console_bytes": report.console_written,
             "console_dropped": report.console_dropped,
-            "root_base_sha256": if cli.root.is_some() { sha256_file(&base_path).ok() } else { None },
+            "root_base_sha256": base_check.and_then(|f| sha256_reader(f).ok()),
         });
         println!("{summary}");
     }
     let _ = std::io::stdout().flush();
     Ok(outcome.exit_code())
+}
+
+/// The files the VMM may still reach once sandboxed: its kernel and root base (read), the job
+/// file and console log (read-write), and /dev/kvm. All are open by then; see docs/security.md.
+fn sandbox_files(
+    cli: &JobArgs,
+    kernel: &std::path::Path,
+    base: &std::path::Path,
+) -> Vec<AllowedFile> {
+    let file = |path: &std::path::Path, write| AllowedFile {
+        path: path.to_path_buf(),
+        write,
+    };
+    let mut files = vec![
+        file(kernel, false),
+        file(base, false),
+        file(&cli.job, true),
+        file(std::path::Path::new("/dev/kvm"), true),
+    ];
+    if let Some(console) = cli.console.as_deref()
+        && console != "-"
+        && console != "none"
+    {
+        files.push(file(std::path::Path::new(console), true));
+    }
+    files
 }

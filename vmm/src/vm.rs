@@ -11,6 +11,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleSink, SerialDevice};
 use crate::devices::status::StatusPort;
 use crate::disk::DiskBackend;
+use crate::sandbox::{self, AllowedFile, LandlockOutcome, Limits, SandboxError, ThreadKind};
 use crate::vcpu::{StopReason, StopSignal, describe_internal_error, run_vcpu};
 use crate::virtio::Interrupt;
 use crate::virtio::block::{Block, DiskStats};
@@ -48,6 +49,9 @@ pub struct VmConfig {
     pub deadline: Duration,
     /// Process start, for the boot-time markers.
     pub process_start: Instant,
+    /// The sandbox (`crate::sandbox`), with the files the VMM keeps access to; `None` only for
+    /// debugging the VMM itself.
+    pub sandbox: Option<Vec<AllowedFile>>,
 }
 
 /// Boot-time markers, from process start.
@@ -93,6 +97,8 @@ pub enum VmError {
     Event(#[source] std::io::Error),
     #[error("the event loop failed")]
     EventLoop(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -207,6 +213,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         console_cap,
         deadline,
         process_start,
+        sandbox: sandbox_files,
     } = config;
     let kvm = open_kvm()?;
     let mem = boot::create_memory(memory_mib)?;
@@ -268,6 +275,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     }));
 
     // virtio-blk disks.
+    let largest_disk = disks.iter().map(|(d, _, _)| d.size()).max().unwrap_or(0);
     let mut mmio = Bus::new();
     let mut disk_stats = Vec::new();
     for (i, (backend, read_only, name)) in disks.into_iter().enumerate() {
@@ -302,20 +310,70 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report its CPUID"))?;
     let first_run = Arc::new(Mutex::new(None));
-    let mut threads = Vec::new();
+    let mut vcpu_fds = Vec::new();
     for index in 0..vcpus {
         let vcpu = vm
             .create_vcpu(u64::from(index))
             .map_err(kvm_err("create a vCPU"))?;
         cpu::configure_vcpu(&vcpu, &supported, index, vcpus, entry.0)?;
+        vcpu_fds.push(vcpu);
+    }
+
+    // Everything is open and mapped: confine the process before the guest runs a single
+    // instruction. Limits and landlock here (inherited by the vCPU threads), each vCPU thread
+    // installs its filter before its first KVM_RUN, this thread after starting them.
+    let filters = match &sandbox_files {
+        Some(files) => {
+            sandbox::apply_limits(&Limits::for_vm(
+                memory_mib << 20,
+                largest_disk,
+                console_cap,
+                sandbox::open_descriptors(),
+            ))?;
+            match sandbox::restrict_files(files)? {
+                LandlockOutcome::Enforced => {}
+                LandlockOutcome::Partial => tracing::warn!(
+                    "landlock: this kernel enforces only part of the file-access rules (older landlock ABI)"
+                ),
+                LandlockOutcome::Unsupported => tracing::warn!(
+                    "landlock: this kernel has no landlock; the VMM's file access is limited by seccomp only (no open() after setup)"
+                ),
+            }
+            Some((
+                sandbox::program(ThreadKind::Vmm)?,
+                Arc::new(sandbox::program(ThreadKind::Vcpu)?),
+            ))
+        }
+        None => {
+            tracing::warn!(
+                "the sandbox is off (--no-sandbox): never run strangers' jobs like this"
+            );
+            None
+        }
+    };
+
+    let mut threads = Vec::new();
+    for (index, vcpu) in vcpu_fds.into_iter().enumerate() {
         let (pio, mmio, mem, stop) = (pio.clone(), mmio.clone(), mem.clone(), stop.clone());
         let first = (index == 0).then(|| first_run.clone());
+        let filter = filters.as_ref().map(|(_, vcpu_filter)| vcpu_filter.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(vcpu, pio, mmio, mem, stop, first))
+                .spawn(move || {
+                    if let Some(filter) = filter
+                        && let Err(e) = sandbox::install(ThreadKind::Vcpu, &filter)
+                    {
+                        stop.stop(StopReason::Error(e.to_string()));
+                        return;
+                    }
+                    run_vcpu(vcpu, pio, mmio, mem, stop, first)
+                })
                 .map_err(VmError::Event)?,
         );
+    }
+    if let Some((vmm_filter, _)) = &filters {
+        sandbox::install(ThreadKind::Vmm, vmm_filter)?;
     }
 
     // The event loop.

@@ -54,6 +54,9 @@ pub struct JobArgs {
     /// Use this root disk instead of the image's (construir-vmm: raw; construir-qemu: qcow2 or raw).
     #[arg(long)]
     pub root: Option<PathBuf>,
+    /// Add this kernel command-line parameter (repeatable; for profiling, e.g. initcall_debug).
+    #[arg(long = "kernel-arg", value_name = "PARAM")]
+    pub kernel_args: Vec<String>,
 }
 
 /// Why the job's image could not be found.

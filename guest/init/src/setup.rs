@@ -96,27 +96,42 @@ pub fn mount_filesystems() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Symbolic links the init makes in /dev: seed jobs write their output to /dev/sdb, and shells
-/// want /dev/fd and friends.
+/// Symbolic links the init makes in /dev for shells.
 pub const DEV_LINKS: &[(&str, &str)] = &[
-    ("/dev/sda", "vda"),
-    ("/dev/sdb", "vdb"),
     ("/dev/fd", "/proc/self/fd"),
     ("/dev/stdin", "/proc/self/fd/0"),
     ("/dev/stdout", "/proc/self/fd/1"),
     ("/dev/stderr", "/proc/self/fd/2"),
 ];
 
-/// Makes the /dev links; /dev/vda and /dev/vdb must exist.
-pub fn alias_disks() -> anyhow::Result<()> {
-    for disk in ["/dev/vda", "/dev/vdb"] {
-        if !Path::new(disk).exists() {
-            bail!(
-                "{disk} is missing: the VM must give the root disk and the job disk as virtio-blk"
-            );
-        }
+/// The root and job disks under both names: construir's VMs give them as virtio-blk (vda, vdb),
+/// seed jobs write their output to /dev/sdb, and a machine with IDE/SCSI disks (QEMU's default
+/// machine, used as a benchmark baseline) has sda and sdb. Whichever pair exists gets the other
+/// pair's names as links; `None` when neither pair does.
+pub fn disk_links(
+    virtio_present: bool,
+    scsi_present: bool,
+) -> Option<[(&'static str, &'static str); 2]> {
+    if virtio_present {
+        Some([("/dev/sda", "vda"), ("/dev/sdb", "vdb")])
+    } else if scsi_present {
+        Some([("/dev/vda", "sda"), ("/dev/vdb", "sdb")])
+    } else {
+        None
     }
-    for (link, target) in DEV_LINKS {
+}
+
+pub fn alias_disks() -> anyhow::Result<()> {
+    let present = |a: &str, b: &str| Path::new(a).exists() && Path::new(b).exists();
+    let Some(disks) = disk_links(
+        present("/dev/vda", "/dev/vdb"),
+        present("/dev/sda", "/dev/sdb"),
+    ) else {
+        bail!(
+            "/dev/vda and /dev/vdb are missing: the VM must give the root disk and the job disk as virtio-blk"
+        );
+    };
+    for (link, target) in disks.iter().chain(DEV_LINKS) {
         match std::os::unix::fs::symlink(target, link) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -187,7 +202,12 @@ mod tests {
 
     #[test]
     fn the_seed_device_names_are_aliased() {
-        assert!(DEV_LINKS.contains(&("/dev/sdb", "vdb")));
-        assert!(DEV_LINKS.contains(&("/dev/sda", "vda")));
+        let virtio = disk_links(true, false).unwrap();
+        assert!(virtio.contains(&("/dev/sdb", "vdb")) && virtio.contains(&("/dev/sda", "vda")));
+        // Both pairs present (never in practice): virtio wins, nothing links to itself.
+        assert_eq!(disk_links(true, true), Some(virtio));
+        let ide = disk_links(false, true).unwrap();
+        assert!(ide.contains(&("/dev/vdb", "sdb")) && ide.contains(&("/dev/vda", "sda")));
+        assert_eq!(disk_links(false, false), None);
     }
 }

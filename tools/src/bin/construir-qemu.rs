@@ -23,6 +23,10 @@ struct Cli {
     /// kvm, tcg, or auto: KVM on hardware-assisted KVM, TCG elsewhere.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// microvm (what construir runs), or pc: QEMU's default machine with IDE disks, the seed's
+    /// way, a benchmark baseline that needs the pc kernel variant (guest/kernel/build --variant pc).
+    #[arg(long, default_value = "microvm")]
+    machine: String,
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -79,6 +83,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         job_timeout: job.timeout,
         boot_allowance: qemu::boot_allowance(accel, host),
         console_cap: job.console_cap,
+        kernel_args: job.kernel_args.clone(),
+        machine: qemu::Machine::parse(&cli.machine)
+            .with_context(|| format!("--machine {:?}: expected microvm or pc", cli.machine))?,
     };
     let console = launcher::open_console(job.console.as_deref())
         .with_context(|| format!("open the console log {:?}", job.console))?;

@@ -43,15 +43,22 @@ pub enum ConvertError {
 
 /// Hex sha256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String, ConvertError> {
-    let err = |source| ConvertError::Read {
+    let file = std::fs::File::open(path).map_err(|source| ConvertError::Read {
         path: path.to_path_buf(),
         source,
-    };
-    let mut file = std::fs::File::open(path).map_err(err)?;
+    })?;
+    sha256_reader(file).map_err(|source| ConvertError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The SHA-256 of everything `reader` yields, in hex (for a file opened before the sandbox).
+pub fn sha256_reader(mut reader: impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(err)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
