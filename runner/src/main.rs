@@ -1,16 +1,12 @@
 //! construir-runner: watch a queue directory and run each job in its own VM.
 
-mod backend;
-mod dirs;
-mod record;
-mod runner;
-
 use anyhow::Context;
 use clap::Parser;
 use construir_abi::duration::parse_duration;
 use construir_abi::host::{HostFacts, HostKind};
 use construir_abi::launcher;
 use construir_abi::manifest::default_images_dir;
+use construir_runner::{backend, dirs, runner};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -83,6 +79,13 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        tracing::warn!(
+            "running as root: every VMM runs as root too; a farm should run as a dedicated user \
+             (runner/construir-runner.service) — each VMM is still confined by seccomp, landlock and rlimits"
+        );
+    }
     let dirs = dirs::QueueDirs::create(&cli.dir)
         .with_context(|| format!("set up {}", cli.dir.display()))?;
     let host: HostKind = HostFacts::read().kind();

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What the runner knows about a finished job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// The job's file name as it was queued.
     pub job: String,

@@ -272,12 +272,7 @@ fn handle(cfg: &RunnerConfig, name: &str, children: &Mutex<HashMap<String, u32>>
     children.lock().expect("children lock").remove(name);
     rec.vm_ms = Some(vm_start.elapsed().as_millis() as u64);
     let out = reader.join().unwrap_or_default();
-    let summary: Option<serde_json::Value> =
-        String::from_utf8_lossy(&out).lines().rev().find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .filter(|v| v.get("status").is_some())
-        });
+    let summary = backend_summary(&out);
     rec.exit_code = status.and_then(|s| s.code());
     if killed {
         rec.status = "timed-out".into();
@@ -296,19 +291,7 @@ fn handle(cfg: &RunnerConfig, name: &str, children: &Mutex<HashMap<String, u32>>
         return;
     }
     match summary {
-        Some(s) => {
-            let text = |k: &str| s.get(k).and_then(|v| v.as_str()).map(str::to_string);
-            rec.status = text("status").unwrap_or_else(|| "backend-failed".into());
-            rec.reason = text("reason").unwrap_or_default();
-            rec.job_exit_status = s
-                .get("job_exit_status")
-                .and_then(|v| v.as_u64())
-                .map(|v| v as u16);
-            rec.accel = text("accel");
-            rec.host_kind = text("host_kind").or(rec.host_kind);
-            rec.backend = text("backend").or(rec.backend);
-            rec.console_bytes = s.get("console_bytes").and_then(|v| v.as_u64());
-        }
+        Some(s) => apply_summary(&mut rec, &s),
         None => {
             let (status_name, why) = backend_death(status.and_then(|s| s.signal()));
             rec.status = status_name.into();
@@ -325,6 +308,55 @@ fn handle(cfg: &RunnerConfig, name: &str, children: &Mutex<HashMap<String, u32>>
     }
     let success = rec.status == "success";
     finish(cfg, &running, rec, success);
+}
+
+/// The backend's one-line JSON summary: the last line of its standard output that is a JSON
+/// object with a `status`. Whatever else the output holds is ignored.
+pub fn backend_summary(out: &[u8]) -> Option<serde_json::Value> {
+    String::from_utf8_lossy(out).lines().rev().find_map(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .filter(|v| v.is_object() && v.get("status").is_some())
+    })
+}
+
+/// The statuses a backend's summary may give (construir_abi::outcome); anything else is recorded
+/// as `backend-failed`.
+const BACKEND_STATUSES: &[&str] = &[
+    "success",
+    "failed",
+    "invalid-job",
+    "timed-out",
+    "guest-failed",
+    "interrupted",
+];
+
+/// Longest text taken from a summary into a record.
+const SUMMARY_TEXT_MAX: usize = 1000;
+
+/// Fills the record from a backend's summary, taking only what has the expected shape.
+pub fn apply_summary(rec: &mut Record, s: &serde_json::Value) {
+    let text = |k: &str| {
+        s.get(k).and_then(|v| v.as_str()).map(|t| {
+            let mut end = t.len().min(SUMMARY_TEXT_MAX);
+            while !t.is_char_boundary(end) {
+                end -= 1;
+            }
+            t[..end].to_string()
+        })
+    };
+    rec.status = text("status")
+        .filter(|st| BACKEND_STATUSES.contains(&st.as_str()))
+        .unwrap_or_else(|| "backend-failed".into());
+    rec.reason = text("reason").unwrap_or_default();
+    rec.job_exit_status = s
+        .get("job_exit_status")
+        .and_then(|v| v.as_u64())
+        .and_then(|v| u16::try_from(v).ok());
+    rec.accel = text("accel");
+    rec.host_kind = text("host_kind").or(rec.host_kind.take());
+    rec.backend = text("backend").or(rec.backend.take());
+    rec.console_bytes = s.get("console_bytes").and_then(|v| v.as_u64());
 }
 
 /// How a backend that ended without a summary is recorded. Killed by a signal, the VMM process
@@ -440,6 +472,23 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summaries_are_taken_only_in_the_expected_shape() {
+        let mut rec = Record::default();
+        let out = b"noise\n{\"status\":\"success\",\"reason\":\"job succeeded\",\"job_exit_status\":0}\nnot json {\n";
+        apply_summary(&mut rec, &backend_summary(out).unwrap());
+        assert_eq!(
+            (rec.status.as_str(), rec.job_exit_status),
+            ("success", Some(0))
+        );
+        let hostile = serde_json::json!({"status": "pwned", "reason": "x".repeat(100_000), "job_exit_status": 70000});
+        apply_summary(&mut rec, &hostile);
+        assert_eq!(rec.status, "backend-failed");
+        assert_eq!(rec.reason.len(), SUMMARY_TEXT_MAX);
+        assert_eq!(rec.job_exit_status, None);
+        assert!(backend_summary(b"[1,2]\n\"status\"\n").is_none());
+    }
 
     #[test]
     fn a_killed_vmm_is_a_vmm_fault() {

@@ -4,6 +4,8 @@
 //! The tests need the kernel and images built (`tools/test` builds them first); a missing image
 //! fails the test with the command that builds it, never skips it.
 
+pub mod fuzz;
+
 use construir_abi::archive;
 use construir_abi::host::{HostKind, detect};
 use construir_abi::manifest::default_images_dir;

@@ -242,6 +242,10 @@ pub fn qemu_args(config: &LaunchConfig, cmdline: &str, status_file: &Path) -> Ve
     };
     args.extend(disks);
     for a in [
+        // QEMU's own seccomp filter: no obsolete calls, no privilege changes, no new processes,
+        // no scheduler or resource-control calls.
+        "-sandbox".to_string(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".to_string(),
         "-chardev".to_string(),
         format!("file,id=status,path={}", qemu_path(status_file)),
         "-device".to_string(),
@@ -516,6 +520,7 @@ mod tests {
         );
         assert!(joined.contains("isa-debugcon,iobase=0x5f0"));
         assert!(joined.contains("-no-reboot") && joined.contains("-device i8042"));
+        assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
     }
 
     #[test]

@@ -190,6 +190,12 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
                 "init": ms(report.timings.to_init),
                 "exit": report.timings.to_exit.as_millis() as u64,
             },
+            "setup_us": report
+                .timings
+                .setup
+                .iter()
+                .map(|(phase, d)| ((*phase).to_string(), serde_json::json!(d.as_micros() as u64)))
+                .collect::<serde_json::Map<_, _>>(),
             "run_ms": report.timings.to_exit.as_millis() as u64,
             "disks": disks,
             "job_disk_bytes": job_size_before,

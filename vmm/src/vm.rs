@@ -61,6 +61,29 @@ pub struct Timings {
     pub to_first_console_byte: Option<Duration>,
     pub to_init: Option<Duration>,
     pub to_exit: Duration,
+    /// Where setup's time went, phase by phase, up to the vCPU threads' start.
+    pub setup: Vec<(&'static str, Duration)>,
+}
+
+/// Durations of consecutive setup phases.
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Self {
+        Phases {
+            last: start,
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.done.push((phase, now - self.last));
+        self.last = now;
+    }
 }
 
 /// What a run gave.
@@ -215,9 +238,12 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         process_start,
         sandbox: sandbox_files,
     } = config;
+    let mut phases = Phases::new(process_start);
+    phases.mark("process and arguments");
     let kvm = open_kvm()?;
     let mem = boot::create_memory(memory_mib)?;
     let vm = create_vm(&kvm, &mem)?;
+    phases.mark("KVM VM, irqchip, PIT, memory");
 
     let entry = boot::load_kernel(&mem, &kernel)?;
     let full_cmdline = format!("{cmdline} {}", virtio_cmdline(disks.len() as u32));
@@ -232,6 +258,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
             source,
         })?;
 
+    phases.mark("kernel and boot data");
     let stop = Arc::new(StopSignal::new().map_err(VmError::Event)?);
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
@@ -305,6 +332,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         )?;
     }
 
+    phases.mark("devices");
     // vCPUs.
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -324,12 +352,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     // installs its filter before its first KVM_RUN, this thread after starting them.
     let filters = match &sandbox_files {
         Some(files) => {
-            sandbox::apply_limits(&Limits::for_vm(
-                memory_mib << 20,
-                largest_disk,
-                console_cap,
-                sandbox::open_descriptors(),
-            ))?;
+            sandbox::apply_limits(&Limits::for_vm(memory_mib << 20, largest_disk, console_cap))?;
             match sandbox::restrict_files(files)? {
                 LandlockOutcome::Enforced => {}
                 LandlockOutcome::Partial => tracing::warn!(
@@ -352,6 +375,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         }
     };
 
+    phases.mark("vCPUs and sandbox");
     let mut threads = Vec::new();
     for (index, vcpu) in vcpu_fds.into_iter().enumerate() {
         let (pio, mmio, mem, stop) = (pio.clone(), mmio.clone(), mem.clone(), stop.clone());
@@ -425,6 +449,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         to_first_console_byte: since(sink.first_byte()),
         to_init: since(status.first_write()),
         to_exit: process_start.elapsed(),
+        setup: phases.done,
     };
     Ok(RunReport {
         outcome,

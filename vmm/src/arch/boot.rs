@@ -48,6 +48,8 @@ pub fn create_memory(mem_mib: u64) -> Result<GuestMemoryMmap, BootError> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
+    // No transparent huge pages: tried (madvise(MADV_HUGEPAGE)), loading the kernel went from
+    // ~10 ms to ~60 ms on this workplace's host (2 MiB zeroing and compaction on fault).
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BootError::Memory(mem_mib, e))
 }
 

@@ -33,6 +33,14 @@ pub enum ConvertError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} claims a disk of {size} bytes, more than the {limit} bytes a construir image may have"
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot write the converted disk {path}")]
     Write {
         path: PathBuf,
@@ -71,8 +79,17 @@ pub fn sha256_reader(mut reader: impl Read) -> std::io::Result<String> {
         .collect())
 }
 
+/// Largest virtual disk an image may declare: a qcow2 header can claim exabytes, and the
+/// conversion reads every byte of the virtual disk.
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 40;
+
 /// Converts `qcow2` to a raw file at `out` (sparse: all-zero chunks are not written).
 pub fn convert(qcow2: &Path, out: &Path) -> Result<u64, ConvertError> {
+    convert_limited(qcow2, out, MAX_VIRTUAL_SIZE)
+}
+
+/// [`convert`] with a smaller size limit (the fuzz target's).
+pub fn convert_limited(qcow2: &Path, out: &Path, limit: u64) -> Result<u64, ConvertError> {
     let bad = |source| ConvertError::Qcow2 {
         path: qcow2.to_path_buf(),
         source,
@@ -85,6 +102,13 @@ pub fn convert(qcow2: &Path, out: &Path) -> Result<u64, ConvertError> {
         .map_err(bad)?;
     let access = FormatAccess::new(image);
     let size = access.size();
+    if size > limit {
+        return Err(ConvertError::TooLarge {
+            path: qcow2.to_path_buf(),
+            size,
+            limit,
+        });
+    }
     let werr = |source| ConvertError::Write {
         path: out.to_path_buf(),
         source,

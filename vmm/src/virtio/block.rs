@@ -308,7 +308,9 @@ impl Block {
         };
         let mut used_any = false;
         loop {
+            let mut popped = false;
             while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+                popped = true;
                 let head = chain.head_index();
                 let mut descs = Vec::new();
                 let mut chain_ok = true;
@@ -347,7 +349,15 @@ impl Block {
                 used_any = true;
             }
             match queue.enable_notification(&*mem) {
-                Ok(true) => continue,
+                // More requests arrived while notifications were off: serve them.
+                Ok(true) if popped => continue,
+                // "More available" but nothing could be popped: the driver's available index is
+                // beyond what the ring can hold. Looping would never end (found by fuzzing);
+                // stop until the next notification.
+                Ok(true) => {
+                    tracing::warn!("virtio-blk: the driver's available ring index is invalid");
+                    break;
+                }
                 _ => break,
             }
         }
