@@ -290,11 +290,13 @@ fn bad_names_unknown_images_garbage_and_timeouts_end_in_failed_with_reasons() {
 #[test]
 fn a_backend_that_crashes_or_prints_garbage_fails_the_job_with_its_reason() {
     let d = tempfile::tempdir().unwrap();
-    // A stand-in backend with the launchers' command line: garbage on stdout, then a crash.
+    // A stand-in backend with the launchers' command line: garbage on stdout, then a crash, or
+    // the death seccomp gives a VMM that makes a forbidden system call (SIGSYS).
     let fake = d.path().join("fake-backend");
     std::fs::write(
         &fake,
-        "#!/bin/sh\necho 'this is not a summary'\necho 'boom' >&2\nkill -SEGV $$\n",
+        "#!/bin/sh\necho 'this is not a summary'\necho 'boom' >&2\n\
+         case \"$*\" in *sys_t0*) kill -SYS $$ ;; *plain_t0*) exit 7 ;; *) kill -SEGV $$ ;; esac\n",
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -302,19 +304,27 @@ fn a_backend_that_crashes_or_prints_garbage_fails_the_job_with_its_reason() {
     let farm = d.path().join("farm");
     let runner = Runner::start(&farm, &["--backend-program", fake.to_str().unwrap()]);
     drop_job(&farm, "crashy_t0.tar.xz", &job_bytes("x", 0));
-    wait_for("the record", Duration::from_secs(30), || {
-        farm.join("failed/crashy_t0.tar.xz.json").exists()
+    drop_job(&farm, "sys_t0.tar.xz", &job_bytes("x", 0));
+    drop_job(&farm, "plain_t0.tar.xz", &job_bytes("x", 0));
+    wait_for("the records", Duration::from_secs(30), || {
+        ["crashy", "sys", "plain"]
+            .iter()
+            .all(|n| farm.join(format!("failed/{n}_t0.tar.xz.json")).exists())
     });
     let rec = runner.record("failed", "crashy_t0.tar.xz");
-    assert_eq!(rec["status"], "backend-failed", "{rec}");
+    assert_eq!(rec["status"], "vmm-fault", "{rec}");
+    let reason = rec["reason"].as_str().unwrap();
     assert!(
-        rec["reason"]
-            .as_str()
-            .unwrap()
-            .contains("without a summary"),
+        reason.contains("without a summary") && reason.contains("crashed"),
         "{rec}"
     );
     let log = std::fs::read_to_string(farm.join("logs/crashy_t0.tar.xz.backend.log")).unwrap();
     assert!(log.contains("boom"));
+    let rec = runner.record("failed", "sys_t0.tar.xz");
+    assert_eq!(rec["status"], "vmm-fault", "{rec}");
+    assert!(rec["reason"].as_str().unwrap().contains("seccomp"), "{rec}");
+    // Ended by itself without a summary: the backend failed, the VMM was not killed.
+    let rec = runner.record("failed", "plain_t0.tar.xz");
+    assert_eq!(rec["status"], "backend-failed", "{rec}");
     runner.stop();
 }
