@@ -162,25 +162,21 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let status = |name: &str| {
+    // The record of `name`, which must be in `want_dir` with `want_status`.
+    let expect = |name: &str, want_dir: &str, want_status: &str| {
         let (sub, rec) = record(dir, name);
         eprintln!("{name}: {sub}/ {} ({})", rec["status"], rec["reason"]);
-        (sub, rec)
+        assert_eq!(
+            (sub.as_str(), rec["status"].as_str()),
+            (want_dir, Some(want_status)),
+            "{name}: {rec}"
+        );
+        rec
     };
 
-    let (sub, rec) = status("forkbomb_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("failed", Some("timed-out")),
-        "{rec}"
-    );
+    expect("forkbomb_t0.tar.xz", "failed", "timed-out");
 
-    let (sub, rec) = status("fill_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("done", Some("success")),
-        "{rec}"
-    );
+    expect("fill_t0.tar.xz", "done", "success");
     let filled = std::fs::read(dir.join("done/fill_t0.tar.xz")).unwrap();
     assert_eq!(filled.len(), JOB_BYTES, "the job file changed size");
     assert!(
@@ -188,12 +184,8 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         "the job disk was not filled"
     );
 
-    let (sub, rec) = status("pastend_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["job_exit_status"].as_u64()),
-        ("failed", Some(9)),
-        "{rec}"
-    );
+    let rec = expect("pastend_t0.tar.xz", "failed", "failed");
+    assert_eq!(rec["job_exit_status"].as_u64(), Some(9), "{rec}");
     assert_eq!(
         std::fs::metadata(dir.join("failed/pastend_t0.tar.xz"))
             .unwrap()
@@ -201,12 +193,7 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         JOB_BYTES as u64
     );
 
-    let (sub, rec) = status("flood_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("failed", Some("timed-out")),
-        "{rec}"
-    );
+    let rec = expect("flood_t0.tar.xz", "failed", "timed-out");
     let log = dir.join(rec["console_log"].as_str().unwrap());
     let log_len = std::fs::metadata(&log).unwrap().len();
     assert!(
@@ -218,29 +205,14 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         "console log of {log_len} bytes"
     );
 
-    let (sub, rec) = status("forever_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("failed", Some("timed-out")),
-        "{rec}"
-    );
+    expect("forever_t0.tar.xz", "failed", "timed-out");
 
-    let (sub, rec) = status("silent_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("done", Some("success")),
-        "{rec}"
-    );
+    expect("silent_t0.tar.xz", "done", "success");
     assert!(
         std::fs::read(dir.join("done/silent_t0.tar.xz")).unwrap() == dropped["silent_t0.tar.xz"]
     );
 
-    let (sub, rec) = status("garbage_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("done", Some("success")),
-        "{rec}"
-    );
+    expect("garbage_t0.tar.xz", "done", "success");
     // Reading such output is a clear error, not a crash.
     let read = Command::new(binary("construir-result"))
         .arg(dir.join("done/garbage_t0.tar.xz"))
@@ -256,22 +228,12 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         "{read:?}"
     );
 
-    let (sub, rec) = status("network_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("done", Some("success")),
-        "{rec}"
-    );
+    expect("network_t0.tar.xz", "done", "success");
     let out = output_file(dir, "done", "network_t0.tar.xz", "out.txt").expect("out.txt");
     assert!(!out.contains("REACHED"), "{out}");
     assert_eq!(out.matches("refused:").count(), 5, "{out}");
 
-    let (sub, rec) = status("snoop_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("done", Some("success")),
-        "{rec}"
-    );
+    expect("snoop_t0.tar.xz", "done", "success");
     let found = output_file(dir, "done", "snoop_t0.tar.xz", "found.txt").unwrap_or_default();
     assert!(
         found.trim().is_empty(),
@@ -280,18 +242,8 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
     let seen = output_file(dir, "done", "snoop_t0.tar.xz", "seen.txt").unwrap_or_default();
     assert!(!seen.contains("9p") && !seen.contains("virtiofs"), "{seen}");
 
-    let (sub, rec) = status("taint_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("done", Some("success")),
-        "{rec}"
-    );
-    let (sub, rec) = status("after_t0.tar.xz");
-    assert_eq!(
-        (sub.as_str(), rec["status"].as_str()),
-        ("done", Some("success")),
-        "{rec}"
-    );
+    expect("taint_t0.tar.xz", "done", "success");
+    expect("after_t0.tar.xz", "done", "success");
     let after = output_file(dir, "done", "after_t0.tar.xz", "out.txt").expect("out.txt");
     assert!(
         after.starts_with("clean"),

@@ -318,51 +318,49 @@ mod tests {
         assert!(!program(ThreadKind::Vcpu).unwrap().is_empty());
     }
 
-    /// A thread under the vCPU filter that calls socket() dies, and takes the process with it:
-    /// run in a child process so the test harness survives.
-    #[test]
-    fn a_forbidden_call_kills_the_process() {
-        let prog = program(ThreadKind::Vcpu).unwrap();
-        // SAFETY: fork in a test; the child only installs the filter and makes raw syscalls.
+    /// Runs `body` in a forked child under `kind`'s filter (so a kill does not take the test
+    /// harness with it); returns the child's wait status. The child exits with `body`'s code,
+    /// or 3 when the filter cannot be installed.
+    fn in_filtered_child(kind: ThreadKind, body: fn() -> i32) -> i32 {
+        let prog = program(kind).unwrap();
+        // SAFETY: fork in a test; the child only installs the filter, makes raw system calls
+        // and leaves with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            if install(ThreadKind::Vcpu, &prog).is_err() {
-                // SAFETY: _exit in the forked child.
-                unsafe { libc::_exit(3) };
-            }
-            // SAFETY: a raw socket() call; the filter kills us before it returns.
-            unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+            let code = if install(kind, &prog).is_ok() {
+                body()
+            } else {
+                3
+            };
             // SAFETY: _exit in the forked child.
-            unsafe { libc::_exit(0) };
+            unsafe { libc::_exit(code) };
         }
         let mut status = 0;
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_the_process() {
+        let status = in_filtered_child(ThreadKind::Vcpu, || {
+            // SAFETY: a raw socket() call; the filter kills the process before it returns.
+            unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+            0
+        });
         assert!(libc::WIFSIGNALED(status), "status {status:#x}");
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
 
     #[test]
     fn allowed_calls_go_through() {
-        let prog = program(ThreadKind::Vcpu).unwrap();
-        // SAFETY: as above.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            if install(ThreadKind::Vcpu, &prog).is_err() {
-                // SAFETY: _exit in the forked child.
-                unsafe { libc::_exit(3) };
-            }
+        let status = in_filtered_child(ThreadKind::Vcpu, || {
             // An ioctl the filter allows, on a bad descriptor: EBADF, not death.
             // SAFETY: raw ioctl on fd -1.
             let r = unsafe { libc::syscall(libc::SYS_ioctl, -1, KVM_RUN, 0) };
-            // SAFETY: _exit in the forked child.
-            unsafe { libc::_exit(if r == -1 { 0 } else { 4 }) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            if r == -1 { 0 } else { 4 }
+        });
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "status {status:#x}"
