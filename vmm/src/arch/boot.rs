@@ -30,6 +30,8 @@ pub enum BootError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    #[error("the kernel loader thread panicked")]
+    LoaderPanicked,
 }
 
 fn write<T: ByteValued>(
