@@ -250,7 +250,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         let vm = create_vm(&kvm, &mem);
         let entry = loader
             .join()
-            .unwrap_or_else(|_| Err(boot::BootError::LoaderPanicked));
+            .unwrap_or(Err(boot::BootError::LoaderPanicked));
         (vm, entry)
     });
     let (vm, entry) = (vm?, entry?);
