@@ -73,41 +73,18 @@ impl DiskBackend for OverlayDisk {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // One read per run of clusters that come from the same file, not one per cluster.
-        let mut run_start = 0usize; // in buf
-        let mut run_len = 0usize;
-        let mut run_written = false;
+        let mut pieces = pieces(offset, buf.len() as u64)
+            .map(|(cluster, _, n)| (self.is_written(cluster), n as usize))
+            .peekable();
         let mut done = 0usize;
-        for (cluster, _, n) in pieces(offset, buf.len() as u64) {
-            let written = self.is_written(cluster);
-            if run_len > 0 && written != run_written {
-                let file = if run_written {
-                    &self.overlay
-                } else {
-                    &self.base
-                };
-                read_full_at(
-                    file,
-                    &mut buf[run_start..run_start + run_len],
-                    offset + run_start as u64,
-                )?;
-                run_start = done;
-                run_len = 0;
+        while let Some((written, n)) = pieces.next() {
+            let mut len = n;
+            while let Some((_, more)) = pieces.next_if(|&(w, _)| w == written) {
+                len += more;
             }
-            run_written = written;
-            run_len += n as usize;
-            done += n as usize;
-        }
-        if run_len > 0 {
-            let file = if run_written {
-                &self.overlay
-            } else {
-                &self.base
-            };
-            read_full_at(
-                file,
-                &mut buf[run_start..run_start + run_len],
-                offset + run_start as u64,
-            )?;
+            let file = if written { &self.overlay } else { &self.base };
+            read_full_at(file, &mut buf[done..done + len], offset + done as u64)?;
+            done += len;
         }
         Ok(())
     }
