@@ -226,11 +226,8 @@ fn sandbox_files(
         file(&cli.job, true),
         file(std::path::Path::new("/dev/kvm"), true),
     ];
-    if let Some(console) = cli.console.as_deref()
-        && console != "-"
-        && console != "none"
-    {
-        files.push(file(std::path::Path::new(console), true));
+    if let Some(console) = launcher::console_file(cli.console.as_deref()) {
+        files.push(file(console, true));
     }
     files
 }

@@ -107,46 +107,33 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Sandbo
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|&n| (n, vec![])).collect();
     // fcntl(fd, F_GETFD) only: the standard library checks a descriptor is still open when it
     // closes one (debug builds).
-    let err = |e: seccompiler::BackendError| SandboxError::Filter(kind, e.to_string());
     map.insert(
         libc::SYS_fcntl,
-        vec![
-            SeccompRule::new(vec![
-                SeccompCondition::new(
-                    1,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    libc::F_GETFD as u64,
-                )
-                .map_err(err)?,
-            ])
-            .map_err(err)?,
-        ],
+        second_arg_one_of(kind, &[libc::F_GETFD as u64])?,
     );
     match kind {
-        ThreadKind::Vmm => {
-            map.extend(VMM_ONLY.iter().map(|&n| (n, vec![])));
-        }
+        ThreadKind::Vmm => map.extend(VMM_ONLY.iter().map(|&n| (n, vec![]))),
         ThreadKind::Vcpu => {
-            let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE]
-                .into_iter()
-                .map(|request| {
-                    SeccompRule::new(vec![
-                        SeccompCondition::new(
-                            1,
-                            SeccompCmpArgLen::Dword,
-                            SeccompCmpOp::Eq,
-                            request,
-                        )
-                        .map_err(err)?,
-                    ])
-                    .map_err(err)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            map.insert(libc::SYS_ioctl, ioctls);
+            let requests = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE];
+            map.insert(libc::SYS_ioctl, second_arg_one_of(kind, &requests)?);
         }
     }
     Ok(map)
+}
+
+/// Rules allowing a call only when its second argument (an fcntl command, an ioctl request) is
+/// one of `values`.
+fn second_arg_one_of(kind: ThreadKind, values: &[u64]) -> Result<Vec<SeccompRule>, SandboxError> {
+    let err = |e: seccompiler::BackendError| SandboxError::Filter(kind, e.to_string());
+    values
+        .iter()
+        .map(|&value| {
+            let condition =
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+                    .map_err(err)?;
+            SeccompRule::new(vec![condition]).map_err(err)
+        })
+        .collect()
 }
 
 /// The compiled filter: anything not on the list kills the whole process (SIGSYS), which the
@@ -167,6 +154,32 @@ pub fn program(kind: ThreadKind) -> Result<BpfProgram, SandboxError> {
 /// Installs `program` on the calling thread (threads it creates later inherit it).
 pub fn install(kind: ThreadKind, program: &BpfProgram) -> Result<(), SandboxError> {
     seccompiler::apply_filter(program).map_err(|e| SandboxError::Install(kind, e.to_string()))
+}
+
+/// The compiled seccomp programs, one per thread kind.
+pub struct Filters {
+    pub vmm: BpfProgram,
+    pub vcpu: std::sync::Arc<BpfProgram>,
+}
+
+/// Confines the calling thread and the threads it starts afterwards: resource limits, then
+/// landlock (warning once where the kernel enforces it only in part or not at all). Returns the
+/// seccomp programs for each thread to install itself.
+pub fn confine_process(files: &[AllowedFile], limits: &Limits) -> Result<Filters, SandboxError> {
+    apply_limits(limits)?;
+    match restrict_files(files)? {
+        LandlockOutcome::Enforced => {}
+        LandlockOutcome::Partial => tracing::warn!(
+            "landlock: this kernel enforces only part of the file-access rules (older landlock ABI)"
+        ),
+        LandlockOutcome::Unsupported => tracing::warn!(
+            "landlock: this kernel has no landlock; the VMM's file access is limited by seccomp only (no open() after setup)"
+        ),
+    }
+    Ok(Filters {
+        vmm: program(ThreadKind::Vmm)?,
+        vcpu: std::sync::Arc::new(program(ThreadKind::Vcpu)?),
+    })
 }
 
 /// What a landlock ruleset did on this kernel.

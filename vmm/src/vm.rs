@@ -11,7 +11,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleSink, SerialDevice};
 use crate::devices::status::StatusPort;
 use crate::disk::DiskBackend;
-use crate::sandbox::{self, AllowedFile, LandlockOutcome, Limits, SandboxError, ThreadKind};
+use crate::sandbox::{self, AllowedFile, Limits, SandboxError, ThreadKind};
 use crate::vcpu::{StopReason, StopSignal, describe_internal_error, run_vcpu};
 use crate::virtio::Interrupt;
 use crate::virtio::block::{Block, DiskStats};
@@ -361,22 +361,10 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     // instruction. Limits and landlock here (inherited by the vCPU threads), each vCPU thread
     // installs its filter before its first KVM_RUN, this thread after starting them.
     let filters = match &sandbox_files {
-        Some(files) => {
-            sandbox::apply_limits(&Limits::for_vm(memory_mib << 20, largest_disk, console_cap))?;
-            match sandbox::restrict_files(files)? {
-                LandlockOutcome::Enforced => {}
-                LandlockOutcome::Partial => tracing::warn!(
-                    "landlock: this kernel enforces only part of the file-access rules (older landlock ABI)"
-                ),
-                LandlockOutcome::Unsupported => tracing::warn!(
-                    "landlock: this kernel has no landlock; the VMM's file access is limited by seccomp only (no open() after setup)"
-                ),
-            }
-            Some((
-                sandbox::program(ThreadKind::Vmm)?,
-                Arc::new(sandbox::program(ThreadKind::Vcpu)?),
-            ))
-        }
+        Some(files) => Some(sandbox::confine_process(
+            files,
+            &Limits::for_vm(memory_mib << 20, largest_disk, console_cap),
+        )?),
         None => {
             tracing::warn!(
                 "the sandbox is off (--no-sandbox): never run strangers' jobs like this"
@@ -390,7 +378,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     for (index, vcpu) in vcpu_fds.into_iter().enumerate() {
         let (pio, mmio, mem, stop) = (pio.clone(), mmio.clone(), mem.clone(), stop.clone());
         let first = (index == 0).then(|| first_run.clone());
-        let filter = filters.as_ref().map(|(_, vcpu_filter)| vcpu_filter.clone());
+        let filter = filters.as_ref().map(|f| f.vcpu.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -406,8 +394,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
                 .map_err(VmError::Event)?,
         );
     }
-    if let Some((vmm_filter, _)) = &filters {
-        sandbox::install(ThreadKind::Vmm, vmm_filter)?;
+    if let Some(filters) = &filters {
+        sandbox::install(ThreadKind::Vmm, &filters.vmm)?;
     }
 
     // The event loop.

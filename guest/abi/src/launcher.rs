@@ -163,12 +163,22 @@ pub fn stop_on_termination_signals(flag: &'static AtomicBool) {
 
 /// The console sink for `--console`: a file, `-` for stdout, `none`, or stderr when not given.
 pub fn open_console(spec: Option<&str>) -> std::io::Result<Box<dyn Write + Send>> {
+    if let Some(path) = console_file(spec) {
+        return Ok(Box::new(std::fs::File::create(path)?));
+    }
     Ok(match spec {
-        None => Box::new(std::io::stderr()),
         Some("-") => Box::new(std::io::stdout()),
         Some("none") => Box::new(std::io::sink()),
-        Some(path) => Box::new(std::fs::File::create(path)?),
+        _ => Box::new(std::io::stderr()),
     })
+}
+
+/// The file a `--console` spec names, if it names one (not stderr, `-` or `none`).
+pub fn console_file(spec: Option<&str>) -> Option<&std::path::Path> {
+    match spec {
+        None | Some("-") | Some("none") => None,
+        Some(path) => Some(std::path::Path::new(path)),
+    }
 }
 
 /// How long a boot (and shutdown) may take on top of the job's limit before the host stops the VM:
@@ -192,6 +202,13 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"hello");
         assert!(open_console(Some("/nonexistent/dir/x")).is_err());
+        assert_eq!(
+            console_file(Some(path.to_str().unwrap())),
+            Some(path.as_path())
+        );
+        for not_a_file in [None, Some("-"), Some("none")] {
+            assert_eq!(console_file(not_a_file), None);
+        }
         assert_eq!(boot_allowance(true), Duration::from_secs(600));
         assert_eq!(boot_allowance(false), Duration::from_secs(60));
     }
