@@ -114,23 +114,11 @@ pub fn recover(cfg: &RunnerConfig) -> std::io::Result<()> {
 fn base_record(cfg: &RunnerConfig, name: &str, attempts: u32) -> Record {
     Record {
         job: name.to_string(),
-        job_file: String::new(),
-        status: String::new(),
-        exit_code: None,
-        job_exit_status: None,
-        reason: String::new(),
-        image: None,
         backend: Some(cfg.backend.name().to_string()),
-        accel: None,
         host_kind: Some(cfg.host.as_str().to_string()),
         started_ms: now_ms(),
-        ended_ms: 0,
-        runner_ms: 0,
-        vm_ms: None,
-        console_log: None,
-        job_bytes: 0,
-        console_bytes: None,
         attempts,
+        ..Record::default()
     }
 }
 
