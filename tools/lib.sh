@@ -16,20 +16,69 @@ construir_die() {
     exit 1
 }
 
+# No script dies without saying why: under `set -e`, the command that failed, where, and its exit
+# status. Reported by the script's own shell only (errtrace carries the trap into functions; a
+# command substitution or subshell that fails is reported once, as the line that ran it), so a
+# `$(cmd) || true` stays quiet.
+set -o errtrace
+construir__on_err() {
+    [ "$BASH_SUBSHELL" = 0 ] || return 0
+    construir_log "error: '$2' failed with exit status $1 at $3:$4"
+}
+trap 'construir__on_err $? "$BASH_COMMAND" "${BASH_SOURCE[0]:-$0}" "$LINENO"' ERR
+
+# Cleanup and a final verdict, from one EXIT trap (a script that sets its own EXIT trap would
+# replace this one: add paths with construir_cleanup instead).
+construir__cleanup_paths=()
+construir__verdict_name=
+construir__verdict_start=$SECONDS
+construir__on_exit() {
+    local status=$?
+    trap - ERR
+    if [ ${#construir__cleanup_paths[@]} -gt 0 ]; then rm -rf -- "${construir__cleanup_paths[@]}" || true; fi
+    if [ -n "$construir__verdict_name" ]; then
+        if [ "$status" = 0 ]; then
+            printf '[construir %s] %s: PASSED in %d s\n' "$(date +%H:%M:%S)" "$construir__verdict_name" "$((SECONDS - construir__verdict_start))" >&2
+        else
+            printf '[construir %s] %s: FAILED (exit status %d) after %d s; the reason is above\n' "$(date +%H:%M:%S)" "$construir__verdict_name" "$status" "$((SECONDS - construir__verdict_start))" >&2
+        fi
+    fi
+    exit "$status"
+}
+trap construir__on_exit EXIT
+
+# construir_cleanup PATH...: removed when the script exits, however it exits.
+construir_cleanup() {
+    construir__cleanup_paths+=("$@")
+}
+
+# construir_verdict NAME: the script ends with one line, "NAME: PASSED in N s" or "NAME: FAILED …".
+construir_verdict() {
+    construir__verdict_name=$1
+    construir__verdict_start=$SECONDS
+}
+
+# Whether a Debian package is installed. (No `| grep -q` behind a writer: under pipefail, grep's
+# early exit can kill the writer with SIGPIPE and turn a match into a failure.)
+construir_installed() {
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
+}
+
 # Install the Debian packages that are missing (the project's own machines start without them).
 # QEMU comes from bookworm-backports when the installed qemu-utils is the backported one (the
 # machine image ships it), since bookworm's qemu-system-x86 7.2 conflicts with qemu-utils 10.
 construir_need_packages() {
     local missing=() pkg
     for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+        construir_installed "$pkg" || missing+=("$pkg")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     [ "$(id -u)" = 0 ] || construir_die "missing Debian packages: ${missing[*]} (run as root, or install them)"
     construir_log "installing Debian packages: ${missing[*]}"
     local want_backports=0
-    if printf '%s\n' "${missing[@]}" | grep -q '^qemu-system' \
-        && dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q 'bpo'; then
+    local qemu_utils_version
+    qemu_utils_version=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [[ " ${missing[*]}" == *" qemu-system"* ]] && [[ "$qemu_utils_version" == *bpo* ]]; then
         want_backports=1
         if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
             echo 'deb http://deb.debian.org/debian bookworm-backports main' \

@@ -5,6 +5,7 @@
 use crate::console::DEFAULT_CONSOLE_CAP;
 use crate::duration::parse_duration;
 use crate::host::{HostFacts, HostKind};
+use crate::jobfile::{DEFAULT_MAX_JOB_SIZE, JobFileError, open_job_file, parse_size};
 use crate::jobname::{JobNameError, parse_job_name};
 use crate::manifest::{Image, ManifestError, default_images_dir};
 use crate::outcome::EXIT_SETUP_ERROR;
@@ -57,6 +58,9 @@ pub struct JobArgs {
     /// Add this kernel command-line parameter (repeatable; for profiling, e.g. initcall_debug).
     #[arg(long = "kernel-arg", value_name = "PARAM")]
     pub kernel_args: Vec<String>,
+    /// The largest job file taken (its size is the job's disk): 64M, 8G, …
+    #[arg(long, default_value_t = DEFAULT_MAX_JOB_SIZE, value_parser = parse_size)]
+    pub max_job_size: u64,
 }
 
 /// Why the job's image could not be found.
@@ -86,6 +90,12 @@ impl JobArgs {
         };
         let dir = self.images_dir.clone().unwrap_or_else(default_images_dir);
         Ok(Image::load(&dir, &index)?)
+    }
+
+    /// Opens the job file: a regular file of its own, not followed through a symbolic link, at
+    /// most `--max-job-size` bytes (see [`crate::jobfile`]).
+    pub fn open_job(&self) -> Result<std::fs::File, JobFileError> {
+        open_job_file(&self.job, self.max_job_size)
     }
 
     /// The host kind: detected, or as `--host-kind` says.

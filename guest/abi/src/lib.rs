@@ -13,6 +13,8 @@ pub mod cmdline;
 pub mod console;
 pub mod duration;
 pub mod host;
+#[cfg(feature = "launcher")]
+pub mod jobfile;
 pub mod jobname;
 #[cfg(feature = "launcher")]
 pub mod launcher;
