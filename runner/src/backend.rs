@@ -33,6 +33,7 @@ impl Backend {
         images_dir: &Path,
         timeout: Duration,
         console_log: &Path,
+        max_job_size: u64,
     ) -> Command {
         let exe = match self {
             Backend::Vmm { exe } | Backend::Qemu { exe, .. } | Backend::Program { exe } => exe,
@@ -46,6 +47,8 @@ impl Backend {
             .arg(format!("{}s", timeout.as_secs().max(1)))
             .arg("--console")
             .arg(console_log)
+            .arg("--max-job-size")
+            .arg(max_job_size.to_string())
             .arg("--json");
         if let Backend::Qemu { accel, .. } = self {
             cmd.arg("--accel").arg(accel);
@@ -146,6 +149,7 @@ mod tests {
             Path::new("/img"),
             Duration::from_secs(90),
             Path::new("/l/a.log"),
+            1 << 20,
         );
         let args: Vec<String> = cmd
             .get_args()
@@ -162,6 +166,8 @@ mod tests {
                 "90s",
                 "--console",
                 "/l/a.log",
+                "--max-job-size",
+                "1048576",
                 "--json",
                 "--accel",
                 "tcg"

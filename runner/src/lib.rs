@@ -4,5 +4,7 @@
 
 pub mod backend;
 pub mod dirs;
+pub mod intake;
 pub mod record;
+pub mod run;
 pub mod runner;

@@ -19,7 +19,7 @@ use std::time::Duration;
 Write jobs elsewhere and rename them into queue/ (or copy them in: a file is taken once it is closed after writing)."
 )]
 struct Cli {
-    /// The runner's directory (queue/, running/, done/, failed/, logs/, state/ are made in it).
+    /// The runner's directory (queue/, running/, done/, failed/ are made in it).
     #[arg(long)]
     dir: PathBuf,
     /// Jobs run in parallel (default: what the host's cores and memory allow).
@@ -46,6 +46,9 @@ struct Cli {
     /// After SIGTERM/SIGINT, how long running jobs may go on before they are stopped and re-queued.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     grace: Duration,
+    /// The largest job file taken (it is the job's disk): 64M, 8G, …; bigger ones fail as too-big.
+    #[arg(long, default_value = "8G", value_parser = construir_abi::jobfile::parse_size)]
+    max_job_size: u64,
     /// A program with the launchers' command line to use as the backend (tests).
     #[arg(long, hide = true)]
     backend_program: Option<PathBuf>,
@@ -108,16 +111,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(file) => {
             let name = file
                 .file_name()
-                .and_then(|n| n.to_str())
                 .context("--once needs a file name")?
-                .to_string();
+                .to_os_string();
             let target = dirs.queue.join(&name);
-            if std::fs::rename(file, &target).is_err() {
+            // Never over a queued job of the same name.
+            if let Err(e) = dirs::rename_noreplace(file, &target) {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow::bail!(
+                        "{} is already queued: a job of that name is waiting",
+                        target.display()
+                    );
+                }
                 // Another file system: copy under a hidden name, then rename in.
-                let tmp = dirs.queue.join(format!(".{name}.partial"));
+                let tmp = dirs
+                    .queue
+                    .join(format!(".{}.partial", name.to_string_lossy()));
                 std::fs::copy(file, &tmp)
                     .with_context(|| format!("copy {} into the queue", file.display()))?;
-                std::fs::rename(&tmp, &target)?;
+                if let Err(e) = dirs::rename_noreplace(&tmp, &target) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e).with_context(|| format!("queue {}", target.display()));
+                }
                 std::fs::remove_file(file)?;
             }
             Some(name)
@@ -135,5 +149,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         grace: cli.grace,
         json: cli.json,
         once,
+        max_job_size: cli.max_job_size,
     })
 }

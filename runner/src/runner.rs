@@ -1,25 +1,28 @@
-//! The queue runner: recovery after a crash, the arrival-ordered queue fed by inotify
-//! (close-after-write and moved-in events only, so a file still being written is never taken),
-//! N workers each running one job in its own VM process, and a clean stop on SIGTERM/SIGINT.
+//! The queue runner: recovery after a crash, the intake of queue/ (where strangers' files arrive:
+//! one thread takes each entry once, into a run directory of its own), the arrival-ordered queue
+//! fed by inotify and a start-up scan, N workers each running one job in its own VM process
+//! (run.rs), and a clean stop on SIGTERM/SIGINT.
 
 use crate::backend::Backend;
-use crate::dirs::{QueueDirs, is_job_candidate, unique_name, write_atomic};
+use crate::dirs::{
+    QueueDirs, RECORD, Refusal, RunState, UNNAMED_JOB, is_job_candidate, is_run_id,
+    rename_noreplace,
+};
+use crate::intake::{Writers, display_name, job_name_of, refusal_for, settled, writers};
 use crate::record::Record;
+use crate::run::{base_record, finish, move_finished};
 use construir_abi::host::HostKind;
-use construir_abi::jobname::parse_job_name;
-use construir_abi::manifest::Image;
-use construir_abi::outcome::EXIT_INTERRUPTED;
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use crate::run::{apply_summary, backend_death, backend_summary};
 
 /// Set by SIGINT/SIGTERM.
 pub static STOP: AtomicBool = AtomicBool::new(false);
@@ -33,371 +36,306 @@ pub struct RunnerConfig {
     pub images_dir: PathBuf,
     /// A job whose runs the runner did not survive this many times is failed, not retried.
     pub max_attempts: u32,
-    /// How long running jobs may go on after SIGTERM before they are stopped and re-queued.
+    /// How long running jobs may go on after SIGTERM before they are stopped (and run again at
+    /// the next start).
     pub grace: Duration,
     pub json: bool,
-    /// Only this job, then exit.
-    pub once: Option<String>,
+    /// Only the job of this name, then exit.
+    pub once: Option<OsString>,
+    /// The largest job file taken, in bytes (it is the job's disk).
+    pub max_job_size: u64,
 }
 
 enum Msg {
-    Arrived(String),
+    Arrived(OsString),
     Finished,
 }
 
-fn now_ms() -> u64 {
+/// What is waiting for a free worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Work {
+    /// An entry of queue/.
+    New(OsString),
+    /// A run in running/ that did not end (the runner stopped during it).
+    Resume(String),
+}
+
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn rel(cfg: &RunnerConfig, path: &Path) -> String {
+pub fn rel(cfg: &RunnerConfig, path: &Path) -> String {
     path.strip_prefix(&cfg.dirs.root)
         .unwrap_or(path)
         .display()
         .to_string()
 }
 
-fn emit(cfg: &RunnerConfig, event: serde_json::Value) {
+pub fn emit(cfg: &RunnerConfig, event: serde_json::Value) {
     if cfg.json {
         println!("{event}");
     }
 }
 
-/// Brings the directory back to a consistent state after the runner died (even `kill -9`):
-/// every job in running/ goes back to queue/, or to failed/ once it has been started
-/// `max_attempts` times; a job in done/ or failed/ without a record gets one.
-pub fn recover(cfg: &RunnerConfig) -> std::io::Result<()> {
+/// What became of an entry of queue/ at intake.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    /// Moved into this run, ready to start.
+    Run(String),
+    /// Refused (and recorded in failed/), or gone.
+    Handled,
+    /// Someone is still writing it: look again later.
+    Later,
+}
+
+/// Takes one entry of queue/: unless someone is still writing it, moves it into a new run
+/// directory (never over anything), then checks what it is there, where nobody else can swap it.
+fn take(cfg: &RunnerConfig, name: &OsStr) -> Taken {
     let d = &cfg.dirs;
-    for name in d.jobs_in(&d.running)? {
-        let attempts = d.attempts(&name);
-        if attempts >= cfg.max_attempts {
-            tracing::warn!("{name}: the runner stopped during it {attempts} times: failing it");
-            let mut rec = base_record(cfg, &name, attempts);
-            rec.status = "crashed-runner".into();
-            rec.reason = format!(
-                "the runner stopped while this job ran, {attempts} times; not retried (it may crash the host)"
-            );
-            finish(cfg, &d.running.join(&name), rec, false);
-        } else {
-            tracing::info!(
-                "{name}: was running when the runner stopped; back to the queue (attempt {attempts} of {})",
-                cfg.max_attempts
-            );
-            std::fs::rename(d.running.join(&name), d.queue.join(&name))?;
+    let path = d.queue.join(name);
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return Taken::Handled; // gone: taken back by its owner, or a second event for it
+    };
+    if meta.file_type().is_file() {
+        match writers(&path) {
+            Writers::Some => return Taken::Later,
+            Writers::Unknown if !settled(&meta, SystemTime::now()) => return Taken::Later,
+            _ => {}
         }
     }
-    for dir in [&d.done, &d.failed] {
-        for name in d.jobs_in(dir)? {
-            if !dir.join(format!("{name}.json")).exists() {
-                let mut rec = base_record(cfg, &name, d.attempts(&name));
-                rec.job_file = rel(cfg, &dir.join(&name));
-                rec.status = if dir == &d.done {
-                    "success".into()
-                } else {
-                    "failed".into()
-                };
-                rec.reason =
-                    "the runner stopped after moving this job and before writing its record".into();
-                write_atomic(
-                    &dir.join(format!("{name}.json")),
-                    &serde_json::to_vec_pretty(&rec).unwrap_or_default(),
-                )?;
-                d.clear_attempts(&name);
+    let shown = display_name(name);
+    let file = job_name_of(name).unwrap_or_else(|_| UNNAMED_JOB.to_string());
+    let run_id = match d.new_run() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!("{shown}: cannot make a run directory ({e}); it stays queued");
+            return Taken::Later;
+        }
+    };
+    let mut state = RunState {
+        job: shown.clone(),
+        file,
+        attempts: 0,
+        taken_ms: now_ms(),
+        refused: None,
+    };
+    let dir = d.run_dir(&run_id);
+    let moved = d
+        .write_state(&run_id, &state)
+        .and_then(|()| rename_noreplace(&path, &dir.join(&state.file)));
+    if let Err(e) = moved {
+        let _ = std::fs::remove_dir_all(&dir);
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::error!("{shown}: cannot take it from the queue ({e}); it stays there");
+        }
+        return Taken::Handled;
+    }
+    // Checked where it now is: a private directory, so what is checked is what runs.
+    let refusal = match std::fs::symlink_metadata(dir.join(&state.file)) {
+        Ok(meta) => refusal_for(name, &meta, cfg.max_job_size),
+        Err(e) => Some(Refusal {
+            status: "not-a-job".into(),
+            reason: format!("cannot look at it: {e}"),
+        }),
+    };
+    let Some(refusal) = refusal else {
+        return Taken::Run(run_id);
+    };
+    tracing::warn!("{shown}: {} ({})", refusal.status, refusal.reason);
+    state.refused = Some(refusal);
+    if let Err(e) = d.write_state(&run_id, &state) {
+        tracing::error!("{run_id}: cannot record the refusal ({e})");
+    }
+    fail_refused(cfg, &run_id, &state);
+    Taken::Handled
+}
+
+/// Records a refused job and moves its run to failed/.
+fn fail_refused(cfg: &RunnerConfig, run_id: &str, state: &RunState) {
+    let mut rec = base_record(cfg, run_id, state);
+    if let Some(r) = &state.refused {
+        rec.status = r.status.clone();
+        rec.reason = r.reason.clone();
+    }
+    finish(cfg, run_id, state, rec, false);
+}
+
+/// Brings the directory back to a consistent state after the runner died (even `kill -9`), and
+/// returns the runs to start again, oldest first. Each entry of running/ is handled on its own, and
+/// none can stop the runner from starting:
+/// - a run with its record is moved to where its record says;
+/// - a run the runner did not survive `max_attempts` times is failed (`crashed-runner`);
+/// - any other run is started again; a job file left in running/ by an earlier release gets a
+///   run of its own; anything else is left where it is, with a warning.
+pub fn recover(cfg: &RunnerConfig) -> Vec<String> {
+    let d = &cfg.dirs;
+    let mut resume = Vec::new();
+    let entries = match d.entries_in(&d.running) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("cannot read {}: {e}", d.running.display());
+            return resume;
+        }
+    };
+    for entry in entries {
+        let shown = display_name(&entry);
+        let path = d.running.join(&entry);
+        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        match entry.to_str() {
+            Some(id) if is_dir && is_run_id(id) => {
+                if let Some(id) = recover_run(cfg, id) {
+                    resume.push(id);
+                }
+            }
+            _ if !is_dir && job_name_of(&entry).is_ok() => {
+                // running/NAME of an earlier release: give it a run directory.
+                match adopt_legacy(cfg, &entry) {
+                    Ok(id) => {
+                        tracing::info!("{shown}: an earlier release's running job; now run {id}");
+                        resume.push(id);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{shown} in running/: cannot adopt it ({e}); left there")
+                    }
+                }
+            }
+            _ => {
+                tracing::warn!("{shown} in running/ is not a run the runner made; left where it is")
             }
         }
     }
-    Ok(())
+    resume
 }
 
-fn base_record(cfg: &RunnerConfig, name: &str, attempts: u32) -> Record {
-    Record {
-        job: name.to_string(),
-        backend: Some(cfg.backend.name().to_string()),
-        host_kind: Some(cfg.host.as_str().to_string()),
-        started_ms: now_ms(),
-        attempts,
-        ..Record::default()
-    }
-}
-
-/// Moves the job to done/ (success) or failed/, then writes its record next to it.
-fn finish(cfg: &RunnerConfig, from: &Path, mut rec: Record, success: bool) {
+/// One run directory found in running/ at start: `Some(id)` to start it again.
+fn recover_run(cfg: &RunnerConfig, id: &str) -> Option<String> {
     let d = &cfg.dirs;
-    let dir = if success { &d.done } else { &d.failed };
-    let name = unique_name(dir, &rec.job);
-    let dest = dir.join(&name);
-    rec.job_bytes = std::fs::metadata(from).map(|m| m.len()).unwrap_or(0);
-    if let Err(e) = std::fs::rename(from, &dest) {
-        tracing::error!(
-            "cannot move {} to {}: {e}; it stays where it is",
-            from.display(),
-            dest.display()
+    let dir = d.run_dir(id);
+    if let Ok(text) = std::fs::read(dir.join(RECORD)) {
+        let success = serde_json::from_slice::<Record>(&text).is_ok_and(|r| r.status == "success");
+        tracing::info!("run {id} had ended; moving it with its record");
+        move_finished(cfg, id, success);
+        return None;
+    }
+    let state = match d.read_state(id) {
+        Ok(s) => s,
+        Err(_) => {
+            // Made, but the runner died before the job was moved in: nothing to keep.
+            if std::fs::remove_dir(&dir).is_err() {
+                tracing::warn!("run {id} has no readable state; left in running/");
+            }
+            return None;
+        }
+    };
+    if std::fs::symlink_metadata(dir.join(&state.file)).is_err() {
+        tracing::info!("run {id}: its job never arrived; removing the empty run");
+        let _ = std::fs::remove_dir_all(&dir);
+        return None;
+    }
+    if state.refused.is_some() {
+        fail_refused(cfg, id, &state);
+        return None;
+    }
+    if state.attempts >= cfg.max_attempts {
+        tracing::warn!(
+            "{} (run {id}): the runner stopped during it {} times: failing it",
+            state.job,
+            state.attempts
         );
-        return;
-    }
-    rec.job_file = rel(cfg, &dest);
-    rec.ended_ms = now_ms();
-    rec.runner_ms = rec.ended_ms.saturating_sub(rec.started_ms);
-    let record_path = dir.join(format!("{name}.json"));
-    if let Err(e) = write_atomic(
-        &record_path,
-        &serde_json::to_vec_pretty(&rec).unwrap_or_default(),
-    ) {
-        tracing::error!("cannot write {}: {e}", record_path.display());
-    }
-    d.clear_attempts(&rec.job);
-    eprintln!(
-        "construir-runner: finished {}: {} ({}) in {:.1} s -> {}",
-        rec.job,
-        rec.status,
-        rec.reason,
-        rec.runner_ms as f64 / 1000.0,
-        rec.job_file
-    );
-    emit(cfg, serde_json::json!({"event": "finished", "record": rec}));
-}
-
-/// Runs one job from the queue to done/ or failed/ (or back to the queue if the runner stops).
-fn handle(cfg: &RunnerConfig, name: &str, children: &Mutex<HashMap<String, u32>>) {
-    let d = &cfg.dirs;
-    let attempts = d.attempts(name) + 1;
-    if let Err(e) = d.set_attempts(name, attempts) {
-        tracing::error!("{name}: cannot record the attempt ({e}); leaving it queued");
-        return;
-    }
-    let running = d.running.join(name);
-    if let Err(e) = std::fs::rename(d.queue.join(name), &running) {
-        // Gone (taken back by its owner, or a duplicate event): nothing to do.
-        tracing::debug!("{name}: not in the queue any more ({e})");
-        let _ = d.set_attempts(name, attempts - 1);
-        return;
-    }
-    let mut rec = base_record(cfg, name, attempts);
-    let job_name = match parse_job_name(name) {
-        Ok(j) => j,
-        Err(e) => {
-            rec.status = "bad-name".into();
-            rec.reason = e.to_string();
-            return finish(cfg, &running, rec, false);
-        }
-    };
-    rec.image = Some(job_name.image.clone());
-    if let Err(e) = Image::load(&cfg.images_dir, &job_name.image) {
-        rec.status = "unknown-image".into();
-        rec.reason = e.to_string();
-        return finish(cfg, &running, rec, false);
-    }
-    let console = d.logs.join(format!("{name}.log"));
-    let backend_log = d.logs.join(format!("{name}.backend.log"));
-    rec.console_log = Some(rel(cfg, &console));
-    eprintln!(
-        "construir-runner: started {name} (backend {}, image {}, attempt {attempts})",
-        cfg.backend.name(),
-        job_name.image
-    );
-    emit(
-        cfg,
-        serde_json::json!({"event": "started", "job": name, "backend": cfg.backend.name(), "image": job_name.image}),
-    );
-    let mut cmd = cfg
-        .backend
-        .command(&running, &cfg.images_dir, cfg.timeout, &console);
-    let stderr = match std::fs::File::create(&backend_log) {
-        Ok(f) => Stdio::from(f),
-        Err(_) => Stdio::null(),
-    };
-    let vm_start = Instant::now();
-    // The VM process dies with this worker (even if the runner is killed with SIGKILL), so no VM
-    // keeps writing into a job the restarted runner has put back in the queue.
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            rec.status = "backend-failed".into();
-            rec.reason = format!("cannot start the {} backend: {e}", cfg.backend.name());
-            return finish(cfg, &running, rec, false);
-        }
-    };
-    children
-        .lock()
-        .expect("children lock")
-        .insert(name.to_string(), child.id());
-    let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = (&mut stdout).take(1 << 20).read_to_end(&mut out);
-        out
-    });
-    let limit = cfg.backend.hard_limit(cfg.timeout, cfg.host);
-    let mut killed = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) => {}
-            Err(_) => break None,
-        }
-        if vm_start.elapsed() > limit {
-            killed = true;
-            let _ = child.kill();
-            break child.wait().ok();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    children.lock().expect("children lock").remove(name);
-    rec.vm_ms = Some(vm_start.elapsed().as_millis() as u64);
-    let out = reader.join().unwrap_or_default();
-    let summary = backend_summary(&out);
-    rec.exit_code = status.and_then(|s| s.code());
-    if killed {
-        rec.status = "timed-out".into();
+        let mut rec = base_record(cfg, id, &state);
+        rec.status = "crashed-runner".into();
         rec.reason = format!(
-            "the {} backend did not end within {} s; the runner killed it",
-            cfg.backend.name(),
-            limit.as_secs()
+            "the runner stopped while this job ran, {} times; not retried (it may crash the host)",
+            state.attempts
         );
-        return finish(cfg, &running, rec, false);
+        finish(cfg, id, &state, rec, false);
+        return None;
     }
-    if rec.exit_code == Some(i32::from(EXIT_INTERRUPTED)) && STOP.load(Ordering::SeqCst) {
-        // Stopped by our own shutdown: back to the queue, and this start does not count.
-        tracing::info!("{name}: stopped by the runner's shutdown; back to the queue");
-        let _ = std::fs::rename(&running, d.queue.join(name));
-        let _ = d.set_attempts(name, attempts - 1);
-        return;
-    }
-    match summary {
-        Some(s) => apply_summary(&mut rec, &s),
-        None => {
-            let (status_name, why) = backend_death(status.and_then(|s| s.signal()));
-            rec.status = status_name.into();
-            rec.reason = format!(
-                "the {} backend ended ({}) without a summary{why}; see {}",
-                cfg.backend.name(),
-                match status {
-                    Some(s) => s.to_string(),
-                    None => "unknown status".into(),
-                },
-                rel(cfg, &backend_log)
-            );
-        }
-    }
-    let success = rec.status == "success";
-    finish(cfg, &running, rec, success);
+    tracing::info!(
+        "{} (run {id}): was running when the runner stopped; it starts again (attempt {} of {})",
+        state.job,
+        state.attempts + 1,
+        cfg.max_attempts
+    );
+    Some(id.to_string())
 }
 
-/// The backend's one-line JSON summary: the last line of its standard output that is a JSON
-/// object with a `status`. Whatever else the output holds is ignored.
-pub fn backend_summary(out: &[u8]) -> Option<serde_json::Value> {
-    String::from_utf8_lossy(out).lines().rev().find_map(|l| {
-        serde_json::from_str::<serde_json::Value>(l)
-            .ok()
-            .filter(|v| v.is_object() && v.get("status").is_some())
-    })
-}
-
-/// The statuses a backend's summary may give (construir_abi::outcome); anything else is recorded
-/// as `backend-failed`.
-const BACKEND_STATUSES: &[&str] = &[
-    "success",
-    "failed",
-    "invalid-job",
-    "timed-out",
-    "guest-failed",
-    "interrupted",
-];
-
-/// Longest text taken from a summary into a record.
-const SUMMARY_TEXT_MAX: usize = 1000;
-
-/// Fills the record from a backend's summary, taking only what has the expected shape.
-pub fn apply_summary(rec: &mut Record, s: &serde_json::Value) {
-    let text = |k: &str| {
-        s.get(k).and_then(|v| v.as_str()).map(|t| {
-            let mut end = t.len().min(SUMMARY_TEXT_MAX);
-            while !t.is_char_boundary(end) {
-                end -= 1;
-            }
-            t[..end].to_string()
-        })
+/// Moves `running/NAME` (the layout before run directories) into a run of its own, keeping its
+/// start count from `state/NAME.attempts`.
+fn adopt_legacy(cfg: &RunnerConfig, name: &OsStr) -> std::io::Result<String> {
+    let d = &cfg.dirs;
+    let file = job_name_of(name).map_err(std::io::Error::other)?;
+    let legacy_count = d.root.join("state").join(format!("{file}.attempts"));
+    let attempts = std::fs::read_to_string(&legacy_count)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let id = d.new_run()?;
+    let state = RunState {
+        job: file.clone(),
+        file: file.clone(),
+        attempts,
+        taken_ms: now_ms(),
+        refused: None,
     };
-    rec.status = text("status")
-        .filter(|st| BACKEND_STATUSES.contains(&st.as_str()))
-        .unwrap_or_else(|| "backend-failed".into());
-    rec.reason = text("reason").unwrap_or_default();
-    rec.job_exit_status = s
-        .get("job_exit_status")
-        .and_then(|v| v.as_u64())
-        .and_then(|v| u16::try_from(v).ok());
-    rec.accel = text("accel");
-    rec.host_kind = text("host_kind").or(rec.host_kind.take());
-    rec.backend = text("backend").or(rec.backend.take());
-    rec.console_bytes = s.get("console_bytes").and_then(|v| v.as_u64());
-}
-
-/// How a backend that ended without a summary is recorded. Killed by a signal, the VMM process
-/// itself failed (`vmm-fault`): its seccomp filter (SIGSYS: a system call outside its allow-list,
-/// a VMM bug or an escape attempt), its file-size limit (SIGXFSZ), a crash, or the OOM killer.
-pub fn backend_death(signal: Option<i32>) -> (&'static str, &'static str) {
-    match signal {
-        Some(libc::SIGSYS) => (
-            "vmm-fault",
-            ": killed by its seccomp filter (a system call outside its allow-list)",
-        ),
-        Some(libc::SIGXFSZ) => ("vmm-fault", ": it hit its file-size limit"),
-        Some(libc::SIGSEGV | libc::SIGBUS | libc::SIGABRT | libc::SIGILL) => {
-            ("vmm-fault", ": it crashed")
-        }
-        Some(libc::SIGKILL) => ("vmm-fault", ": killed (out of memory, or by hand)"),
-        Some(_) => ("vmm-fault", ": killed by a signal"),
-        None => ("backend-failed", ""),
+    d.write_state(&id, &state)?;
+    if let Err(e) = rename_noreplace(&d.running.join(name), &d.run_dir(&id).join(&file)) {
+        let _ = std::fs::remove_dir_all(d.run_dir(&id));
+        return Err(e);
     }
+    let _ = std::fs::remove_file(legacy_count);
+    Ok(id)
 }
 
 /// Runs the queue until stopped (or, with `once`, until that job is done).
 pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    recover(&cfg)?;
+    let resumed = recover(&cfg);
     let (tx, rx) = mpsc::channel::<Msg>();
     let watch_tx = tx.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
-        // Only a file closed after writing, or renamed into the queue, is complete.
+        // A file closed after writing, or renamed into the queue, may be complete (intake checks
+        // that nobody still writes it).
         let complete = matches!(
             event.kind,
             EventKind::Access(AccessKind::Close(AccessMode::Write))
                 | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+                | EventKind::Create(_)
         );
         if complete
             && let Some(path) = event.paths.last()
-            && let Some(name) = path.file_name().and_then(|n| n.to_str())
+            && let Some(name) = path.file_name()
         {
-            let _ = watch_tx.send(Msg::Arrived(name.to_string()));
+            let _ = watch_tx.send(Msg::Arrived(name.to_os_string()));
         }
     })?;
     watcher.watch(&cfg.dirs.queue, RecursiveMode::NonRecursive)?;
 
-    let mut pending: VecDeque<String> = VecDeque::new();
-    let mut queued: HashSet<String> = HashSet::new();
-    for name in cfg.dirs.jobs_in(&cfg.dirs.queue)? {
-        if cfg.once.as_deref().is_none_or(|o| o == name) && queued.insert(name.clone()) {
-            pending.push_back(name);
+    let wanted = |name: &OsStr| cfg.once.as_deref().is_none_or(|o| o == name);
+    let mut pending: VecDeque<Work> = VecDeque::new();
+    let mut queued: HashSet<OsString> = HashSet::new();
+    if cfg.once.is_none() {
+        pending.extend(resumed.into_iter().map(Work::Resume));
+    } else if !resumed.is_empty() {
+        eprintln!(
+            "construir-runner: {} unfinished run(s) in running/ start again at the next start without --once",
+            resumed.len()
+        );
+    }
+    for name in cfg.dirs.entries_in(&cfg.dirs.queue)? {
+        if wanted(&name) && queued.insert(name.clone()) {
+            pending.push_back(Work::New(name));
         }
     }
     let children: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let mut later: Vec<OsString> = Vec::new();
+    let mut looked_again = Instant::now();
     let mut active = 0usize;
+    let mut once_done = false;
     let mut stop_at: Option<Instant> = None;
     let mut signalled = false;
     loop {
@@ -408,15 +346,42 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
                 cfg.grace.as_secs()
             );
         }
+        if !later.is_empty() && looked_again.elapsed() > Duration::from_secs(1) {
+            looked_again = Instant::now();
+            for name in later.drain(..) {
+                if queued.insert(name.clone()) {
+                    pending.push_front(Work::New(name));
+                }
+            }
+        }
         while stop_at.is_none() && active < cfg.jobs {
-            let Some(name) = pending.pop_front() else {
+            let Some(work) = pending.pop_front() else {
                 break;
             };
-            queued.remove(&name);
+            let run_id = match work {
+                Work::Resume(id) => id,
+                Work::New(name) => {
+                    queued.remove(&name);
+                    match take(&cfg, &name) {
+                        Taken::Run(id) => id,
+                        Taken::Later => {
+                            later.push(name);
+                            continue;
+                        }
+                        Taken::Handled => {
+                            once_done |= cfg.once.is_some() && !cfg.dirs.queue.join(&name).exists();
+                            continue;
+                        }
+                    }
+                }
+            };
+            if cfg.once.is_some() {
+                once_done = true;
+            }
             active += 1;
             let (cfg, tx, children) = (cfg.clone(), tx.clone(), children.clone());
             std::thread::spawn(move || {
-                handle(&cfg, &name, &children);
+                crate::run::run(&cfg, &run_id, &children);
                 let _ = tx.send(Msg::Finished);
             });
         }
@@ -426,27 +391,22 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
             }
             if at.elapsed() > cfg.grace && !signalled {
                 signalled = true;
-                for (name, pid) in children.lock().expect("children lock").iter() {
+                for (run_id, pid) in children.lock().expect("children lock").iter() {
                     eprintln!(
-                        "construir-runner: grace period over: stopping {name}; it goes back to the queue"
+                        "construir-runner: grace period over: stopping run {run_id}; it runs again at the next start"
                     );
                     // SAFETY: signalling our own child process.
                     unsafe { libc::kill(*pid as libc::pid_t, libc::SIGTERM) };
                 }
             }
         }
-        if cfg.once.is_some() && pending.is_empty() && active == 0 {
+        if once_done && pending.is_empty() && later.is_empty() && active == 0 {
             break;
         }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(Msg::Arrived(name)) => {
-                let wanted = cfg.once.as_deref().is_none_or(|o| o == name);
-                if wanted
-                    && is_job_candidate(&name)
-                    && cfg.dirs.queue.join(&name).is_file()
-                    && queued.insert(name.clone())
-                {
-                    pending.push_back(name);
+                if wanted(&name) && is_job_candidate(&name) && queued.insert(name.clone()) {
+                    pending.push_back(Work::New(name));
                 }
             }
             Ok(Msg::Finished) => active -= 1,
@@ -458,114 +418,5 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summaries_are_taken_only_in_the_expected_shape() {
-        let mut rec = Record::default();
-        let out = b"noise\n{\"status\":\"success\",\"reason\":\"job succeeded\",\"job_exit_status\":0}\nnot json {\n";
-        apply_summary(&mut rec, &backend_summary(out).unwrap());
-        assert_eq!(
-            (rec.status.as_str(), rec.job_exit_status),
-            ("success", Some(0))
-        );
-        let hostile = serde_json::json!({"status": "pwned", "reason": "x".repeat(100_000), "job_exit_status": 70000});
-        apply_summary(&mut rec, &hostile);
-        assert_eq!(rec.status, "backend-failed");
-        assert_eq!(rec.reason.len(), SUMMARY_TEXT_MAX);
-        assert_eq!(rec.job_exit_status, None);
-        assert!(backend_summary(b"[1,2]\n\"status\"\n").is_none());
-    }
-
-    #[test]
-    fn a_killed_vmm_is_a_vmm_fault() {
-        let (status, why) = backend_death(Some(libc::SIGSYS));
-        assert_eq!(status, "vmm-fault");
-        assert!(why.contains("seccomp"));
-        assert_eq!(backend_death(Some(libc::SIGXFSZ)).0, "vmm-fault");
-        assert_eq!(backend_death(Some(libc::SIGSEGV)).0, "vmm-fault");
-        assert_eq!(backend_death(None).0, "backend-failed");
-    }
-
-    fn config(root: &Path) -> RunnerConfig {
-        RunnerConfig {
-            dirs: QueueDirs::create(root).unwrap(),
-            jobs: 1,
-            backend: Backend::Program {
-                exe: "/bin/false".into(),
-            },
-            host: HostKind::NoKvm,
-            timeout: Duration::from_secs(10),
-            images_dir: root.join("images"),
-            max_attempts: 3,
-            grace: Duration::from_secs(1),
-            json: false,
-            once: None,
-        }
-    }
-
-    #[test]
-    fn recovery_requeues_then_fails_a_job_that_keeps_killing_the_runner() {
-        let d = tempfile::tempdir().unwrap();
-        let cfg = config(d.path());
-        std::fs::write(cfg.dirs.running.join("a_t0.tar.xz"), b"job a").unwrap();
-        cfg.dirs.set_attempts("a_t0.tar.xz", 1).unwrap();
-        std::fs::write(cfg.dirs.running.join("b_t0.tar.xz"), b"job b").unwrap();
-        cfg.dirs.set_attempts("b_t0.tar.xz", 3).unwrap();
-        // Moved to done/ but no record yet.
-        std::fs::write(cfg.dirs.done.join("c_t0.tar.xz"), b"job c").unwrap();
-        recover(&cfg).unwrap();
-        assert_eq!(
-            std::fs::read(cfg.dirs.queue.join("a_t0.tar.xz")).unwrap(),
-            b"job a"
-        );
-        assert_eq!(
-            cfg.dirs.attempts("a_t0.tar.xz"),
-            1,
-            "the count survives the requeue"
-        );
-        assert_eq!(
-            std::fs::read(cfg.dirs.failed.join("b_t0.tar.xz")).unwrap(),
-            b"job b"
-        );
-        let rec: Record = serde_json::from_slice(
-            &std::fs::read(cfg.dirs.failed.join("b_t0.tar.xz.json")).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(rec.status, "crashed-runner");
-        assert_eq!(rec.attempts, 3);
-        let rec: Record =
-            serde_json::from_slice(&std::fs::read(cfg.dirs.done.join("c_t0.tar.xz.json")).unwrap())
-                .unwrap();
-        assert!(rec.reason.contains("before writing its record"));
-        assert_eq!(std::fs::read_dir(&cfg.dirs.running).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn bad_names_and_unknown_images_fail_without_a_vm() {
-        let d = tempfile::tempdir().unwrap();
-        let cfg = config(d.path());
-        std::fs::create_dir_all(&cfg.images_dir).unwrap();
-        let children = Mutex::new(HashMap::new());
-        for (name, status) in [
-            ("no-index.tar.xz", "bad-name"),
-            ("x_i9.tar.xz", "unknown-image"),
-        ] {
-            std::fs::write(cfg.dirs.queue.join(name), b"data").unwrap();
-            handle(&cfg, name, &children);
-            let rec: Record = serde_json::from_slice(
-                &std::fs::read(cfg.dirs.failed.join(format!("{name}.json"))).unwrap(),
-            )
-            .unwrap();
-            assert_eq!(rec.status, status);
-            assert!(!rec.reason.is_empty());
-            assert_eq!(
-                std::fs::read(cfg.dirs.failed.join(name)).unwrap(),
-                b"data",
-                "the job file is kept"
-            );
-            assert_eq!(cfg.dirs.attempts(name), 0);
-        }
-    }
-}
+#[path = "runner_tests.rs"]
+mod tests;
