@@ -37,6 +37,10 @@ construir__on_exit() {
     trap - ERR
     if [ ${#construir__cleanup_paths[@]} -gt 0 ]; then rm -rf -- "${construir__cleanup_paths[@]}" || true; fi
     if [ -n "$construir__verdict_name" ]; then
+        if [ ${#construir__phases[@]} -gt 0 ]; then
+            construir_log "phase times:"
+            printf '    %s\n' "${construir__phases[@]}" >&2
+        fi
         if [ "$status" = 0 ]; then
             printf '[construir %s] %s: PASSED in %d s\n' "$(date +%H:%M:%S)" "$construir__verdict_name" "$((SECONDS - construir__verdict_start))" >&2
         else
@@ -46,6 +50,17 @@ construir__on_exit() {
     exit "$status"
 }
 trap construir__on_exit EXIT
+
+# construir_phase NAME COMMAND...: runs COMMAND as one timed phase of the script; the verdict
+# line is preceded by every phase's time.
+construir__phases=()
+construir_phase() {
+    local name=$1 start=$SECONDS
+    shift
+    construir_log "phase: $name"
+    "$@"
+    construir__phases+=("$(printf '%5d s  %s' "$((SECONDS - start))" "$name")")
+}
 
 # construir_cleanup PATH...: removed when the script exits, however it exits.
 construir_cleanup() {

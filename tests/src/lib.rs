@@ -340,3 +340,41 @@ mod tests {
         );
     }
 }
+
+/// A runner's finished runs: every run directory of `farm/sub` (done or failed) whose record
+/// names `job`, with its record.
+pub fn runs_of(farm: &Path, sub: &str, job: &str) -> Vec<(PathBuf, serde_json::Value)> {
+    let mut runs = Vec::new();
+    for entry in std::fs::read_dir(farm.join(sub))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(bytes) = std::fs::read(entry.path().join("record.json")) else {
+            continue;
+        };
+        let rec: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        if rec["job"] == job {
+            runs.push((entry.path(), rec));
+        }
+    }
+    runs.sort_by(|a, b| a.0.cmp(&b.0));
+    runs
+}
+
+/// The one finished run of `job` in `farm/sub`, if there is one (panics if there are several).
+pub fn run_of(farm: &Path, sub: &str, job: &str) -> Option<(PathBuf, serde_json::Value)> {
+    let mut runs = runs_of(farm, sub, job);
+    assert!(runs.len() <= 1, "{job}: {} runs in {sub}/", runs.len());
+    runs.pop()
+}
+
+/// The run directory in `farm/running` that holds `job`, if any.
+pub fn running_run(farm: &Path, job: &str) -> Option<PathBuf> {
+    std::fs::read_dir(farm.join("running"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join(job).exists())
+}

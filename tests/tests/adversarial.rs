@@ -46,16 +46,21 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
 
 fn record(dir: &Path, name: &str) -> (String, serde_json::Value) {
     for sub in ["done", "failed"] {
-        let p = dir.join(sub).join(format!("{name}.json"));
-        if let Ok(bytes) = std::fs::read(&p) {
-            return (sub.to_string(), serde_json::from_slice(&bytes).unwrap());
+        if let Some((_, rec)) = run_of(dir, sub, name) {
+            return (sub.to_string(), rec);
         }
     }
     panic!("no record for {name}");
 }
 
+/// The job file of `name`'s run in `sub`, as the job left it.
+fn job_file(dir: &Path, sub: &str, name: &str) -> PathBuf {
+    let (run, _) = run_of(dir, sub, name).unwrap_or_else(|| panic!("no run of {name} in {sub}/"));
+    run.join(name)
+}
+
 fn output_file(dir: &Path, sub: &str, name: &str, file: &str) -> Option<String> {
-    let disk = std::fs::read(dir.join(sub).join(name)).unwrap();
+    let disk = std::fs::read(job_file(dir, sub, name)).unwrap();
     archive::read_file(&disk[..], file, 1 << 20)
         .ok()
         .flatten()
@@ -119,7 +124,7 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         .unwrap();
     let mut runner = scopeguard(runner);
     let start = Instant::now();
-    while !dir.join("state").is_dir() {
+    while !dir.join("failed").is_dir() {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "the runner did not start"
@@ -133,10 +138,9 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         dropped.insert(*name, bytes);
     }
     let all_recorded = |names: &[&str]| {
-        names.iter().all(|n| {
-            dir.join("done").join(format!("{n}.json")).exists()
-                || dir.join("failed").join(format!("{n}.json")).exists()
-        })
+        names
+            .iter()
+            .all(|n| run_of(dir, "done", n).is_some() || run_of(dir, "failed", n).is_some())
     };
     let names: Vec<&str> = jobs.iter().map(|(n, _)| *n).collect();
     let deadline = Duration::from_secs(30 * 60);
@@ -177,7 +181,7 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
     expect("forkbomb_t0.tar.xz", "failed", "timed-out");
 
     expect("fill_t0.tar.xz", "done", "success");
-    let filled = std::fs::read(dir.join("done/fill_t0.tar.xz")).unwrap();
+    let filled = std::fs::read(job_file(dir, "done", "fill_t0.tar.xz")).unwrap();
     assert_eq!(filled.len(), JOB_BYTES, "the job file changed size");
     assert!(
         filled.iter().all(|&b| b == 0),
@@ -187,7 +191,7 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
     let rec = expect("pastend_t0.tar.xz", "failed", "failed");
     assert_eq!(rec["job_exit_status"].as_u64(), Some(9), "{rec}");
     assert_eq!(
-        std::fs::metadata(dir.join("failed/pastend_t0.tar.xz"))
+        std::fs::metadata(job_file(dir, "failed", "pastend_t0.tar.xz"))
             .unwrap()
             .len(),
         JOB_BYTES as u64
@@ -209,13 +213,14 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
 
     expect("silent_t0.tar.xz", "done", "success");
     assert!(
-        std::fs::read(dir.join("done/silent_t0.tar.xz")).unwrap() == dropped["silent_t0.tar.xz"]
+        std::fs::read(job_file(dir, "done", "silent_t0.tar.xz")).unwrap()
+            == dropped["silent_t0.tar.xz"]
     );
 
     expect("garbage_t0.tar.xz", "done", "success");
     // Reading such output is a clear error, not a crash.
     let read = Command::new(binary("construir-result"))
-        .arg(dir.join("done/garbage_t0.tar.xz"))
+        .arg(job_file(dir, "done", "garbage_t0.tar.xz"))
         .output()
         .unwrap();
     let shown = String::from_utf8_lossy(&read.stdout);
@@ -267,7 +272,7 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     top.sort();
-    assert_eq!(top, ["done", "failed", "logs", "queue", "running", "state"]);
+    assert_eq!(top, ["done", "failed", "queue", "running"]);
     assert_eq!(
         std::fs::read_to_string(secret_dir.path().join("secret.txt")).unwrap(),
         secret

@@ -36,7 +36,7 @@ impl Runner {
         wait_for(
             "the runner's queue directory",
             Duration::from_secs(20),
-            || dir.join("state").is_dir(),
+            || dir.join("failed").is_dir(),
         );
         std::thread::sleep(Duration::from_millis(300));
         Runner {
@@ -64,11 +64,12 @@ impl Runner {
     }
 
     fn record(&self, sub: &str, name: &str) -> serde_json::Value {
-        let path = self.dir.join(sub).join(format!("{name}.json"));
-        serde_json::from_slice(
-            &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        )
-        .unwrap()
+        self.run(sub, name).1
+    }
+
+    /// The run directory and record of the job `name` in `sub`.
+    fn run(&self, sub: &str, name: &str) -> (PathBuf, serde_json::Value) {
+        run_of(&self.dir, sub, name).unwrap_or_else(|| panic!("no run of {name} in {sub}/"))
     }
 }
 
@@ -119,9 +120,7 @@ fn three_jobs_dropped_while_it_runs_all_end_in_done() {
         drop_job(d.path(), name, &job_bytes(name, 0));
     }
     wait_for("three records in done/", Duration::from_secs(180), || {
-        names
-            .iter()
-            .all(|n| d.path().join("done").join(format!("{n}.json")).exists())
+        names.iter().all(|n| run_of(d.path(), "done", n).is_some())
     });
     for name in names {
         let rec = runner.record("done", name);
@@ -138,7 +137,7 @@ fn three_jobs_dropped_while_it_runs_all_end_in_done() {
                 .contains("construir-init")
         );
         assert_eq!(
-            output(&d.path().join("done").join(name)),
+            output(&runner.run("done", name).0.join(name)),
             format!("{name}\n")
         );
     }
@@ -176,10 +175,13 @@ fn a_job_copied_in_slowly_is_not_started_before_it_is_complete() {
         f.write_all(&bytes[bytes.len() / 3..]).unwrap();
     }
     wait_for("the slow job's record", Duration::from_secs(120), || {
-        d.path().join("done").join(format!("{name}.json")).exists()
+        run_of(d.path(), "done", name).is_some()
     });
     assert_eq!(runner.record("done", name)["status"], "success");
-    assert_eq!(output(&d.path().join("done").join(name)), "copied slowly\n");
+    assert_eq!(
+        output(&runner.run("done", name).0.join(name)),
+        "copied slowly\n"
+    );
     runner.stop();
 }
 
@@ -203,7 +205,7 @@ fn kill_9_mid_job_then_restart_accounts_for_every_job() {
         &job_bytes("waited its turn", 0),
     );
     wait_for("the long job to run", Duration::from_secs(30), || {
-        d.path().join("running/long_t0.tar.xz").exists()
+        running_run(d.path(), "long_t0.tar.xz").is_some()
     });
     std::thread::sleep(Duration::from_secs(1));
     runner.signal(libc::SIGKILL);
@@ -212,20 +214,25 @@ fn kill_9_mid_job_then_restart_accounts_for_every_job() {
     wait_for("the orphaned VM to end", Duration::from_secs(10), || {
         vm_processes_for("long_t0.tar.xz") == 0
     });
-    assert!(d.path().join("running/long_t0.tar.xz").exists());
+    assert!(running_run(d.path(), "long_t0.tar.xz").is_some());
     assert!(d.path().join("queue/queued_t0.tar.xz").exists());
 
     let runner = Runner::start(d.path(), &["--jobs", "1"]);
     wait_for("both jobs done", Duration::from_secs(180), || {
         ["long_t0.tar.xz", "queued_t0.tar.xz"]
             .iter()
-            .all(|n| d.path().join("done").join(format!("{n}.json")).exists())
+            .all(|n| run_of(d.path(), "done", n).is_some())
     });
     let long = runner.record("done", "long_t0.tar.xz");
     assert_eq!(long["status"], "success");
     assert_eq!(long["attempts"], 2, "{long}");
     assert_eq!(
-        output(&d.path().join("done/long_t0.tar.xz")),
+        output(
+            &runner
+                .run("done", "long_t0.tar.xz")
+                .0
+                .join("long_t0.tar.xz")
+        ),
         "survived a runner crash\n"
     );
     assert_eq!(runner.record("done", "queued_t0.tar.xz")["attempts"], 1);
@@ -233,26 +240,24 @@ fn kill_9_mid_job_then_restart_accounts_for_every_job() {
 }
 
 #[test]
-fn sigterm_puts_a_running_job_back_after_the_grace_period() {
+fn sigterm_stops_a_running_job_after_the_grace_period_and_it_does_not_count() {
     let d = tempfile::tempdir().unwrap();
     let mut runner = Runner::start(d.path(), &["--jobs", "1", "--grace", "2s"]);
     drop_job(d.path(), "endless_t0.tar.xz", &job_bytes("never", 600));
     wait_for("the job to run", Duration::from_secs(30), || {
-        d.path().join("running/endless_t0.tar.xz").exists()
+        running_run(d.path(), "endless_t0.tar.xz").is_some()
     });
     std::thread::sleep(Duration::from_secs(2));
     runner.signal(libc::SIGTERM);
     wait_for("the runner to exit", Duration::from_secs(60), || {
         runner.child.try_wait().unwrap().is_some()
     });
-    assert!(
-        d.path().join("queue/endless_t0.tar.xz").exists(),
-        "the job went back to the queue"
-    );
-    assert_eq!(
-        std::fs::read_dir(d.path().join("running")).unwrap().count(),
-        0
-    );
+    // It stays in its run, to start again at the next start, and this start does not count.
+    let run = running_run(d.path(), "endless_t0.tar.xz").expect("the run is kept in running/");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(state["attempts"], 0, "{state}");
+    assert!(run_of(d.path(), "failed", "endless_t0.tar.xz").is_none());
 }
 
 #[test]
@@ -270,13 +275,15 @@ fn bad_names_unknown_images_garbage_and_timeouts_end_in_failed_with_reasons() {
     }
     wait_for("four records in failed/", Duration::from_secs(180), || {
         jobs.iter()
-            .all(|(n, _, _)| d.path().join("failed").join(format!("{n}.json")).exists())
+            .all(|(n, _, _)| run_of(d.path(), "failed", n).is_some())
     });
     for (name, bytes, status) in &jobs {
         let rec = runner.record("failed", name);
         assert_eq!(rec["status"], *status, "{rec}");
         assert!(!rec["reason"].as_str().unwrap().is_empty());
-        let kept = std::fs::read(d.path().join("failed").join(name)).unwrap();
+        let (run, _) = runner.run("failed", name);
+        let file = if *status == "bad-name" { "job" } else { name };
+        let kept = std::fs::read(run.join(file)).unwrap();
         assert_eq!(
             &kept[..bytes.len().min(512)],
             &bytes[..bytes.len().min(512)],
@@ -309,7 +316,7 @@ fn a_backend_that_crashes_or_prints_garbage_fails_the_job_with_its_reason() {
     wait_for("the records", Duration::from_secs(30), || {
         ["crashy", "sys", "plain"]
             .iter()
-            .all(|n| farm.join(format!("failed/{n}_t0.tar.xz.json")).exists())
+            .all(|n| run_of(&farm, "failed", &format!("{n}_t0.tar.xz")).is_some())
     });
     let rec = runner.record("failed", "crashy_t0.tar.xz");
     assert_eq!(rec["status"], "vmm-fault", "{rec}");
@@ -318,7 +325,7 @@ fn a_backend_that_crashes_or_prints_garbage_fails_the_job_with_its_reason() {
         reason.contains("without a summary") && reason.contains("crashed"),
         "{rec}"
     );
-    let log = std::fs::read_to_string(farm.join("logs/crashy_t0.tar.xz.backend.log")).unwrap();
+    let log = std::fs::read_to_string(farm.join(rec["backend_log"].as_str().unwrap())).unwrap();
     assert!(log.contains("boom"));
     let rec = runner.record("failed", "sys_t0.tar.xz");
     assert_eq!(rec["status"], "vmm-fault", "{rec}");
@@ -326,5 +333,63 @@ fn a_backend_that_crashes_or_prints_garbage_fails_the_job_with_its_reason() {
     // Ended by itself without a summary: the backend failed, the VMM was not killed.
     let rec = runner.record("failed", "plain_t0.tar.xz");
     assert_eq!(rec["status"], "backend-failed", "{rec}");
+    runner.stop();
+}
+
+#[test]
+fn same_named_jobs_a_symlink_and_a_directory_through_the_running_runner() {
+    let d = tempfile::tempdir().unwrap();
+    // A stand-in backend that takes a second, then writes OUT-<job content> over the job.
+    let fake = d.path().join("fake-backend");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nwhile [ $# -gt 0 ]; do case \"$1\" in --job) job=$2; shift ;; esac; shift; done\n\
+         c=$(cat \"$job\"); sleep 1; printf 'OUT-%s' \"$c\" > \"$job\"\n\
+         echo '{\"status\":\"success\",\"reason\":\"job succeeded\",\"job_exit_status\":0}'\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let farm = d.path().join("farm");
+    let runner = Runner::start(&farm, &["--backend-program", fake.to_str().unwrap()]);
+    let victim = d.path().join("victim.json");
+    std::fs::write(&victim, b"{\"a runner-owned file\": 1}").unwrap();
+    drop_job(&farm, "build_t0.tar.xz", b"first");
+    wait_for("the first job to run", Duration::from_secs(20), || {
+        running_run(&farm, "build_t0.tar.xz").is_some()
+    });
+    drop_job(&farm, "build_t0.tar.xz", b"second");
+    let link = farm.join(".link.partial");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    std::fs::rename(&link, farm.join("queue/link_t0.tar.xz")).unwrap();
+    std::fs::create_dir(farm.join("queue/dir_t0.tar.xz")).unwrap();
+    wait_for(
+        "both runs and the refusals",
+        Duration::from_secs(60),
+        || {
+            runs_of(&farm, "done", "build_t0.tar.xz").len() == 2
+                && run_of(&farm, "failed", "link_t0.tar.xz").is_some()
+                && run_of(&farm, "failed", "dir_t0.tar.xz").is_some()
+        },
+    );
+    let mut outputs: Vec<Vec<u8>> = runs_of(&farm, "done", "build_t0.tar.xz")
+        .iter()
+        .map(|(run, rec)| {
+            assert_eq!(rec["status"], "success", "{rec}");
+            std::fs::read(run.join("build_t0.tar.xz")).unwrap()
+        })
+        .collect();
+    outputs.sort();
+    assert_eq!(outputs, [b"OUT-first".to_vec(), b"OUT-second".to_vec()]);
+    assert_eq!(
+        runner.record("failed", "link_t0.tar.xz")["status"],
+        "not-a-job"
+    );
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"{\"a runner-owned file\": 1}",
+        "the link's target is untouched"
+    );
+    assert_eq!(std::fs::read_dir(farm.join("queue")).unwrap().count(), 0);
     runner.stop();
 }
