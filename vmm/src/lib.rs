@@ -14,6 +14,8 @@ pub mod arch {
 }
 pub mod devices;
 pub mod disk;
+pub mod faults;
+pub mod job;
 pub mod sandbox;
 pub mod vcpu;
 pub mod virtio;

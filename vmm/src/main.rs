@@ -7,11 +7,11 @@ use construir_abi::cmdline::KernelCmdline;
 use construir_abi::host::HostKind;
 use construir_abi::launcher::{self, JobArgs};
 use construir_abi::manifest::cache_dir;
-use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_SETUP_ERROR};
+use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_INVALID_JOB, EXIT_SETUP_ERROR};
 use construir_vmm::disk::DiskBackend;
 use construir_vmm::disk::overlay::OverlayDisk;
 use construir_vmm::disk::qcow2::{cached_raw_base, sha256_reader};
-use construir_vmm::disk::raw::RawDisk;
+use construir_vmm::job::{JobDiskError, invalid_job_summary, open_job_disk};
 use construir_vmm::sandbox::AllowedFile;
 use construir_vmm::vm::{self, VmConfig, VmError};
 use std::io::Write;
@@ -75,6 +75,20 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
         ),
         HostKind::HardwareKvm => {}
     }
+    // The job file first: a refused one is answered before any conversion or VM setup.
+    let job = match open_job_disk(&cli) {
+        Ok(job) => job,
+        Err(JobDiskError::Invalid(reason)) => {
+            eprintln!("construir-vmm: {}: {reason}", cli.job.display());
+            if cli.json {
+                println!("{}", invalid_job_summary(&reason, host.as_str(), &index));
+            }
+            let _ = std::io::stdout().flush();
+            return Ok(EXIT_INVALID_JOB);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let job_size_before = job.size();
 
     let kernel = cli.kernel.clone().unwrap_or_else(|| image.kernel_path());
     let base_path = match &cli.root {
@@ -100,18 +114,6 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
     let tmp = std::env::temp_dir();
     let root = OverlayDisk::new(base, base_size, &tmp, "construir-root")
         .context("create the root disk's overlay")?;
-    let job_file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&cli.job)
-        .with_context(|| format!("open the job file {}", cli.job.display()))?;
-    anyhow::ensure!(
-        job_file.metadata()?.is_file(),
-        "{} is not a regular file",
-        cli.job.display()
-    );
-    let job = RawDisk::new(job_file, "construir-job")?;
-    let job_size_before = job.size();
 
     let mut cmdline = KernelCmdline::for_job(host, cli.timeout);
     for param in &cli.kernel_args {
@@ -172,6 +174,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
                         "written_bytes": s.written_bytes.load(Ordering::Relaxed),
                         "requests": s.requests.load(Ordering::Relaxed),
                         "bad_requests": s.bad_requests.load(Ordering::Relaxed),
+                        "guest_faults": s.faults.total(),
                     }),
                 )
             })

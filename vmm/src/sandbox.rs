@@ -255,6 +255,9 @@ pub const OPEN_FILES: u64 = 64;
 pub const ADDRESS_SPACE_MARGIN: u64 = 1 << 30;
 
 impl Limits {
+    /// The limits for a VM: `largest_disk` is the larger of the root disk (its overlay grows up to
+    /// that size) and the job disk, which is the job file's size and at most `--max-job-size`
+    /// (checked when it is opened, `crate::job`), so a job cannot raise the limit past that cap.
     pub fn for_vm(guest_memory: u64, largest_disk: u64, console_cap: u64) -> Self {
         Limits {
             open_files: OPEN_FILES,

@@ -181,7 +181,12 @@ struct QueueHandler {
 impl MutEventSubscriber for QueueHandler {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.event.read();
-        self.block.lock().expect("block lock").process_queue();
+        let run = self.block.lock().expect("block lock").process_queue();
+        if run.more {
+            // The budget ran out with requests left: come back once the loop has looked at its
+            // deadline, the signals and the stop events (and the other disk).
+            let _ = self.event.write(1);
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -210,6 +215,44 @@ impl MutEventSubscriber for StopHandler {
         if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
             tracing::error!("cannot watch the stop event: {e:?}");
         }
+    }
+}
+
+/// The guest's name for disk `index`, for messages: vda, vdb, …
+fn disk_name(index: usize) -> String {
+    format!("vd{}", char::from(b'a' + (index % 26) as u8))
+}
+
+/// How the event loop ended: a stop a vCPU or device saw, or one the host decided.
+type LoopEnd = Result<StopReason, RunOutcome>;
+
+/// Runs the event loop until the VM stops, the signal flag is set or the deadline passes. These
+/// are checked between every two rounds of events, and no round is long: a round runs each ready
+/// handler once, and the queue handlers return within their budget (`Block::process_queue`),
+/// re-arming themselves when work is left, so a guest that keeps its queue full is served between
+/// checks, not instead of them. The 100 ms wait bounds how late an idle loop notices.
+fn event_loop(
+    events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+    stop: &StopSignal,
+    interrupted: &AtomicBool,
+    deadline: Instant,
+) -> Result<LoopEnd, VmError> {
+    loop {
+        if let Some(reason) = stop.reason() {
+            return Ok(Ok(reason));
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            return Ok(Err(RunOutcome::Interrupted));
+        }
+        if Instant::now() >= deadline {
+            return Ok(Err(RunOutcome::TimedOut { in_guest: false }));
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        events
+            .run_with_timeout(wait.as_millis().max(1) as i32)
+            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     }
 }
 
@@ -315,11 +358,11 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let largest_disk = disks.iter().map(|(d, _, _)| d.size()).max().unwrap_or(0);
     let mut mmio = Bus::new();
     let mut disk_stats = Vec::new();
+    // Each disk's guest faults, as the device and its transport counted them.
+    let mut fault_logs = Vec::new();
     for (i, (backend, read_only, name)) in disks.into_iter().enumerate() {
         let (addr, irq) = layout::virtio_mmio_slot(i as u32);
-        let block = Block::new(backend, read_only);
-        disk_stats.push((name, block.stats.clone()));
-        let block = Arc::new(Mutex::new(block));
+        let mut block = Block::new(backend, read_only);
         let interrupt = Interrupt::new().map_err(VmError::Event)?;
         vm.register_irqfd(&interrupt.irq, irq)
             .map_err(kvm_err("wire a virtio IRQ"))?;
@@ -330,11 +373,16 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
             NoDatamatch,
         )
         .map_err(kvm_err("register a queue notification"))?;
+        block.set_notify_event(notify.try_clone().map_err(VmError::Event)?);
+        let stats = block.stats.clone();
+        disk_stats.push((name, stats.clone()));
+        let block = Arc::new(Mutex::new(block));
         events.add_subscriber(Box::new(QueueHandler {
             block: block.clone(),
             event: notify,
         }));
         let transport = MmioTransport::new(block, mem.clone(), interrupt);
+        fault_logs.push((disk_name(i), stats, transport.faults()));
         mmio.insert(
             Arc::new(Mutex::new(transport)),
             addr,
@@ -399,24 +447,21 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     }
 
     // The event loop.
-    let started = Instant::now();
-    let host_stop = loop {
-        if let Some(reason) = stop.reason() {
-            break Ok(reason);
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            break Err(RunOutcome::Interrupted);
-        }
-        if started.elapsed() > deadline {
-            break Err(RunOutcome::TimedOut { in_guest: false });
-        }
-        events
-            .run_with_timeout(100)
-            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-    };
+    let now = Instant::now();
+    // A deadline past what Instant can hold (a --timeout of centuries) is as good as none.
+    let deadline = now
+        .checked_add(deadline)
+        .unwrap_or(now + Duration::from_secs(u64::from(u32::MAX)));
+    let host_stop = event_loop(&mut events, &stop, &INTERRUPTED, deadline)?;
     // vCPU threads end at their next exit; the process exits after the report, so they are not
     // joined (a vCPU may be inside a long emulated KVM_RUN).
     drop(threads);
+    // What the guest got wrong beyond the few lines logged at the time: a bounded report.
+    for (name, stats, transport) in &fault_logs {
+        stats.faults.report(name);
+        transport.report(&format!("{name} (virtio-mmio)"));
+    }
+    crate::devices::LEGACY_FAULTS.report("serial/i8042");
 
     let status = status.lock().expect("status lock");
     let outcome = match host_stop {
@@ -461,6 +506,112 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::virtio::VirtioDevice;
+    use crate::virtio::testing::{FloodDisk, Ring};
+    use std::sync::atomic::AtomicU64;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// An event loop with one disk whose guest refills the queue with every request served
+    /// (`FloodDisk`), plus the vCPU stop event; returns the loop, the stop signal and the reads.
+    fn flooded_event_loop() -> (
+        EventManager<Box<dyn MutEventSubscriber + Send>>,
+        Arc<StopSignal>,
+        Arc<AtomicU64>,
+    ) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let ring = Ring::new(&mem, 16);
+        // One 512-byte read at descriptor 0, offered in every slot.
+        mem.write_obj(
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN,
+            GuestAddress(0x1_0000),
+        )
+        .unwrap();
+        mem.write_obj(0u64, GuestAddress(0x1_0008)).unwrap();
+        ring.set_desc(0, 0x1_0000, 16, false, Some(1));
+        ring.set_desc(1, 0x2_0000, 512, true, Some(2));
+        ring.set_desc(2, 0x3_0000, 1, true, None);
+        ring.fill_avail_slots(0);
+        ring.make_available(0);
+        let reads = Arc::new(AtomicU64::new(0));
+        let disk = FloodDisk {
+            mem: mem.clone(),
+            // Enough for a minute or more of work before the fix.
+            left: Arc::new(AtomicU64::new(5_000_000)),
+            reads: reads.clone(),
+        };
+        let mut block = Block::new(Box::new(disk), false);
+        block
+            .activate(mem, vec![ring.queue()], Interrupt::new().unwrap())
+            .unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        notify.write(1).unwrap();
+        let stop = Arc::new(StopSignal::new().unwrap());
+        let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().unwrap();
+        events.add_subscriber(Box::new(QueueHandler {
+            block: Arc::new(Mutex::new(block)),
+            event: notify,
+        }));
+        events.add_subscriber(Box::new(StopHandler {
+            event: stop.event.try_clone().unwrap(),
+            stop: stop.clone(),
+            reason: None,
+        }));
+        (events, stop, reads)
+    }
+
+    #[test]
+    fn the_deadline_ends_the_event_loop_while_the_guest_floods_its_queue() {
+        let (mut events, stop, reads) = flooded_event_loop();
+        let start = Instant::now();
+        let end = event_loop(
+            &mut events,
+            &stop,
+            &AtomicBool::new(false),
+            start + Duration::from_millis(300),
+        )
+        .unwrap();
+        let took = start.elapsed();
+        assert!(
+            matches!(end, Err(RunOutcome::TimedOut { in_guest: false })),
+            "{end:?}"
+        );
+        // Before the budget the first queue event never returned while the guest kept feeding:
+        // the loop ran until the feeding stopped (5,000,000 requests here).
+        assert!(took < Duration::from_secs(5), "the loop took {took:?}");
+        assert!(
+            reads.load(Ordering::Relaxed) > 256,
+            "the queue was served between the checks, more than one budget's worth"
+        );
+    }
+
+    #[test]
+    fn signals_and_stops_end_the_event_loop_while_the_guest_floods_its_queue() {
+        let (mut events, stop, _) = flooded_event_loop();
+        let far = Instant::now() + Duration::from_secs(3600);
+        let start = Instant::now();
+        let flag = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                flag.store(true, Ordering::SeqCst);
+            });
+            let end = event_loop(&mut events, &stop, &flag, far).unwrap();
+            assert!(matches!(end, Err(RunOutcome::Interrupted)), "{end:?}");
+        });
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        let (mut events, stop, _) = flooded_event_loop();
+        let stopper = stop.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            stopper.stop(StopReason::GuestEnded("reset".into()));
+        });
+        let end = event_loop(&mut events, &stop, &AtomicBool::new(false), far).unwrap();
+        t.join().unwrap();
+        assert_eq!(end, Ok(StopReason::GuestEnded("reset".into())));
+    }
 
     #[test]
     fn virtio_devices_are_announced_on_the_command_line() {

@@ -36,7 +36,7 @@ pub enum JobFileError {
         path: PathBuf,
         refusal: JobFileRefusal,
     },
-    #[error("cannot open the job file {}: {source}", path.display())]
+    #[error("cannot open the job file {}", path.display())]
     Open {
         path: PathBuf,
         #[source]

@@ -125,12 +125,15 @@ pub fn parse_memory(text: &str) -> Result<u64, String> {
     Ok(mib)
 }
 
-/// Logs to stderr through `tracing`, filtered by `CONSTRUIR_LOG` (default `info`).
+/// Logs to stderr through `tracing`, filtered by `CONSTRUIR_LOG` (default `info`, with the
+/// virtio-queue crate's own messages off: it logs a line for each of a driver's errors, which a
+/// guest repeats at will; construir-vmm logs and counts those itself, rate-limited).
 pub fn init_logging() {
+    const DEFAULT_FILTER: &str = "info,virtio_queue=off";
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CONSTRUIR_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| DEFAULT_FILTER.into()),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

@@ -3,6 +3,7 @@
 
 use super::EventTrigger;
 use super::bus::BusDevice;
+use crate::faults::Fault;
 use vm_superio::I8042Device;
 
 pub struct I8042(pub I8042Device<EventTrigger>);
@@ -25,6 +26,7 @@ impl BusDevice for I8042 {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 1
             && let Err(e) = self.0.write(offset as u8, data[0])
+            && super::LEGACY_FAULTS.note(Fault::Trigger)
         {
             tracing::warn!("i8042: cannot signal the reset: {e}");
         }

@@ -6,6 +6,12 @@ pub mod i8042;
 pub mod serial;
 pub mod status;
 
+use crate::faults::FaultLog;
+
+/// The legacy devices' guest-caused failures (one serial port and one i8042 per process), reported
+/// when the VM ends.
+pub static LEGACY_FAULTS: FaultLog = FaultLog::new();
+
 /// An interrupt line or event the devices pull: an eventfd (registered with KVM as an irqfd, or
 /// watched by the VMM for the exit).
 #[derive(Debug)]

@@ -3,6 +3,7 @@
 
 use super::EventTrigger;
 use super::bus::BusDevice;
+use crate::faults::Fault;
 use construir_abi::console::CappedSink;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -46,8 +47,10 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 1 {
             // The only error is a failed interrupt trigger, which the guest would only see as a
-            // missed interrupt; log it.
-            if let Err(e) = self.0.write(offset as u8, data[0]) {
+            // missed interrupt; log it (the first few: the guest chooses how often it writes).
+            if let Err(e) = self.0.write(offset as u8, data[0])
+                && super::LEGACY_FAULTS.note(Fault::Trigger)
+            {
                 tracing::warn!("serial: {e:?}");
             }
         }

@@ -1,13 +1,15 @@
 //! The virtio-mmio transport (virtio 1.x, "version 2" register layout): the register state
 //! machine the guest driver talks to, in front of any [`VirtioDevice`]. Every value the guest
 //! writes is checked; a misbehaving driver gets a device that ignores it or sets NEEDS_RESET, never
-//! a VMM crash.
+//! a VMM crash, and what the driver gets wrong is logged through a [`FaultLog`] (a few lines per
+//! kind, then only counted), since a guest can repeat a bad write as often as it likes.
 
-use super::{Interrupt, Queue, QueueT, VirtioDevice};
+use super::{Interrupt, Queue, QueueT, VirtioDevice, queue_is_usable};
 use crate::devices::bus::BusDevice;
+use crate::faults::{Fault, FaultLog};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub const MAGIC: u32 = 0x7472_6976; // "virt"
 pub const VERSION: u32 = 2;
@@ -60,6 +62,15 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     activated: bool,
+    faults: Arc<FaultLog>,
+}
+
+/// The three areas of a split queue, for the address registers.
+#[derive(Debug, Clone, Copy)]
+enum Ring {
+    Desc,
+    Avail,
+    Used,
 }
 
 impl MmioTransport {
@@ -86,7 +97,13 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             activated: false,
+            faults: Arc::default(),
         }
+    }
+
+    /// The driver's faults on this transport, for the report at the end of the run.
+    pub fn faults(&self) -> Arc<FaultLog> {
+        self.faults.clone()
     }
 
     pub fn status(&self) -> u32 {
@@ -158,14 +175,13 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let ready = self
-            .queues
-            .iter()
-            .all(|q| q.ready() && q.is_valid(&self.mem));
+        let ready = self.queues.iter().all(|q| queue_is_usable(q, &self.mem));
         if !ready {
-            tracing::warn!(
-                "virtio-mmio: the driver set DRIVER_OK with queues that are not ready or not valid"
-            );
+            if self.faults.note(Fault::QueueNotUsable) {
+                tracing::warn!(
+                    "virtio-mmio: the driver set DRIVER_OK with queues that are not ready or not valid"
+                );
+            }
             self.status |= STATUS_NEEDS_RESET;
             return;
         }
@@ -188,9 +204,59 @@ impl MmioTransport {
         ) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!("virtio-mmio: cannot activate the device: {e}");
+                if self.faults.note(Fault::Activate) {
+                    tracing::warn!("virtio-mmio: cannot activate the device: {e}");
+                }
                 self.status |= STATUS_NEEDS_RESET;
             }
+        }
+    }
+
+    /// QUEUE_NUM: virtio-queue's `set_size` would log a refused size itself.
+    fn set_queue_size(&mut self, value: u32) {
+        let faults = self.faults.clone();
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let refused = match u16::try_from(value) {
+            Ok(size) => q.try_set_size(size).is_err(),
+            Err(_) => true,
+        };
+        if refused && faults.note(Fault::QueueSize) {
+            tracing::warn!(
+                "virtio-mmio: the driver set queue size {value}, not a power of two up to {}",
+                q.max_size()
+            );
+        }
+    }
+
+    /// One half of a ring address register; a misaligned address is refused (and the old one
+    /// kept), as virtio-queue's own setters do, but without their log line per write.
+    fn set_queue_address(&mut self, ring: Ring, low: Option<u32>, high: Option<u32>) {
+        let faults = self.faults.clone();
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let old = match ring {
+            Ring::Desc => q.desc_table(),
+            Ring::Avail => q.avail_ring(),
+            Ring::Used => q.used_ring(),
+        };
+        let low = low.map_or(old & 0xffff_ffff, u64::from);
+        let high = high.map_or(old >> 32, u64::from);
+        let addr = GuestAddress((high << 32) | low);
+        let result = match ring {
+            Ring::Desc => q.try_set_desc_table_address(addr),
+            Ring::Avail => q.try_set_avail_ring_address(addr),
+            Ring::Used => q.try_set_used_ring_address(addr),
+        };
+        if let Err(e) = result
+            && faults.note(Fault::QueueAddress)
+        {
+            tracing::warn!(
+                "virtio-mmio: the driver set a ring address {:#x}: {e}",
+                addr.0
+            );
         }
     }
 
@@ -246,40 +312,20 @@ impl MmioTransport {
                 self.driver_features &= offered;
             }
             reg::QUEUE_SEL => self.queue_sel = value,
-            reg::QUEUE_NUM if setup => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(value as u16);
-                }
-            }
+            reg::QUEUE_NUM if setup => self.set_queue_size(value),
             reg::QUEUE_READY if setup => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(value == 1);
                 }
             }
-            reg::QUEUE_DESC_LOW if setup => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(Some(value), None)),
-            reg::QUEUE_DESC_HIGH if setup => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(None, Some(value))),
-            reg::QUEUE_AVAIL_LOW if setup => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(Some(value), None)),
-            reg::QUEUE_AVAIL_HIGH if setup => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(None, Some(value))),
-            reg::QUEUE_USED_LOW if setup => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(Some(value), None)),
-            reg::QUEUE_USED_HIGH if setup => self
-                .selected_queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(None, Some(value))),
+            reg::QUEUE_DESC_LOW if setup => self.set_queue_address(Ring::Desc, Some(value), None),
+            reg::QUEUE_DESC_HIGH if setup => self.set_queue_address(Ring::Desc, None, Some(value)),
+            reg::QUEUE_AVAIL_LOW if setup => self.set_queue_address(Ring::Avail, Some(value), None),
+            reg::QUEUE_AVAIL_HIGH if setup => {
+                self.set_queue_address(Ring::Avail, None, Some(value))
+            }
+            reg::QUEUE_USED_LOW if setup => self.set_queue_address(Ring::Used, Some(value), None),
+            reg::QUEUE_USED_HIGH if setup => self.set_queue_address(Ring::Used, None, Some(value)),
             reg::QUEUE_NOTIFY if self.activated => {
                 self.device.lock().expect("device lock").queue_notify(value);
             }
@@ -519,5 +565,53 @@ pub(crate) mod tests {
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
         );
         assert!(!dev.lock().unwrap().activated);
+    }
+
+    #[test]
+    fn a_driver_repeating_bad_writes_gets_a_bounded_log() {
+        let (mut t, _) = setup();
+        let (lines, _guard) = crate::virtio::testing::count_log_lines();
+        // The capture sees virtio-queue's own lines (its `log` calls through the bridge): what
+        // every one of these writes used to log.
+        Queue::new(16).unwrap().set_size(3);
+        assert_eq!(lines.load(Ordering::Relaxed), 1, "the capture works");
+        lines.store(0, Ordering::Relaxed);
+        for s in [
+            STATUS_ACKNOWLEDGE,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        ] {
+            w(&mut t, reg::STATUS, s);
+        }
+        for i in 0..100_000u32 {
+            w(&mut t, reg::QUEUE_NUM, 3 + (i % 2) * 0x1_0000);
+            w(&mut t, reg::QUEUE_DESC_LOW, 0x1001);
+            w(&mut t, reg::QUEUE_AVAIL_LOW, 0x2001);
+            w(&mut t, reg::QUEUE_USED_HIGH, 0);
+            w(&mut t, reg::QUEUE_USED_LOW, 0x3002);
+        }
+        assert_eq!(t.queues[0].size(), 16, "refused sizes change nothing");
+        assert_eq!(t.queues[0].desc_table(), 0, "nor do misaligned addresses");
+        // DRIVER_OK with unusable queues, then a reset, over and over.
+        for _ in 0..10_000 {
+            for s in [
+                STATUS_ACKNOWLEDGE,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+            ] {
+                w(&mut t, reg::STATUS, s);
+            }
+            w(&mut t, reg::STATUS, 0);
+        }
+        let logged = lines.load(Ordering::Relaxed);
+        assert!(logged <= 20, "{logged} lines");
+        assert_eq!(t.faults().count(Fault::QueueSize), 100_000);
+        assert_eq!(t.faults().count(Fault::QueueAddress), 300_000);
+        assert_eq!(t.faults().count(Fault::QueueNotUsable), 10_000);
+        // The report at the end: one line per kind.
+        lines.store(0, Ordering::Relaxed);
+        t.faults().report("vda");
+        assert_eq!(lines.load(Ordering::Relaxed), 3);
     }
 }

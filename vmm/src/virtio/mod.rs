@@ -4,10 +4,12 @@
 
 pub mod block;
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use virtio_queue::{Queue, QueueT};
@@ -35,6 +37,21 @@ impl Interrupt {
         self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
         self.irq.write(1)
     }
+}
+
+/// Whether a queue can be used: ready, and its descriptor table and rings in guest memory.
+/// The same checks as virtio-queue's `Queue::is_valid`, which is called too, but only once these
+/// pass: it logs every failure itself, and a guest can make it fail as often as it likes.
+pub fn queue_is_usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let size = u64::from(queue.size());
+    // Split-ring sizes (virtio 1.x 2.7): 16 bytes per descriptor; flags, index, one u16 per
+    // entry and the event index; flags, index, 8 bytes per entry and the event index.
+    let fits = |addr: u64, len: u64| mem.check_range(GuestAddress(addr), len as usize);
+    queue.ready()
+        && fits(queue.desc_table(), 16 * size)
+        && fits(queue.avail_ring(), 6 + 2 * size)
+        && fits(queue.used_ring(), 6 + 8 * size)
+        && queue.is_valid(mem)
 }
 
 /// Why a device could not start.
