@@ -324,23 +324,6 @@ pub fn check_data_output(job: &TestJob, data: &[u8]) {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn swab_and_random_are_what_the_checks_assume() {
-        assert_eq!(swab(&[1, 2, 3, 4, 5]), vec![2, 1, 4, 3, 5]);
-        let a = random_bytes(1000, 7);
-        assert_eq!(a, random_bytes(1000, 7));
-        assert_ne!(a, random_bytes(1000, 8));
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
-}
-
 /// A runner's finished runs: every run directory of `farm/sub` (done or failed) whose record
 /// names `job`, with its record.
 pub fn runs_of(farm: &Path, sub: &str, job: &str) -> Vec<(PathBuf, serde_json::Value)> {
@@ -377,4 +360,21 @@ pub fn running_run(farm: &Path, job: &str) -> Option<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .find(|p| p.join(job).exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swab_and_random_are_what_the_checks_assume() {
+        assert_eq!(swab(&[1, 2, 3, 4, 5]), vec![2, 1, 4, 3, 5]);
+        let a = random_bytes(1000, 7);
+        assert_eq!(a, random_bytes(1000, 7));
+        assert_ne!(a, random_bytes(1000, 8));
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 }

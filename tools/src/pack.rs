@@ -106,6 +106,23 @@ pub fn archive_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
     Ok(xz.finish()?)
 }
 
+/// Parses a size: bytes, or a number with a binary suffix (`64K`, `64M`, `1G`, `2T`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 64M, 1G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 /// Writes `archive` as a job file, zero-padded to `min_size` and whole sectors.
 pub fn write_archive(path: &Path, archive: &[u8], min_size: u64) -> Result<u64, PackError> {
     let size = (archive.len() as u64).max(min_size).div_ceil(512) * 512;
@@ -201,6 +218,17 @@ mod tests {
             archive_from_dir(d.path()),
             Err(PackError::NoScript)
         ));
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size(" 64M "), Ok(64 << 20));
+        assert_eq!(parse_size("16g"), Ok(16 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert!(parse_size("1.5G").is_err() && parse_size("").is_err() && parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 
     #[test]

@@ -3,20 +3,31 @@
 //! construir-vmm should not run (no `/dev/kvm`, or an emulated KVM where TCG is faster), and
 //! measured as the baseline.
 //!
-//! The VM: the image's kernel (PVH entry of the ELF vmlinux), the root disk (qcow2, with
-//! `snapshot=on` so the guest's writes are thrown away), the job file as a writable raw disk,
-//! the serial console on our stdin-less pipe, an i8042 (the guest's `reboot=k` reset ends QEMU
-//! with `-no-reboot`), the status port as an `isa-debugcon` that copies the guest's bytes to a
-//! file, and no network device. The host kills QEMU at the host deadline; SIGINT/SIGTERM stop it.
+//! The VM: the image's kernel (PVH entry of the ELF vmlinux), the root disk (the image's raw base,
+//! the one construir-vmm uses: converted once, checked against the manifest, read-only, with
+//! `snapshot=on` so the guest's writes go to QEMU's throw-away overlay), the job file as a
+//! writable raw disk, the serial console on our stdin-less pipe, an i8042 (the guest's `reboot=k`
+//! reset ends QEMU with `-no-reboot`), the status port as an `isa-debugcon` that copies the guest's
+//! bytes to a file, and no network device. The host kills QEMU at the host deadline;
+//! SIGINT/SIGTERM stop it.
+//!
+//! QEMU opens neither disk by path: both are files the launcher opened (the job through
+//! `JobArgs::open_job`, the base through `construir_rawbase`), inherited by QEMU and named with
+//! `-add-fd` as `/dev/fdset/N`, with `format=raw` (no probing, no qcow2 header for QEMU to follow
+//! to a backing or data file). A link swapped in for the job after the launcher's checks is
+//! never opened.
 
 use construir_abi::cmdline::KernelCmdline;
 use construir_abi::console::CappedSink;
 use construir_abi::host::HostKind;
 use construir_abi::outcome::RunOutcome;
 use construir_abi::status::{self, STATUS_PORT};
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -74,9 +85,11 @@ impl Machine {
 pub struct LaunchConfig {
     pub qemu: PathBuf,
     pub kernel: PathBuf,
-    pub root_disk: PathBuf,
-    pub root_format: String,
-    pub job: PathBuf,
+    /// The root disk: a raw file open read-only (the image's cached raw base). QEMU gets this
+    /// descriptor, and the guest's writes go to QEMU's temporary overlay.
+    pub root: Arc<File>,
+    /// The job file, open read-write (from `JobArgs::open_job`); QEMU gets this descriptor.
+    pub job: Arc<File>,
     pub accel: Accel,
     /// The host kind, deciding the emulated-host kernel parameters under KVM.
     pub host: HostKind,
@@ -126,12 +139,8 @@ pub enum LaunchError {
     },
     #[error("KVM was asked for, but this host has no usable /dev/kvm")]
     NoKvm,
-    #[error("the job file {path} cannot be used")]
-    Job {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("the job file cannot be used")]
+    Job(#[source] std::io::Error),
     #[error("{0} does not exist")]
     Missing(PathBuf),
     #[error("I/O error around QEMU")]
@@ -160,8 +169,28 @@ pub fn kernel_cmdline(config: &LaunchConfig) -> KernelCmdline {
     cmdline
 }
 
-/// QEMU's arguments for a launch (the status file receives the status port's bytes).
-pub fn qemu_args(config: &LaunchConfig, cmdline: &str, status_file: &Path) -> Vec<String> {
+/// The descriptors QEMU inherits for the disks (numbers in QEMU's process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFds {
+    /// The root disk, read-only.
+    pub root: RawFd,
+    /// The job file, read-write.
+    pub job: RawFd,
+}
+
+/// The `-add-fd` sets the disks are in: QEMU opens `/dev/fdset/N`, taking a duplicate of the
+/// inherited descriptor with the same access mode.
+const ROOT_FDSET: u32 = 1;
+const JOB_FDSET: u32 = 2;
+
+/// QEMU's arguments for a launch (the status file receives the status port's bytes; the disks
+/// are the inherited descriptors `fds`).
+pub fn qemu_args(
+    config: &LaunchConfig,
+    cmdline: &str,
+    status_file: &Path,
+    fds: DiskFds,
+) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |a: &str| args.push(a.to_string());
     // The PIT stays on: under TCG the guest hangs calibrating the TSC without it.
@@ -212,19 +241,27 @@ pub fn qemu_args(config: &LaunchConfig, cmdline: &str, status_file: &Path) -> Ve
     ] {
         args.push(a);
     }
-    let root = qemu_path(&config.root_disk);
-    let job = qemu_path(&config.job);
+    // The disks are descriptors, never paths; raw, so QEMU reads no image header. `snapshot=on`
+    // opens the base read-only and puts the guest's writes in a deleted temporary file.
+    // `auto-read-only=off`: QEMU would otherwise first open the job read-only, and the set holds
+    // only the read-write descriptor.
+    for (fd, set, name) in [
+        (fds.root, ROOT_FDSET, "construir-root"),
+        (fds.job, JOB_FDSET, "construir-job"),
+    ] {
+        args.push("-add-fd".to_string());
+        args.push(format!("fd={fd},set={set},opaque={name}"));
+    }
+    let root = format!("file=/dev/fdset/{ROOT_FDSET},format=raw");
+    let job = format!("file=/dev/fdset/{JOB_FDSET},format=raw,auto-read-only=off");
     let disks = match config.machine {
         Machine::Microvm => vec![
             "-drive".to_string(),
-            format!(
-                "id=root,file={root},format={},if=none,snapshot=on,read-only=off",
-                config.root_format
-            ),
+            format!("id=root,{root},if=none,snapshot=on,read-only=off"),
             "-device".to_string(),
             "virtio-blk-device,drive=root".to_string(),
             "-drive".to_string(),
-            format!("id=job,file={job},format=raw,if=none,cache=writeback"),
+            format!("id=job,{job},if=none,cache=writeback"),
             "-device".to_string(),
             "virtio-blk-device,drive=job".to_string(),
             "-device".to_string(),
@@ -232,12 +269,9 @@ pub fn qemu_args(config: &LaunchConfig, cmdline: &str, status_file: &Path) -> Ve
         ],
         Machine::Pc => vec![
             "-drive".to_string(),
-            format!(
-                "file={root},format={},if=ide,index=0,snapshot=on",
-                config.root_format
-            ),
+            format!("{root},if=ide,index=0,snapshot=on"),
             "-drive".to_string(),
-            format!("file={job},format=raw,if=ide,index=1,cache=writeback"),
+            format!("{job},if=ide,index=1,cache=writeback"),
         ],
     };
     args.extend(disks);
@@ -262,28 +296,34 @@ fn qemu_path(path: &Path) -> String {
 }
 
 /// Rounds the job file up to whole 512-byte sectors (zero padding; the archive is untouched),
-/// so the guest sees all of it. Returns the size.
-pub fn prepare_job_disk(path: &Path) -> Result<u64, LaunchError> {
-    let err = |source| LaunchError::Job {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(err)?;
-    let meta = file.metadata().map_err(err)?;
+/// so the guest sees all of it. Works on the open job file (never its path, which may name
+/// something else by now). Returns the size.
+pub fn prepare_job_disk(file: &File) -> Result<u64, LaunchError> {
+    let meta = file.metadata().map_err(LaunchError::Job)?;
     if !meta.is_file() {
-        return Err(err(std::io::Error::other("not a regular file")));
+        return Err(LaunchError::Job(std::io::Error::other(
+            "not a regular file",
+        )));
     }
     let size = meta.len();
     let rounded = size.div_ceil(512) * 512;
     if rounded != size {
         tracing::info!("padding the job file from {size} to {rounded} bytes (whole sectors)");
-        file.set_len(rounded).map_err(err)?;
+        file.set_len(rounded).map_err(LaunchError::Job)?;
     }
     Ok(rounded)
+}
+
+/// A close-on-exec duplicate of `file`'s descriptor numbered 10 or more, clear of the standard
+/// streams a child's set-up rewires (the launcher may have started with one of them closed).
+fn dup_for_child(file: &File) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor or -1.
+    let fd = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The vCPUs a launch really gets: one under an emulated KVM, where secondary vCPUs never come up
@@ -308,10 +348,8 @@ pub fn launch<W: Write + Send + 'static>(
     console: W,
 ) -> Result<LaunchResult, LaunchError> {
     let started = Instant::now();
-    for path in [&config.kernel, &config.root_disk] {
-        if !path.exists() {
-            return Err(LaunchError::Missing(path.clone()));
-        }
+    if !config.kernel.exists() {
+        return Err(LaunchError::Missing(config.kernel.clone()));
     }
     if config.accel == Accel::Kvm && !config.host.has_kvm() {
         return Err(LaunchError::NoKvm);
@@ -323,28 +361,53 @@ pub fn launch<W: Write + Send + 'static>(
     let cmdline = kernel_cmdline(config).to_string();
     let mut config = config.clone();
     config.vcpus = effective_vcpus(config.accel, config.host, config.vcpus);
-    let args = qemu_args(&config, &cmdline, &status_file);
+    let root_fd = dup_for_child(&config.root)?;
+    let job_fd = dup_for_child(&config.job).map_err(LaunchError::Job)?;
+    let fds = DiskFds {
+        root: root_fd.as_raw_fd(),
+        job: job_fd.as_raw_fd(),
+    };
+    let args = qemu_args(&config, &cmdline, &status_file, fds);
     tracing::debug!(qemu = %config.qemu.display(), ?args, "starting QEMU");
     let mut command = Command::new(&config.qemu);
-    // QEMU dies with its launcher, whatever kills the launcher.
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe.
+    // QEMU dies with its launcher, whatever kills the launcher. It inherits the standard streams
+    // and the two disks' descriptors, nothing else: not even a descriptor our own parent let us
+    // inherit (a make jobserver's pipe, say).
+    // SAFETY: prctl(PR_SET_PDEATHSIG), close_range and fcntl(F_SETFD) are async-signal-safe
+    // system calls; the descriptors are open in the child (copies of ours, kept open until after
+    // the spawn).
     unsafe {
         use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // Marks every descriptor from 3 up close-on-exec (a kernel without close_range,
+            // before 5.11, leaves them: ours are all close-on-exec already).
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            for fd in [fds.root, fds.job] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    let mut child = command
+    let spawned = command
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| LaunchError::NoQemu {
-            qemu: config.qemu.clone(),
-            source,
-        })?;
+        .spawn();
+    // QEMU has its copies now; ours go.
+    drop((root_fd, job_fd));
+    let mut child = spawned.map_err(|source| LaunchError::NoQemu {
+        qemu: config.qemu.clone(),
+        source,
+    })?;
     let console_thread = {
         let mut stdout = child.stdout.take().expect("piped");
         let cap = config.console_cap;
@@ -459,12 +522,12 @@ mod tests {
     use super::*;
 
     fn config(accel: Accel, host: HostKind) -> LaunchConfig {
+        let null = || Arc::new(File::open("/dev/null").unwrap());
         LaunchConfig {
             qemu: "qemu-system-x86_64".into(),
             kernel: "/k/vmlinux".into(),
-            root_disk: "/i/t0.qcow2".into(),
-            root_format: "qcow2".into(),
-            job: "/j/a,b_t0.tar.xz".into(),
+            root: null(),
+            job: null(),
             accel,
             host,
             memory_mib: 256,
@@ -507,33 +570,168 @@ mod tests {
     }
 
     #[test]
-    fn args_have_no_network_and_a_throwaway_root() {
-        let c = config(Accel::Tcg, HostKind::NoKvm);
-        let args = qemu_args(&c, "console=ttyS0", Path::new("/tmp/status"));
-        let joined = args.join(" ");
-        assert!(joined.contains("-nic none") && joined.contains("-nodefaults"));
-        assert!(!joined.contains("virtio-net") && !joined.contains("netdev"));
-        assert!(joined.contains("file=/i/t0.qcow2,format=qcow2,if=none,snapshot=on"));
-        assert!(
-            joined.contains("file=/j/a,,b_t0.tar.xz,format=raw"),
-            "commas escaped: {joined}"
-        );
-        assert!(joined.contains("isa-debugcon,iobase=0x5f0"));
-        assert!(joined.contains("-no-reboot") && joined.contains("-device i8042"));
-        assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
+    fn args_have_no_network_a_throwaway_raw_root_and_no_disk_paths() {
+        for machine in [Machine::Microvm, Machine::Pc] {
+            let c = LaunchConfig {
+                machine,
+                ..config(Accel::Tcg, HostKind::NoKvm)
+            };
+            let fds = DiskFds { root: 12, job: 13 };
+            let args = qemu_args(&c, "console=ttyS0", Path::new("/tmp/a,b/status"), fds);
+            let joined = args.join(" ");
+            assert!(joined.contains("-nic none"));
+            assert!(!joined.contains("virtio-net") && !joined.contains("netdev"));
+            assert!(joined.contains("-add-fd fd=12,set=1,opaque=construir-root"));
+            assert!(joined.contains("-add-fd fd=13,set=2,opaque=construir-job"));
+            // Raw only: QEMU never sees a qcow2 header (no backing or data file to follow).
+            assert!(!joined.contains("qcow2"), "{joined}");
+            let drives: Vec<&String> = args
+                .iter()
+                .zip(args.iter().skip(1))
+                .filter(|(a, _)| *a == "-drive")
+                .map(|(_, d)| d)
+                .collect();
+            assert_eq!(drives.len(), 2);
+            assert!(
+                drives[0].contains("file=/dev/fdset/1,format=raw")
+                    && drives[0].contains("snapshot=on")
+            );
+            assert!(drives[1].contains("file=/dev/fdset/2,format=raw,auto-read-only=off"));
+            assert!(!drives[1].contains("snapshot"));
+            // The only path QEMU opens besides the kernel is the status file (commas escaped).
+            assert!(joined.contains("path=/tmp/a,,b/status"), "{joined}");
+            assert!(joined.contains("isa-debugcon,iobase=0x5f0"));
+            assert!(joined.contains("-no-reboot"));
+            assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
+            if machine == Machine::Microvm {
+                assert!(joined.contains("-nodefaults") && joined.contains("-device i8042"));
+            }
+        }
     }
 
     #[test]
-    fn job_disks_are_padded_to_sectors() {
-        let dir = std::env::temp_dir().join(format!("construir-pad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let job = dir.join("x_t0.tar.xz");
+    fn job_disks_are_padded_to_sectors_through_the_open_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("x_t0.tar.xz");
         std::fs::write(&job, vec![1u8; 1000]).unwrap();
-        assert_eq!(prepare_job_disk(&job).unwrap(), 1024);
-        let data = std::fs::read(&job).unwrap();
+        let file = File::options().read(true).write(true).open(&job).unwrap();
+        // Swapped for a link to another file after the open: the link's target is not touched.
+        let secret = dir.path().join("i0.json");
+        std::fs::write(&secret, b"{}").unwrap();
+        std::fs::rename(&job, dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&secret, &job).unwrap();
+        assert_eq!(prepare_job_disk(&file).unwrap(), 1024);
+        let data = std::fs::read(dir.path().join("moved")).unwrap();
         assert_eq!(&data[..1000], &[1u8; 1000][..]);
         assert!(data[1000..].iter().all(|&b| b == 0));
-        assert!(prepare_job_disk(&dir.join("missing")).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(std::fs::read(&secret).unwrap(), b"{}");
+        assert_eq!(
+            prepare_job_disk(&file).unwrap(),
+            1024,
+            "already whole sectors"
+        );
+        let dir_handle = File::open(dir.path()).unwrap();
+        assert!(prepare_job_disk(&dir_handle).is_err());
+    }
+
+    /// A stand-in for QEMU: a shell script that records its arguments and what each of its open
+    /// descriptors is, then exits as a VM that powered off would.
+    fn fake_qemu(dir: &Path) -> PathBuf {
+        let script = dir.join("fake-qemu");
+        let out = dir.join("seen");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done >{out}.args\n\
+                 for fd in $(ls /proc/$$/fd); do echo \"$fd $(readlink /proc/$$/fd/$fd)\"; done >{out}.fds\n",
+                out = out.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    #[test]
+    fn qemu_gets_the_opened_files_never_their_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 4096]).unwrap();
+        let job = dir.path().join("j_t0.tar.xz");
+        std::fs::write(&job, vec![7u8; 700]).unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"ELF").unwrap();
+        let job_file = File::options().read(true).write(true).open(&job).unwrap();
+        // After the launcher's checks, the job's name is pointed at another file.
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"not yours").unwrap();
+        let opened = dir.path().join("opened-job");
+        std::fs::rename(&job, &opened).unwrap();
+        std::os::unix::fs::symlink(&secret, &job).unwrap();
+        let c = LaunchConfig {
+            qemu: fake_qemu(dir.path()),
+            kernel,
+            root: Arc::new(File::open(&base).unwrap()),
+            job: Arc::new(job_file),
+            ..config(Accel::Tcg, HostKind::NoKvm)
+        };
+        // A fork elsewhere in the test process may briefly hold the script's write descriptor.
+        let result = (0..50)
+            .find_map(|_| match launch(&c, std::io::sink()) {
+                Err(LaunchError::NoQemu { source, .. })
+                    if source.raw_os_error() == Some(libc::ETXTBSY) =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                }
+                other => Some(other),
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(result.qemu_exit, Some(0));
+        assert!(matches!(result.outcome, RunOutcome::GuestFailed(_)));
+        let args = std::fs::read_to_string(dir.path().join("seen.args")).unwrap();
+        let fds = std::fs::read_to_string(dir.path().join("seen.fds")).unwrap();
+        assert!(!args.contains(job.to_str().unwrap()), "{args}");
+        assert!(
+            !args.contains("base.raw") && !args.contains("opened-job"),
+            "{args}"
+        );
+        let fd_of = |set: &str| -> String {
+            let line = args
+                .lines()
+                .find(|l| l.starts_with("fd=") && l.contains(&format!(",set={set},")))
+                .unwrap_or_else(|| panic!("no set {set}: {args}"));
+            line["fd=".len()..line.find(',').unwrap()].to_string()
+        };
+        let target = |fd: String| -> String {
+            fds.lines()
+                .find_map(|l| l.strip_prefix(&format!("{fd} ")))
+                .unwrap_or_else(|| panic!("descriptor {fd} not inherited: {fds}"))
+                .to_string()
+        };
+        assert_eq!(target(fd_of("1")), base.display().to_string());
+        assert_eq!(target(fd_of("2")), opened.display().to_string());
+        // Nothing else of ours reaches QEMU: the other descriptors are the shell's own (its
+        // script, its output file, command substitutions' pipes) and the standard streams.
+        let expected = ["base.raw", "opened-job", "fake-qemu", "seen.fds"]
+            .map(|n| dir.path().join(n).display().to_string());
+        for line in fds.lines() {
+            let (fd, target) = line.split_once(' ').unwrap();
+            let fd: i32 = fd.parse().unwrap();
+            assert!(
+                fd <= 2
+                    || expected.iter().any(|e| e == target)
+                    || (target.starts_with("pipe:") && fd < 20)
+                    || target == "/dev/null"
+                    // closed between the listing and the readlink: the shell's own
+                    || target.is_empty(),
+                "descriptor {fd} ({target}) leaked into QEMU: {fds}"
+            );
+        }
+        // Padded through the descriptor; the link's target untouched.
+        assert_eq!(std::fs::metadata(&opened).unwrap().len(), 1024);
+        assert_eq!(std::fs::read(&secret).unwrap(), b"not yours");
     }
 }

@@ -190,7 +190,11 @@ mod tests {
         // SAFETY: mkfifo with a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let e = open_job_file(&fifo, 1 << 20).unwrap_err();
-        assert_eq!(e.refusal(), Some(&JobFileRefusal::NotRegular("FIFO")), "{e}");
+        assert_eq!(
+            e.refusal(),
+            Some(&JobFileRefusal::NotRegular("FIFO")),
+            "{e}"
+        );
 
         let sparse = d.path().join("s_i0.tar.xz");
         std::fs::File::create(&sparse)

@@ -1,5 +1,10 @@
 //! Image manifests: `<images-dir>/<index>.json` next to `<index>.qcow2`, written by `image/build`
 //! and read by the VMM, the QEMU launcher and the runner.
+//!
+//! A manifest is checked when it is loaded ([`ImageManifest::check`]), since its fields become
+//! paths and sizes: `disk` must be a plain file name in the images directory and `kernel` one
+//! too, or `kernels/` and a plain name (what `image/build` writes); no `..`, no absolute path, no
+//! other separator. The sha256 fields are 64 lower-case hex digits, and the sizes are capped.
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -56,6 +61,107 @@ pub enum ManifestError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{path} is refused: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// Largest virtual disk an image may declare: a qcow2 header can claim exabytes, and converting
+/// it reads every byte of the virtual disk.
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 40;
+
+/// Largest manifest file read (a real one is a few KiB, mostly the package list).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Guest memory an image may ask for, in MiB (what `--memory` accepts).
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=65536;
+
+/// vCPUs an image may ask for (what `--vcpus` accepts).
+pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=32;
+
+/// The directory manifests may name kernels in, inside the images directory.
+pub const KERNELS_DIR: &str = "kernels";
+
+/// Whether `text` is a sha256 as construir writes them: 64 lower-case hex digits.
+pub fn valid_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `name` is a plain file name: 1 to 255 bytes of letters, digits, `.`, `_`, `+`, `-`,
+/// not starting with `.` (so not `.` or `..`), hence no separator and nothing absolute.
+pub fn plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+}
+
+impl ImageManifest {
+    /// Checks what the host uses as paths and sizes; the reason, if refused.
+    pub fn check(&self) -> Result<(), String> {
+        if !valid_index(&self.index) {
+            return Err(format!("index {:?} is not an image index", self.index));
+        }
+        if !plain_file_name(&self.disk) {
+            return Err(format!(
+                "disk {:?} must be a plain file name in the images directory (no `/`, no `..`)",
+                self.disk
+            ));
+        }
+        let kernel_name = self
+            .kernel
+            .strip_prefix(KERNELS_DIR)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .unwrap_or(&self.kernel);
+        if !plain_file_name(kernel_name) {
+            return Err(format!(
+                "kernel {:?} must be a plain file name in the images directory or in its \
+                 {KERNELS_DIR}/ (no other `/`, no `..`)",
+                self.kernel
+            ));
+        }
+        if self.disk_format != "qcow2" {
+            return Err(format!(
+                "disk_format {:?}: only qcow2 images are supported",
+                self.disk_format
+            ));
+        }
+        for (field, value) in [
+            ("disk_sha256", &self.disk_sha256),
+            ("kernel_sha256", &self.kernel_sha256),
+            ("init_sha256", &self.init_sha256),
+        ] {
+            if !valid_sha256(value) {
+                return Err(format!(
+                    "{field} {value:?} is not a sha256 (64 lower-case hex digits)"
+                ));
+            }
+        }
+        if self.virtual_size == 0 || self.virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(format!(
+                "virtual_size {} must be between 1 and {MAX_VIRTUAL_SIZE} bytes",
+                self.virtual_size
+            ));
+        }
+        if !MEMORY_MIB_RANGE.contains(&self.memory_mib) {
+            return Err(format!(
+                "memory_mib {} must be between {} and {}",
+                self.memory_mib,
+                MEMORY_MIB_RANGE.start(),
+                MEMORY_MIB_RANGE.end()
+            ));
+        }
+        if !VCPUS_RANGE.contains(&self.vcpus) {
+            return Err(format!(
+                "vcpus {} must be between {} and {}",
+                self.vcpus,
+                VCPUS_RANGE.start(),
+                VCPUS_RANGE.end()
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub use crate::manifest_index::valid_index;
@@ -74,7 +180,7 @@ impl Image {
             return Err(ManifestError::BadIndex(index.to_string()));
         }
         let path = dir.join(format!("{index}.json"));
-        let text = match std::fs::read_to_string(&path) {
+        let text = match read_capped(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ManifestError::Missing {
@@ -84,8 +190,22 @@ impl Image {
             }
             Err(source) => return Err(ManifestError::Read { path, source }),
         };
-        let manifest =
-            serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path, source })?;
+        let manifest: ImageManifest =
+            serde_json::from_str(&text).map_err(|source| ManifestError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        let refused = |reason| ManifestError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        manifest.check().map_err(refused)?;
+        if manifest.index != index {
+            return Err(refused(format!(
+                "it says it is image {:?}, but is named {index}.json",
+                manifest.index
+            )));
+        }
         Ok(Image {
             manifest,
             dir: dir.to_path_buf(),
@@ -99,6 +219,21 @@ impl Image {
     pub fn kernel_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.kernel)
     }
+}
+
+/// Reads a manifest, at most [`MAX_MANIFEST_BYTES`].
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_MANIFEST_BYTES} bytes"
+        )));
+    }
+    Ok(text)
 }
 
 /// The images directory: `$CONSTRUIR_IMAGES`, else `<cache>/images`, where the cache is
@@ -136,6 +271,183 @@ mod tests {
         }
     }
 
+    /// A manifest as image/build writes one.
+    pub(crate) fn sample(index: &str) -> ImageManifest {
+        ImageManifest {
+            index: index.into(),
+            description: "test".into(),
+            disk: format!("{index}.qcow2"),
+            disk_format: "qcow2".into(),
+            disk_sha256: "0".repeat(64),
+            virtual_size: 1 << 20,
+            kernel: "kernels/vmlinux-6e8b24b4909123e6".into(),
+            kernel_sha256: "1".repeat(64),
+            memory_mib: 256,
+            vcpus: 1,
+            init_sha256: "2".repeat(64),
+            installed: vec!["busybox".into()],
+            build_key: "k".into(),
+        }
+    }
+
+    #[test]
+    fn paths_hashes_and_sizes_are_checked() {
+        assert_eq!(sample("t0").check(), Ok(()));
+        assert_eq!(
+            ImageManifest {
+                kernel: "vmlinux".into(),
+                ..sample("t0")
+            }
+            .check(),
+            Ok(())
+        );
+        let refused = |m: ImageManifest, what: &str| {
+            let reason = m.check().unwrap_err();
+            assert!(reason.contains(what), "{what}: {reason}");
+        };
+        for disk in [
+            "",
+            "/etc/shadow",
+            "../t0.qcow2",
+            "..",
+            ".",
+            "sub/t0.qcow2",
+            "kernels/t0.qcow2",
+            ".hidden",
+            "a\\b",
+            "t0.qcow2\0",
+            "t0 .qcow2",
+            &"x".repeat(256),
+        ] {
+            refused(
+                ImageManifest {
+                    disk: disk.into(),
+                    ..sample("t0")
+                },
+                "disk",
+            );
+        }
+        for kernel in [
+            "",
+            "/boot/vmlinuz",
+            "../vmlinux",
+            "kernels/../../vmlinux",
+            "kernels/",
+            "kernels//vmlinux",
+            "kernels/sub/vmlinux",
+            "other/vmlinux",
+            "kernels/..",
+        ] {
+            refused(
+                ImageManifest {
+                    kernel: kernel.into(),
+                    ..sample("t0")
+                },
+                "kernel",
+            );
+        }
+        for sha in ["", "00", &"A".repeat(64), &"g".repeat(64), &"0".repeat(65)] {
+            refused(
+                ImageManifest {
+                    disk_sha256: sha.into(),
+                    ..sample("t0")
+                },
+                "disk_sha256",
+            );
+            refused(
+                ImageManifest {
+                    kernel_sha256: sha.into(),
+                    ..sample("t0")
+                },
+                "kernel_sha256",
+            );
+            refused(
+                ImageManifest {
+                    init_sha256: sha.into(),
+                    ..sample("t0")
+                },
+                "init_sha256",
+            );
+        }
+        for size in [0, MAX_VIRTUAL_SIZE + 1, u64::MAX] {
+            refused(
+                ImageManifest {
+                    virtual_size: size,
+                    ..sample("t0")
+                },
+                "virtual_size",
+            );
+        }
+        for memory_mib in [0, 63, 65537, u32::MAX] {
+            refused(
+                ImageManifest {
+                    memory_mib,
+                    ..sample("t0")
+                },
+                "memory_mib",
+            );
+        }
+        for vcpus in [0, 33, u32::MAX] {
+            refused(
+                ImageManifest {
+                    vcpus,
+                    ..sample("t0")
+                },
+                "vcpus",
+            );
+        }
+        refused(
+            ImageManifest {
+                disk_format: "raw".into(),
+                ..sample("t0")
+            },
+            "disk_format",
+        );
+        refused(
+            ImageManifest {
+                index: "../t0".into(),
+                ..sample("t0")
+            },
+            "index",
+        );
+    }
+
+    #[test]
+    fn load_refuses_unsafe_mismatched_and_oversized_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, m: &ImageManifest| {
+            std::fs::write(dir.path().join(name), serde_json::to_string(m).unwrap()).unwrap()
+        };
+        write(
+            "t0.json",
+            &ImageManifest {
+                disk: "../../etc/shadow".into(),
+                ..sample("t0")
+            },
+        );
+        let err = Image::load(dir.path(), "t0").unwrap_err();
+        assert!(matches!(err, ManifestError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("plain file name"), "{err}");
+        write("t1.json", &sample("t2"));
+        let err = Image::load(dir.path(), "t1").unwrap_err();
+        assert!(err.to_string().contains("named t1.json"), "{err}");
+        // Unknown fields (newer image builds) are fine.
+        let mut v = serde_json::to_value(sample("t3")).unwrap();
+        v["kernel_source"] = "linux-source-6.1".into();
+        std::fs::write(dir.path().join("t3.json"), v.to_string()).unwrap();
+        assert_eq!(
+            Image::load(dir.path(), "t3").unwrap().manifest,
+            sample("t3")
+        );
+        // A huge file is not read whole.
+        let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(2 << 20));
+        std::fs::write(dir.path().join("t4.json"), big).unwrap();
+        assert!(matches!(
+            Image::load(dir.path(), "t4"),
+            Err(ManifestError::Read { .. })
+        ));
+    }
+
     #[test]
     fn load_reports_missing_and_bad_manifests() {
         let dir = tempfile::tempdir().unwrap();
@@ -150,21 +462,7 @@ mod tests {
             Image::load(dir.path(), "../x"),
             Err(ManifestError::BadIndex(_))
         ));
-        let m = ImageManifest {
-            index: "t1".into(),
-            description: "test".into(),
-            disk: "t1.qcow2".into(),
-            disk_format: "qcow2".into(),
-            disk_sha256: "00".into(),
-            virtual_size: 1 << 20,
-            kernel: "kernels/vmlinux-x".into(),
-            kernel_sha256: "11".into(),
-            memory_mib: 256,
-            vcpus: 1,
-            init_sha256: "22".into(),
-            installed: vec!["busybox".into()],
-            build_key: "k".into(),
-        };
+        let m = sample("t1");
         std::fs::write(
             dir.path().join("t1.json"),
             serde_json::to_string(&m).unwrap(),

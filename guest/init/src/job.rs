@@ -33,7 +33,15 @@ pub fn unpack(device: &str) -> anyhow::Result<Unpacked> {
             summary.compression.unwrap_or("?"),
             started.elapsed().as_secs_f64()
         ),
-        Err(e @ (ArchiveError::NotAnArchive | ArchiveError::Corrupt { .. })) => {
+        // A job past the archive reader's limits (huge headers, millions of entries, a stream
+        // bomb) is the submitter's doing: an invalid job, like an unreadable one.
+        Err(
+            e @ (ArchiveError::NotAnArchive
+            | ArchiveError::Corrupt { .. }
+            | ArchiveError::MetadataTooLarge { .. }
+            | ArchiveError::TooManyEntries { .. }
+            | ArchiveError::StreamTooLarge { .. }),
+        ) => {
             say!("invalid job: {}", error_chain(&e));
             return Ok(Unpacked::Invalid(GuestReport::NoArchive));
         }

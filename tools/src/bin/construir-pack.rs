@@ -4,8 +4,8 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use construir_abi::manifest::valid_index;
-use construir_tools::pack::{archive_from_dir, write_archive};
-use std::path::PathBuf;
+use construir_tools::pack::{archive_from_dir, parse_size, write_archive};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,20 +38,6 @@ struct Cli {
     out_dir: PathBuf,
 }
 
-fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{text:?} is not a size (examples: 64M, 1G)"))?;
-    n.checked_mul(mult).context("size too large")
-}
-
 fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("construir-pack: error: {e:#}");
@@ -63,7 +49,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !valid_index(&cli.image) {
         bail!("--image {:?} is not an image index (like i0)", cli.image);
     }
-    let min_size = parse_size(&cli.output_size)?;
+    let min_size = parse_size(&cli.output_size).map_err(anyhow::Error::msg)?;
+    // `_tmp` holds --git's scratch tree until the job is written; dropping it removes the tree.
     let (tree, default_name, _tmp) = match (&cli.dir, &cli.git) {
         (Some(dir), None) => (
             dir.clone(),
@@ -73,29 +60,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             None,
         ),
         (None, Some(repo)) => {
-            // `git archive` gives exactly the committed tree at the revision, without .git.
-            let tmp = tempfile_dir()?;
-            let archive = std::process::Command::new("git")
-                .arg("-C")
-                .arg(repo)
-                .args(["archive", "--format=tar", &cli.rev])
-                .output()
-                .context("run git archive")?;
-            if !archive.status.success() {
-                bail!(
-                    "git archive {} failed: {}",
-                    cli.rev,
-                    String::from_utf8_lossy(&archive.stderr).trim()
-                );
-            }
-            tar::Archive::new(&archive.stdout[..])
-                .unpack(&tmp)
-                .context("unpack the git tree")?;
+            let tmp = git_tree(repo, &cli.rev)?;
             let name = repo
                 .canonicalize()?
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned());
-            (tmp.clone(), name, Some(TempDir(tmp)))
+            (tmp.path().to_path_buf(), name, Some(tmp))
         }
         _ => bail!("give --dir DIR or --git REPO"),
     };
@@ -128,15 +98,78 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// The committed tree of `repo` at `rev` (no .git), unpacked into a fresh private directory:
+/// random name, mode 0700, created with O_EXCL semantics, so no other local user can pre-create
+/// it or put files in it while it is packed. Removed when the returned guard drops.
+fn git_tree(repo: &Path, rev: &str) -> anyhow::Result<tempfile::TempDir> {
+    // A revision like `--output=FILE` would be taken as an option of git archive.
+    if rev.starts_with('-') {
+        bail!("--rev {rev:?} is not a revision");
     }
+    // tempfile leaves a directory's mode to the umask: 0700 is asked for explicitly.
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::Builder::new()
+        .prefix("construir-pack-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("create a private scratch directory")?;
+    // `git archive` gives exactly the committed tree at the revision, without .git.
+    let archive = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["archive", "--format=tar", rev])
+        .output()
+        .context("run git archive")?;
+    if !archive.status.success() {
+        bail!(
+            "git archive {rev} failed: {}",
+            String::from_utf8_lossy(&archive.stderr).trim()
+        );
+    }
+    tar::Archive::new(&archive.stdout[..])
+        .unpack(tmp.path())
+        .context("unpack the git tree")?;
+    Ok(tmp)
 }
 
-fn tempfile_dir() -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("construir-pack-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let status = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "git {args:?}");
+    }
+
+    #[test]
+    fn the_git_tree_goes_to_a_private_fresh_directory_not_a_predictable_one() {
+        let repo = tempfile::tempdir().unwrap();
+        git(repo.path(), &["init", "-q"]);
+        std::fs::write(repo.path().join("construir"), "#!/bin/sh\ntrue\n").unwrap();
+        git(repo.path(), &["add", "construir"]);
+        git(repo.path(), &["commit", "-q", "-m", "job"]);
+        // Another user's trap at the name the old code used.
+        let predictable =
+            std::env::temp_dir().join(format!("construir-pack-{}", std::process::id()));
+        std::fs::create_dir_all(&predictable).unwrap();
+        std::fs::write(predictable.join("planted"), "x").unwrap();
+        let tree = git_tree(repo.path(), "HEAD");
+        let _ = std::fs::remove_dir_all(&predictable);
+        let tree = tree.unwrap();
+        let path = tree.path().to_path_buf();
+        assert_ne!(path, predictable);
+        assert!(path.join("construir").is_file() && !path.join("planted").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "only its owner may enter: {mode:o}");
+        drop(tree);
+        assert!(!path.exists(), "removed afterwards");
+        assert!(git_tree(repo.path(), "--output=/tmp/x").is_err());
+    }
 }

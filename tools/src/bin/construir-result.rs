@@ -2,19 +2,24 @@
 
 use anyhow::Context;
 use clap::Parser;
-use construir_abi::archive;
+use construir_abi::archive::{self, Limits};
+use construir_tools::pack::parse_size;
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "construir-result",
     about = "Show or extract what a finished construir job wrote to its disk",
-    after_help = "Examples:\n  construir-result done/hello_i0.tar.xz                 # record, log, and the files\n  \
-construir-result done/hello_i0.tar.xz --cat build.log\n  construir-result done/hello_i0.tar.xz --extract out/"
+    after_help = "Examples:\n  construir-result done/RUN                 # record, log, and the files\n  \
+construir-result done/RUN --cat build.log\n  construir-result done/RUN --extract out/\n  \
+construir-result hello_i0.tar.xz           # any job file a launcher ran"
 )]
 struct Cli {
-    /// The job file (in done/ or failed/ of a runner directory, or any job file a launcher ran).
+    /// A run's directory (done/RUN or failed/RUN of a runner directory), the job file in it, or
+    /// any job file a launcher ran.
     job: PathBuf,
     /// Extract the output into this directory.
     #[arg(long)]
@@ -22,31 +27,141 @@ struct Cli {
     /// Print one output file to stdout.
     #[arg(long)]
     cat: Option<String>,
-    /// Largest file --cat prints.
-    #[arg(long, default_value_t = 1 << 30)]
+    /// Largest file --cat prints (bytes, or 64M, 1G).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
     max_bytes: u64,
+    /// Most bytes --extract writes into files, in all (a decompression bomb stops here).
+    #[arg(long, default_value = "16G", value_parser = parse_size)]
+    max_output: u64,
+    /// Most entries the job's output may have.
+    #[arg(long, default_value_t = Limits::DEFAULT.max_entries)]
+    max_entries: u64,
+    /// Most bytes of decompressed tar read, whatever is done with them (default: twice
+    /// --max-output).
+    #[arg(long, value_parser = parse_size)]
+    max_stream: Option<u64>,
+}
+
+impl Cli {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_entries: self.max_entries,
+            max_output: self.max_output,
+            max_stream: self.max_stream.unwrap_or(self.max_output.saturating_mul(2)),
+            ..Limits::DEFAULT
+        }
+    }
+}
+
+/// `text` with what a terminal would act on made visible: control characters (escape sequences
+/// start with one) as `\xNN` or `\u{NNNN}`, and the bidirectional overrides that make text
+/// display in another order than it reads. Backslashes are doubled, so an escape cannot be faked.
+fn printable(text: &str) -> Cow<'_, str> {
+    let special = |c: char| c == '\\' || c.is_control() || is_bidi(c);
+    if !text.chars().any(special) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if !special(c) => out.push(c),
+            c if (c as u32) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Bidirectional marks, embeddings, overrides and isolates.
+fn is_bidi(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("construir-result: error: {e:#}");
+        // Errors can quote the archive's own names.
+        eprintln!("construir-result: error: {}", printable(&format!("{e:#}")));
         std::process::exit(1);
     }
 }
 
+/// What a path given on the command line names: the job file, and its run's record and console
+/// log when it is (in) a run directory of a runner.
+#[derive(Debug, PartialEq, Eq)]
+struct Located {
+    job: PathBuf,
+    record: Option<PathBuf>,
+    console: Option<PathBuf>,
+}
+
+/// The files of a run directory that are the runner's, not the job's.
+const RUN_FILES: &[&str] = &["record.json", "run.json", "console.log", "backend.log"];
+
+fn locate(path: &Path) -> anyhow::Result<Located> {
+    let (dir, job) = if path.is_dir() {
+        let mut jobs = Vec::new();
+        for entry in std::fs::read_dir(path).with_context(|| format!("read {}", path.display()))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !RUN_FILES.iter().any(|f| name == *f) && !name.to_string_lossy().starts_with('.') {
+                jobs.push(entry.path());
+            }
+        }
+        anyhow::ensure!(
+            jobs.len() == 1,
+            "{} is not a run directory (it should hold one job file and record.json; found {} other files)",
+            path.display(),
+            jobs.len()
+        );
+        (path.to_path_buf(), jobs.remove(0))
+    } else {
+        (
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            path.to_path_buf(),
+        )
+    };
+    let in_run = dir.join("record.json");
+    // The layout before run directories kept NAME.json next to the job file.
+    let legacy = job.with_file_name(format!(
+        "{}.json",
+        job.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let record = [in_run, legacy].into_iter().find(|p| p.is_file());
+    let console = Some(dir.join("console.log")).filter(|p| record.is_some() && p.is_file());
+    Ok(Located {
+        job,
+        record,
+        console,
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let open =
-        || std::fs::File::open(&cli.job).with_context(|| format!("open {}", cli.job.display()));
+    let located = locate(&cli.job)?;
+    let open = || {
+        std::fs::File::open(&located.job).with_context(|| format!("open {}", located.job.display()))
+    };
     let reader = || open().map(std::io::BufReader::new);
+    let limits = cli.limits();
     if let Some(path) = &cli.cat {
-        let data = archive::read_file(reader()?, path, cli.max_bytes)?
+        // Streamed: a file up to --max-bytes is never held in memory whole.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        archive::copy_file(reader()?, path, cli.max_bytes, &limits, &mut out)?
             .with_context(|| format!("the job's output has no {path}"))?;
-        std::io::stdout().write_all(&data)?;
+        out.flush()?;
         return Ok(());
     }
     if let Some(dir) = &cli.extract {
         std::fs::create_dir_all(dir)?;
-        let summary = archive::unpack(reader()?, dir)?;
+        // Not the guest's unpack: modes are masked by the umask, set-user-ID bits dropped.
+        let summary = archive::extract(reader()?, dir, &limits)?;
         eprintln!(
             "extracted {} entries ({} bytes) into {}",
             summary.entries,
@@ -55,51 +170,136 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let record = cli.job.with_file_name(format!(
-        "{}.json",
-        cli.job.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    match std::fs::read_to_string(&record) {
-        Ok(text) => {
+    match &located.record {
+        Some(record) => {
+            let text = std::fs::read_to_string(record)
+                .with_context(|| format!("read {}", record.display()))?;
             let rec: serde_json::Value =
                 serde_json::from_str(&text).context("the record is not JSON")?;
-            println!(
-                "status:  {} — {}",
-                rec["status"].as_str().unwrap_or("?"),
-                rec["reason"].as_str().unwrap_or("")
-            );
+            // Every field can hold what a job or its name chose.
+            let field = |k: &str| printable(rec[k].as_str().unwrap_or("?")).into_owned();
+            println!("job:     {} (run {})", field("job"), field("run_id"));
+            println!("status:  {} — {}", field("status"), field("reason"));
             println!(
                 "ran:     image {} with {} {} on {} in {:.1} s (attempt {})",
-                rec["image"].as_str().unwrap_or("?"),
-                rec["backend"].as_str().unwrap_or("?"),
-                rec["accel"].as_str().unwrap_or(""),
-                rec["host_kind"].as_str().unwrap_or("?"),
+                field("image"),
+                field("backend"),
+                rec["accel"].as_str().map(printable).unwrap_or_default(),
+                field("host_kind"),
                 rec["runner_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
                 rec["attempts"]
             );
-            if let Some(log) = rec["console_log"].as_str() {
-                let root = cli
-                    .job
-                    .parent()
-                    .and_then(|p| p.parent())
-                    .unwrap_or(std::path::Path::new("."));
-                println!("console: {}", root.join(log).display());
+            if let Some(console) = &located.console {
+                println!("console: {}", console.display());
             }
         }
-        Err(_) => println!("(no record next to the job file: {})", record.display()),
+        None => println!(
+            "(no record: {} is not in a run directory)",
+            located.job.display()
+        ),
     }
-    match archive::list(reader()?) {
-        Ok((compression, entries)) => {
-            println!(
-                "output ({} tar, {} entries):",
-                compression.as_str(),
-                entries.len()
-            );
-            for e in entries {
-                println!("  {:>10}  {:o}  {}", e.size, e.mode & 0o7777, e.path);
-            }
+    // Listed as read, so a huge listing is never held in memory.
+    let mut listed = 0u64;
+    let result = archive::list_each(reader()?, &limits, |e| {
+        if listed == 0 {
+            println!("output:");
         }
-        Err(e) => println!("output: none readable ({e})"),
+        listed += 1;
+        println!(
+            "  {:>10}  {:o}  {}",
+            e.size,
+            e.mode & 0o7777,
+            printable(&e.path)
+        );
+    });
+    match result {
+        Ok(summary) if listed == 0 => {
+            println!("output: an empty {} tar", summary.compression.as_str())
+        }
+        Ok(summary) => println!(
+            "  ({} tar, {} entries)",
+            summary.compression.as_str(),
+            summary.entries
+        ),
+        Err(e) if listed == 0 => println!("output: none readable ({})", printable(&e.to_string())),
+        Err(e) => println!(
+            "  (unreadable after {listed} entries: {})",
+            printable(&e.to_string())
+        ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_directory_or_its_job_file_finds_the_record_and_console() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("20261201-194012-1a2b3c4d");
+        std::fs::create_dir(&run).unwrap();
+        for f in [
+            "a_t0.tar.xz",
+            "record.json",
+            "run.json",
+            "console.log",
+            "backend.log",
+        ] {
+            std::fs::write(run.join(f), b"{}").unwrap();
+        }
+        let want = Located {
+            job: run.join("a_t0.tar.xz"),
+            record: Some(run.join("record.json")),
+            console: Some(run.join("console.log")),
+        };
+        assert_eq!(locate(&run).unwrap(), want);
+        assert_eq!(locate(&run.join("a_t0.tar.xz")).unwrap(), want);
+        // A directory with two job-like files is not a run.
+        std::fs::write(run.join("b_t0.tar.xz"), b"").unwrap();
+        assert!(locate(&run).is_err());
+        // A job file anywhere: no record.
+        let loose = d.path().join("c_t0.tar.xz");
+        std::fs::write(&loose, b"").unwrap();
+        let l = locate(&loose).unwrap();
+        assert_eq!((l.record, l.console), (None, None));
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on() {
+        assert!(matches!(printable("src/main.c ü 中"), Cow::Borrowed(_)));
+        assert_eq!(printable("a\x1b]0;owned\x07b"), "a\\x1b]0;owned\\x07b");
+        assert_eq!(printable("x\x1b[2J\ry\n\t"), "x\\x1b[2J\\x0dy\\x0a\\x09");
+        assert_eq!(printable("c1\u{9b}31m del\x7f"), "c1\\x9b31m del\\x7f");
+        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        // A literal backslash sequence in a name cannot pass for an escaped byte.
+        assert_eq!(printable("a\\x1b"), "a\\\\x1b");
+    }
+
+    #[test]
+    fn limits_come_from_the_flags() {
+        let cli = Cli::parse_from(["construir-result", "job", "--max-output", "1M"]);
+        let limits = cli.limits();
+        assert_eq!(
+            (limits.max_output, limits.max_stream, limits.max_entries),
+            (1 << 20, 2 << 20, 1_000_000)
+        );
+        assert_eq!(cli.max_bytes, 1 << 30);
+        let cli = Cli::parse_from([
+            "construir-result",
+            "job",
+            "--max-stream",
+            "3G",
+            "--max-entries",
+            "10",
+            "--max-bytes",
+            "512",
+        ]);
+        let limits = cli.limits();
+        assert_eq!(
+            (limits.max_output, limits.max_stream, limits.max_entries),
+            (16 << 30, 3 << 30, 10)
+        );
+        assert_eq!(cli.max_bytes, 512);
+    }
 }
