@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! queue/NAME                      dropped jobs (hostile names and files: see intake.rs)
-//! running/RUN/NAME                the job file while it runs (the VM writes its output over it)
+//! running/RUN/NAME                the job file while it runs (a fresh copy of `submitted` for each
+//!                                 start: the VM writes its output over it)
+//! running/RUN/submitted           the job file as it was queued, until the run ends
 //! running/RUN/run.json            the job's name and how many times it was started
 //! running/RUN/console.log         the guest's console, and backend.log the backend's messages
 //! done/RUN/…, failed/RUN/…        the same directory once the run ended, with record.json
@@ -26,6 +28,9 @@ pub const RUN_STATE: &str = "run.json";
 pub const RECORD: &str = "record.json";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const BACKEND_LOG: &str = "backend.log";
+/// The job file as it was submitted, kept while its run lasts: each start gets a fresh copy of it
+/// to write over (disk_copy.rs), so an interrupted start never leaves the next one a damaged job.
+pub const SUBMITTED: &str = "submitted";
 /// The name a job file is kept under when its own name is unusable (not UTF-8, too long, …).
 pub const UNNAMED_JOB: &str = "job";
 
@@ -77,11 +82,45 @@ impl QueueDirs {
         Ok(d)
     }
 
-    /// Makes a new, empty run directory in running/ and returns its id.
+    /// Takes the directory for this process: one runner per directory (a second one, even with
+    /// `--once`, would start the first one's runs again). Held until the returned file is dropped.
+    pub fn lock(&self) -> io::Result<std::fs::File> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let path = self.root.join(".lock");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "another construir-runner uses {} (pid {}); one runner per directory",
+                    self.root.display(),
+                    holder.trim()
+                ),
+            ));
+        }
+        f.set_len(0)?;
+        writeln!(f, "{}", std::process::id())?;
+        Ok(f)
+    }
+
+    /// Makes a new, empty run directory in running/ (mode 0700: a run's files are the runner's)
+    /// and returns its id.
     pub fn new_run(&self) -> io::Result<String> {
+        use std::os::unix::fs::DirBuilderExt;
         loop {
             let id = new_run_id();
-            match std::fs::create_dir(self.running.join(&id)) {
+            match std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(self.running.join(&id))
+            {
                 Ok(()) => return Ok(id),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),

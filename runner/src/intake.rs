@@ -113,12 +113,22 @@ pub fn writers(path: &Path) -> Writers {
     }
 }
 
-/// Whether a file whose writers are unknown has been left alone long enough to take.
+/// Whether a file whose writers are unknown has been left alone long enough to take. The later
+/// of its modification and change times counts (a user can set the first to anything, not the
+/// second); a time in the future (a clock set back, a skewed copy) says nothing, so it is taken.
 pub fn settled(meta: &Metadata, now: SystemTime) -> bool {
-    meta.modified()
-        .ok()
-        .and_then(|m| now.duration_since(m).ok())
-        .is_some_and(|age| age >= QUIET_PERIOD)
+    use std::os::unix::fs::MetadataExt;
+    let ctime = u64::try_from(meta.ctime()).ok().map(|s| {
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(s)
+            + Duration::from_nanos(u64::try_from(meta.ctime_nsec()).unwrap_or(0))
+    });
+    let latest = [meta.modified().ok(), ctime].into_iter().flatten().max();
+    match latest {
+        Some(t) if t > now + Duration::from_secs(1) => true,
+        Some(t) => now.duration_since(t).unwrap_or_default() >= QUIET_PERIOD,
+        None => true,
+    }
 }
 
 #[cfg(test)]
@@ -201,5 +211,25 @@ mod tests {
         let meta = std::fs::metadata(&p).unwrap();
         assert!(!settled(&meta, SystemTime::now()));
         assert!(settled(&meta, SystemTime::now() + QUIET_PERIOD));
+        // A modification time set far back does not make a file just written look old: its
+        // change time is now.
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        assert!(!settled(&std::fs::metadata(&p).unwrap(), SystemTime::now()));
+        // One set in the future is no reason to wait forever.
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(3600))
+            .unwrap();
+        assert!(settled(
+            &std::fs::metadata(&p).unwrap(),
+            SystemTime::now() + QUIET_PERIOD
+        ));
     }
 }

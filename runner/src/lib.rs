@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod dirs;
+pub mod disk_copy;
 pub mod intake;
 pub mod record;
 pub mod run;

@@ -34,7 +34,8 @@ struct Cli {
     /// Where image manifests live (default: $CONSTRUIR_IMAGES or ~/.cache/construir/images).
     #[arg(long)]
     images_dir: Option<PathBuf>,
-    /// Run this one job file (moved into the queue), then exit.
+    /// Run this one job file (moved into the queue), then exit with its verdict (0: success) and
+    /// print its run's directory.
     #[arg(long)]
     once: Option<PathBuf>,
     /// Print a JSON event per job start and end on stdout.
@@ -75,13 +76,17 @@ fn main() {
     launcher::init_logging();
     let cli: Cli = launcher::parse_args();
     launcher::stop_on_termination_signals(&runner::STOP);
-    if let Err(e) = run(cli) {
-        eprintln!("construir-runner: error: {e:#}");
-        std::process::exit(1);
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("construir-runner: error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the runner; the process's exit code (with --once, the job's verdict).
+fn run(cli: Cli) -> anyhow::Result<i32> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         tracing::warn!(
@@ -107,38 +112,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         backend.name(),
         dirs.queue.display()
     );
+    // One runner per directory, --once included (it would start the live runner's runs again).
+    let _lock = dirs.lock()?;
     let once = match &cli.once {
-        Some(file) => {
-            let name = file
-                .file_name()
-                .context("--once needs a file name")?
-                .to_os_string();
-            let target = dirs.queue.join(&name);
-            // Never over a queued job of the same name.
-            if let Err(e) = dirs::rename_noreplace(file, &target) {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    anyhow::bail!(
-                        "{} is already queued: a job of that name is waiting",
-                        target.display()
-                    );
-                }
-                // Another file system: copy under a hidden name, then rename in.
-                let tmp = dirs
-                    .queue
-                    .join(format!(".{}.partial", name.to_string_lossy()));
-                std::fs::copy(file, &tmp)
-                    .with_context(|| format!("copy {} into the queue", file.display()))?;
-                if let Err(e) = dirs::rename_noreplace(&tmp, &target) {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e).with_context(|| format!("queue {}", target.display()));
-                }
-                std::fs::remove_file(file)?;
-            }
-            Some(name)
-        }
+        Some(file) => Some(queue_once(&dirs, file)?),
         None => None,
     };
-    runner::run(runner::RunnerConfig {
+    let once_run = runner::run(runner::RunnerConfig {
         dirs,
         jobs,
         backend,
@@ -150,5 +130,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         json: cli.json,
         once,
         max_job_size: cli.max_job_size,
+    })?;
+    let Some(run_id) = once_run else {
+        return Ok(0);
+    };
+    // --once: the job's own verdict is the exit code (0 on success; the backend's code, or 1).
+    let record = ["done", "failed"]
+        .iter()
+        .map(|sub| cli.dir.join(sub).join(&run_id).join(dirs::RECORD))
+        .find(|p| p.is_file())
+        .context("the --once job's run has no record")?;
+    let rec: construir_runner::record::Record = serde_json::from_slice(&std::fs::read(&record)?)
+        .with_context(|| format!("read {}", record.display()))?;
+    println!("{}", record.parent().unwrap_or(&cli.dir).display());
+    Ok(match rec.status.as_str() {
+        "success" => 0,
+        _ => rec.exit_code.filter(|c| (1..=106).contains(c)).unwrap_or(1),
     })
+}
+
+/// Puts `--once`'s file into the queue under its own name, never over a queued job of that name:
+/// renamed in, or (from another file system) copied into a fresh, private temporary file first.
+fn queue_once(
+    dirs: &dirs::QueueDirs,
+    file: &std::path::Path,
+) -> anyhow::Result<std::ffi::OsString> {
+    let name = file
+        .file_name()
+        .context("--once needs a file name")?
+        .to_os_string();
+    let target = dirs.queue.join(&name);
+    match dirs::rename_noreplace(file, &target) {
+        Ok(()) => return Ok(name),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} is already queued: a job of that name is waiting",
+            target.display()
+        ),
+        Err(_) => {}
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".once-")
+        .suffix(".partial")
+        .tempfile_in(&dirs.queue)
+        .context("make a temporary file in the queue")?;
+    let mut src = std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?;
+    std::io::copy(&mut src, tmp.as_file_mut())
+        .with_context(|| format!("copy {} into the queue", file.display()))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist_noclobber(&target)
+        .map_err(|e| e.error)
+        .with_context(|| format!("queue {}", target.display()))?;
+    std::fs::remove_file(file)?;
+    Ok(name)
 }

@@ -4,7 +4,7 @@
 //! the directory moved, whole, to done/ or failed/.
 
 use crate::dirs::{
-    BACKEND_LOG, CONSOLE_LOG, RECORD, RunState, rename_noreplace, sync_dir, write_atomic,
+    BACKEND_LOG, CONSOLE_LOG, RECORD, RunState, SUBMITTED, rename_noreplace, sync_dir, write_atomic,
 };
 use crate::record::Record;
 use crate::runner::{RunnerConfig, STOP, emit, now_ms, rel};
@@ -44,6 +44,20 @@ pub fn finish(cfg: &RunnerConfig, run_id: &str, state: &RunState, mut rec: Recor
     let dest_root = if success { &d.done } else { &d.failed };
     let dest = dest_root.join(run_id);
     rec.run_id = run_id.to_string();
+    let submitted = from.join(SUBMITTED);
+    if std::fs::symlink_metadata(&submitted).is_ok() {
+        let kept = if rec.vm_ms.is_some() {
+            // A VM ran: its output (the copy it wrote over) is the result.
+            std::fs::remove_file(&submitted)
+        } else {
+            // Never ran to the end (the runner kept dying, the image went away): keep the job as
+            // it was submitted, not a copy some start may have half written.
+            std::fs::rename(&submitted, from.join(&state.file))
+        };
+        if let Err(e) = kept {
+            tracing::warn!("{run_id}: cannot tidy {}: {e}", submitted.display());
+        }
+    }
     rec.job_bytes = std::fs::symlink_metadata(from.join(&state.file))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -141,6 +155,11 @@ pub fn run(cfg: &RunnerConfig, run_id: &str, children: &Mutex<HashMap<String, u3
         cfg,
         serde_json::json!({"event": "started", "job": name, "run_id": run_id, "backend": cfg.backend.name(), "image": image}),
     );
+    if let Err(e) = fresh_copy(&dir, &state.file) {
+        rec.status = "host-error".into();
+        rec.reason = format!("cannot copy the submitted job for this start: {e}");
+        return finish(cfg, run_id, &state, rec, false);
+    }
     let mut cmd = cfg.backend.command(
         &job,
         &cfg.images_dir,
@@ -151,6 +170,9 @@ pub fn run(cfg: &RunnerConfig, run_id: &str, children: &Mutex<HashMap<String, u3
     let vm_start = Instant::now();
     // The VM process dies with this worker (even if the runner is killed with SIGKILL), so no VM
     // keeps writing into a job the restarted runner starts again.
+    // Its own process group: a Ctrl-C meant for the runner reaches the VMs only through the
+    // runner's grace period.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe.
     unsafe {
         use std::os::unix::process::CommandExt;
@@ -246,6 +268,22 @@ pub fn run(cfg: &RunnerConfig, run_id: &str, children: &Mutex<HashMap<String, u3
     }
     let success = rec.status == "success";
     finish(cfg, run_id, &state, rec, success);
+}
+
+/// Gives this start its own copy of the submitted job (`file` in `dir`): the first start moves the
+/// queued file aside as `submitted`; every start replaces `file` with a fresh copy of it.
+fn fresh_copy(dir: &std::path::Path, file: &str) -> std::io::Result<()> {
+    let job = dir.join(file);
+    let submitted = dir.join(SUBMITTED);
+    if std::fs::symlink_metadata(&submitted).is_err() {
+        rename_noreplace(&job, &submitted)?;
+    } else if std::fs::symlink_metadata(&job).is_ok() {
+        // Left by an interrupted start: possibly half written over.
+        std::fs::remove_file(&job)?;
+    }
+    crate::disk_copy::copy_sparse(&submitted, &job)?;
+    sync_dir(Some(dir));
+    Ok(())
 }
 
 /// Copies a backend's messages into `path`, up to [`BACKEND_LOG_CAP`] bytes; the rest is read,

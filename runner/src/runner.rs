@@ -5,7 +5,7 @@
 
 use crate::backend::Backend;
 use crate::dirs::{
-    QueueDirs, RECORD, Refusal, RunState, UNNAMED_JOB, is_job_candidate, is_run_id,
+    QueueDirs, RECORD, Refusal, RunState, SUBMITTED, UNNAMED_JOB, is_job_candidate, is_run_id,
     rename_noreplace,
 };
 use crate::intake::{Writers, display_name, job_name_of, refusal_for, settled, writers};
@@ -48,8 +48,14 @@ pub struct RunnerConfig {
 
 enum Msg {
     Arrived(OsString),
+    /// The kernel's event queue overflowed: look at the whole queue again.
+    Rescan,
     Finished,
 }
+
+/// How often queue/ is looked at whole, whatever inotify says (a lost event must not leave a
+/// job waiting until the next start).
+const RESCAN_EVERY: Duration = Duration::from_secs(30);
 
 /// What is waiting for a free worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,9 +91,11 @@ pub fn emit(cfg: &RunnerConfig, event: serde_json::Value) {
 enum Taken {
     /// Moved into this run, ready to start.
     Run(String),
-    /// Refused (and recorded in failed/), or gone.
-    Handled,
-    /// Someone is still writing it: look again later.
+    /// Refused, and recorded in this run in failed/.
+    Refused(String),
+    /// Gone: taken back by its owner, or a second sighting of a file already taken.
+    Gone,
+    /// Someone is still writing it, or it could not be taken just now: look again later.
     Later,
 }
 
@@ -97,7 +105,7 @@ fn take(cfg: &RunnerConfig, name: &OsStr) -> Taken {
     let d = &cfg.dirs;
     let path = d.queue.join(name);
     let Ok(meta) = std::fs::symlink_metadata(&path) else {
-        return Taken::Handled; // gone: taken back by its owner, or a second event for it
+        return Taken::Gone;
     };
     if meta.file_type().is_file() {
         match writers(&path) {
@@ -128,10 +136,13 @@ fn take(cfg: &RunnerConfig, name: &OsStr) -> Taken {
         .and_then(|()| rename_noreplace(&path, &dir.join(&state.file)));
     if let Err(e) = moved {
         let _ = std::fs::remove_dir_all(&dir);
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::error!("{shown}: cannot take it from the queue ({e}); it stays there");
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Taken::Gone;
         }
-        return Taken::Handled;
+        tracing::error!(
+            "{shown}: cannot take it from the queue ({e}); it stays there, tried again later"
+        );
+        return Taken::Later;
     }
     // Checked where it now is: a private directory, so what is checked is what runs.
     let refusal = match std::fs::symlink_metadata(dir.join(&state.file)) {
@@ -150,7 +161,7 @@ fn take(cfg: &RunnerConfig, name: &OsStr) -> Taken {
         tracing::error!("{run_id}: cannot record the refusal ({e})");
     }
     fail_refused(cfg, &run_id, &state);
-    Taken::Handled
+    Taken::Refused(run_id)
 }
 
 /// Records a refused job and moves its run to failed/.
@@ -230,10 +241,29 @@ fn recover_run(cfg: &RunnerConfig, id: &str) -> Option<String> {
             return None;
         }
     };
-    if std::fs::symlink_metadata(dir.join(&state.file)).is_err() {
+    // Temporary files of a write the runner died in.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let submitted = dir.join(SUBMITTED);
+    let job = if std::fs::symlink_metadata(&submitted).is_ok() {
+        submitted
+    } else {
+        dir.join(&state.file)
+    };
+    let Ok(meta) = std::fs::symlink_metadata(&job) else {
         tracing::info!("run {id}: its job never arrived; removing the empty run");
         let _ = std::fs::remove_dir_all(&dir);
         return None;
+    };
+    let mut state = state;
+    if state.refused.is_none() {
+        // The runner may have died between taking an entry and recording that it is refused.
+        state.refused = refusal_for(OsStr::new(&state.file), &meta, cfg.max_job_size);
     }
     if state.refused.is_some() {
         fail_refused(cfg, id, &state);
@@ -290,14 +320,21 @@ fn adopt_legacy(cfg: &RunnerConfig, name: &OsStr) -> std::io::Result<String> {
     Ok(id)
 }
 
-/// Runs the queue until stopped (or, with `once`, until that job is done).
-pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
+/// Runs the queue until stopped (or, with `once`, until that job is done: then its run's id).
+pub fn run(cfg: RunnerConfig) -> anyhow::Result<Option<String>> {
     let cfg = Arc::new(cfg);
     let resumed = recover(&cfg);
     let (tx, rx) = mpsc::channel::<Msg>();
     let watch_tx = tx.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let Ok(event) = res else { return };
+        let Ok(event) = res else {
+            let _ = watch_tx.send(Msg::Rescan);
+            return;
+        };
+        if event.need_rescan() {
+            let _ = watch_tx.send(Msg::Rescan);
+            return;
+        }
         // A file closed after writing, or renamed into the queue, may be complete (intake checks
         // that nobody still writes it).
         let complete = matches!(
@@ -336,6 +373,8 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
     let mut looked_again = Instant::now();
     let mut active = 0usize;
     let mut once_done = false;
+    let mut once_run: Option<String> = None;
+    let mut scanned = Instant::now();
     let mut stop_at: Option<Instant> = None;
     let mut signalled = false;
     loop {
@@ -368,15 +407,20 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
                             later.push(name);
                             continue;
                         }
-                        Taken::Handled => {
-                            once_done |= cfg.once.is_some() && !cfg.dirs.queue.join(&name).exists();
+                        Taken::Refused(id) => {
+                            if cfg.once.is_some() {
+                                once_done = true;
+                                once_run = Some(id);
+                            }
                             continue;
                         }
+                        Taken::Gone => continue,
                     }
                 }
             };
             if cfg.once.is_some() {
                 once_done = true;
+                once_run = Some(run_id.clone());
             }
             active += 1;
             let (cfg, tx, children) = (cfg.clone(), tx.clone(), children.clone());
@@ -403,18 +447,33 @@ pub fn run(cfg: RunnerConfig) -> anyhow::Result<()> {
         if once_done && pending.is_empty() && later.is_empty() && active == 0 {
             break;
         }
+        let mut rescan = scanned.elapsed() > RESCAN_EVERY;
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(Msg::Arrived(name)) => {
                 if wanted(&name) && is_job_candidate(&name) && queued.insert(name.clone()) {
                     pending.push_back(Work::New(name));
                 }
             }
+            Ok(Msg::Rescan) => rescan = true,
             Ok(Msg::Finished) => active -= 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        if rescan && stop_at.is_none() {
+            scanned = Instant::now();
+            match cfg.dirs.entries_in(&cfg.dirs.queue) {
+                Ok(names) => {
+                    for name in names {
+                        if wanted(&name) && !later.contains(&name) && queued.insert(name.clone()) {
+                            pending.push_back(Work::New(name));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("cannot read {}: {e}", cfg.dirs.queue.display()),
+            }
+        }
     }
-    Ok(())
+    Ok(once_run)
 }
 
 #[cfg(test)]

@@ -161,7 +161,10 @@ fn a_symlink_in_the_queue_fails_as_not_a_job_and_its_target_is_never_touched() {
     let link = cfg.dirs.root.join(".l.partial");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     std::fs::rename(&link, cfg.dirs.queue.join("evil_t0.tar.xz")).unwrap();
-    assert_eq!(take(&cfg, OsStr::new("evil_t0.tar.xz")), Taken::Handled);
+    assert!(matches!(
+        take(&cfg, OsStr::new("evil_t0.tar.xz")),
+        Taken::Refused(_)
+    ));
     let id = only_run(&cfg, "failed");
     let rec = record(&cfg, "failed", &id);
     assert_eq!(rec.status, "not-a-job");
@@ -188,7 +191,10 @@ fn a_symlink_in_the_queue_fails_as_not_a_job_and_its_target_is_never_touched() {
         .unwrap()
         .set_modified(backdate)
         .unwrap();
-    assert_eq!(take(&cfg, OsStr::new("hard_t0.tar.xz")), Taken::Handled);
+    assert!(matches!(
+        take(&cfg, OsStr::new("hard_t0.tar.xz")),
+        Taken::Refused(_)
+    ));
     assert_eq!(std::fs::read(&target).unwrap(), before);
     let statuses: Vec<String> = std::fs::read_dir(&cfg.dirs.failed)
         .unwrap()
@@ -223,7 +229,10 @@ fn a_directory_named_like_a_running_job_cannot_stop_the_runner_from_starting() {
     );
     assert!(cfg.dirs.run_dir(&broken).is_dir(), "left alone");
     // The directory in the queue is refused at intake like any other non-file.
-    assert_eq!(take(&cfg, OsStr::new("long_t0.tar.xz")), Taken::Handled);
+    assert!(matches!(
+        take(&cfg, OsStr::new("long_t0.tar.xz")),
+        Taken::Refused(_)
+    ));
     let failed = only_run(&cfg, "failed");
     assert_eq!(record(&cfg, "failed", &failed).status, "not-a-job");
     // The whole loop starts too.
@@ -248,10 +257,10 @@ fn names_that_are_not_utf8_or_too_long_fail_as_bad_names_with_a_record() {
         .unwrap()
         .set_modified(backdate)
         .unwrap();
-    assert_eq!(take(&cfg, &raw), Taken::Handled);
+    assert!(matches!(take(&cfg, &raw), Taken::Refused(_)));
     let long = format!("{}_t0.tar.xz", "n".repeat(230));
     queue(&cfg, &long, b"y");
-    assert_eq!(take(&cfg, OsStr::new(&long)), Taken::Handled);
+    assert!(matches!(take(&cfg, OsStr::new(&long)), Taken::Refused(_)));
     let mut reasons = Vec::new();
     for e in std::fs::read_dir(&cfg.dirs.failed).unwrap() {
         let id = e.unwrap().file_name().into_string().unwrap();
@@ -290,7 +299,7 @@ fn a_file_still_being_written_is_taken_only_once_closed_and_only_once() {
         b"half and the rest"
     );
     // The second sighting of the same file (scan and event) finds nothing, and changes nothing.
-    assert_eq!(take(&cfg, OsStr::new("slow_t0.tar.xz")), Taken::Handled);
+    assert_eq!(take(&cfg, OsStr::new("slow_t0.tar.xz")), Taken::Gone);
     assert_eq!(std::fs::read_dir(&cfg.dirs.running).unwrap().count(), 1);
     assert_eq!(cfg.dirs.read_state(&id).unwrap().attempts, 0);
 }
@@ -306,7 +315,10 @@ fn a_sparse_job_bigger_than_the_limit_fails_as_too_big() {
         .set_len(1 << 40)
         .unwrap();
     std::fs::rename(&tmp, cfg.dirs.queue.join("huge_t0.tar.xz")).unwrap();
-    assert_eq!(take(&cfg, OsStr::new("huge_t0.tar.xz")), Taken::Handled);
+    assert!(matches!(
+        take(&cfg, OsStr::new("huge_t0.tar.xz")),
+        Taken::Refused(_)
+    ));
     let id = only_run(&cfg, "failed");
     let rec = record(&cfg, "failed", &id);
     assert_eq!(rec.status, "too-big");
@@ -352,7 +364,10 @@ fn bad_names_and_unknown_images_fail_without_a_vm() {
     let cfg = config(d.path());
     let children = Mutex::new(HashMap::new());
     queue(&cfg, "no-index.tar.xz", b"data");
-    assert_eq!(take(&cfg, OsStr::new("no-index.tar.xz")), Taken::Handled);
+    assert!(matches!(
+        take(&cfg, OsStr::new("no-index.tar.xz")),
+        Taken::Refused(_)
+    ));
     let id = only_run(&cfg, "failed");
     assert_eq!(record(&cfg, "failed", &id).status, "bad-name");
     queue(&cfg, "x_i9.tar.xz", b"data");
@@ -366,4 +381,103 @@ fn bad_names_and_unknown_images_fail_without_a_vm() {
         b"data",
         "the job file is kept"
     );
+}
+
+#[test]
+fn a_start_after_an_interrupted_one_runs_on_the_job_as_submitted() {
+    // A VM writes its output over its disk: the runner dying mid-write must not leave the next
+    // start a half-overwritten job.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let children = Mutex::new(HashMap::new());
+    queue(&cfg, "w_t0.tar.xz", b"pristine");
+    let id = taken(&cfg, "w_t0.tar.xz");
+    let dir = cfg.dirs.run_dir(&id);
+    // What an interrupted first start leaves: the submitted file aside, a damaged copy.
+    std::fs::rename(dir.join("w_t0.tar.xz"), dir.join(crate::dirs::SUBMITTED)).unwrap();
+    std::fs::write(dir.join("w_t0.tar.xz"), b"OUT-half").unwrap();
+    let mut st = cfg.dirs.read_state(&id).unwrap();
+    st.attempts = 1;
+    cfg.dirs.write_state(&id, &st).unwrap();
+    assert_eq!(recover(&cfg), vec![id.clone()]);
+    crate::run::run(&cfg, &id, &children);
+    let done = cfg.dirs.done.join(&id);
+    assert_eq!(
+        std::fs::read_to_string(done.join("w_t0.tar.xz")).unwrap(),
+        "OUT-pristine"
+    );
+    assert_eq!(record(&cfg, "done", &id).attempts, 2);
+    let mut files: Vec<String> = std::fs::read_dir(&done)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "backend.log",
+            "console.log",
+            "record.json",
+            "run.json",
+            "w_t0.tar.xz"
+        ]
+    );
+}
+
+#[test]
+fn a_job_that_keeps_killing_the_runner_is_failed_as_it_was_submitted() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    queue(&cfg, "k_t0.tar.xz", b"as submitted");
+    let id = taken(&cfg, "k_t0.tar.xz");
+    let dir = cfg.dirs.run_dir(&id);
+    std::fs::rename(dir.join("k_t0.tar.xz"), dir.join(crate::dirs::SUBMITTED)).unwrap();
+    std::fs::write(dir.join("k_t0.tar.xz"), b"damaged").unwrap();
+    let mut st = cfg.dirs.read_state(&id).unwrap();
+    st.attempts = 3;
+    cfg.dirs.write_state(&id, &st).unwrap();
+    assert!(recover(&cfg).is_empty());
+    assert_eq!(record(&cfg, "failed", &id).status, "crashed-runner");
+    assert_eq!(
+        std::fs::read(cfg.dirs.failed.join(&id).join("k_t0.tar.xz")).unwrap(),
+        b"as submitted"
+    );
+    assert!(
+        !cfg.dirs
+            .failed
+            .join(&id)
+            .join(crate::dirs::SUBMITTED)
+            .exists()
+    );
+}
+
+#[test]
+fn one_runner_per_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let held = cfg.dirs.lock().unwrap();
+    let e = cfg.dirs.lock().unwrap_err();
+    assert!(e.to_string().contains("another construir-runner"), "{e}");
+    drop(held);
+    cfg.dirs.lock().unwrap();
+}
+
+#[test]
+fn recovery_refuses_an_entry_the_runner_died_before_recording() {
+    // Killed between moving a symlink into its run and recording the refusal: it must not be
+    // started as a job.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let id = cfg.dirs.new_run().unwrap();
+    let st = RunState {
+        job: "l_t0.tar.xz".into(),
+        file: "l_t0.tar.xz".into(),
+        ..RunState::default()
+    };
+    cfg.dirs.write_state(&id, &st).unwrap();
+    std::os::unix::fs::symlink(&cfg.images_dir, cfg.dirs.run_dir(&id).join("l_t0.tar.xz")).unwrap();
+    std::fs::write(cfg.dirs.run_dir(&id).join(".tmp-1-1"), b"half a record").unwrap();
+    assert!(recover(&cfg).is_empty());
+    assert_eq!(record(&cfg, "failed", &id).status, "not-a-job");
+    assert!(!cfg.dirs.failed.join(&id).join(".tmp-1-1").exists());
 }

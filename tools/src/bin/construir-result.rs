@@ -103,7 +103,13 @@ struct Located {
 }
 
 /// The files of a run directory that are the runner's, not the job's.
-const RUN_FILES: &[&str] = &["record.json", "run.json", "console.log", "backend.log"];
+const RUN_FILES: &[&str] = &[
+    "record.json",
+    "run.json",
+    "console.log",
+    "backend.log",
+    "submitted",
+];
 
 fn locate(path: &Path) -> anyhow::Result<Located> {
     let (dir, job) = if path.is_dir() {
@@ -145,8 +151,26 @@ fn locate(path: &Path) -> anyhow::Result<Located> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let located = locate(&cli.job)?;
+    // A run refused at intake keeps what arrived: a symbolic link, a FIFO, someone else's hard
+    // link. Read only a regular file, never through a link, and never block on a FIFO.
     let open = || {
-        std::fs::File::open(&located.job).with_context(|| format!("open {}", located.job.display()))
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&located.job)
+            .with_context(|| {
+                format!(
+                    "open {} (not followed if it is a link)",
+                    located.job.display()
+                )
+            })?;
+        anyhow::ensure!(
+            f.metadata()?.is_file(),
+            "{} is not a regular file: nothing to read",
+            located.job.display()
+        );
+        Ok(f)
     };
     let reader = || open().map(std::io::BufReader::new);
     let limits = cli.limits();
