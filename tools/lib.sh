@@ -52,13 +52,20 @@ construir__on_exit() {
 trap construir__on_exit EXIT
 
 # construir_phase NAME COMMAND...: runs COMMAND as one timed phase of the script; the verdict
-# line is preceded by every phase's time.
+# line is preceded by every phase's time. (COMMAND runs in a `||` list, where bash ignores `set -e`:
+# a shell function given as COMMAND must check its own steps, as construir_need_packages does.)
 construir__phases=()
 construir_phase() {
     local name=$1 start=$SECONDS
     shift
     construir_log "phase: $name"
-    "$@"
+    local status=0
+    "$@" || status=$?
+    if [ "$status" != 0 ]; then
+        construir__phases+=("$(printf '%5d s  %s  (FAILED, exit status %d)' "$((SECONDS - start))" "$name" "$status")")
+        construir_log "error: phase '$name' failed: '$*' exited with status $status"
+        exit "$status"
+    fi
     construir__phases+=("$(printf '%5d s  %s' "$((SECONDS - start))" "$name")")
 }
 
@@ -71,6 +78,17 @@ construir_cleanup() {
 construir_verdict() {
     construir__verdict_name=$1
     construir__verdict_start=$SECONDS
+}
+
+# The Rust toolchain this workspace needs (Cargo.toml's rust-version); Debian's own rustc is far
+# older, so say where to get one instead of failing in the compiler.
+construir_need_rust() {
+    local want=1.88 have
+    command -v cargo >/dev/null || construir_die "no cargo on PATH: install Rust $want or newer with rustup (https://rustup.rs)"
+    have=$(rustc --version 2>/dev/null | awk '{ v = $2 } END { print v }')
+    if [ "$(printf '%s\n%s\n' "$want" "${have:-0}" | sort -V | sed -n 1p)" != "$want" ]; then
+        construir_die "rustc ${have:-?} is older than $want: rustup update (or install with https://rustup.rs)"
+    fi
 }
 
 # Whether a Debian package is installed. (No `| grep -q` behind a writer: under pipefail, grep's

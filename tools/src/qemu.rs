@@ -355,8 +355,12 @@ pub fn launch<W: Write + Send + 'static>(
         return Err(LaunchError::NoKvm);
     }
     prepare_job_disk(&config.job)?;
-    let status_dir = tempdir()?;
-    let status_file = status_dir.join("status");
+    // Random name, private, removed however this function returns (a predictable one could be
+    // pre-created by another user to make launches fail).
+    let status_dir = tempfile::Builder::new()
+        .prefix("construir-qemu-")
+        .tempdir()?;
+    let status_file = status_dir.path().join("status");
     std::fs::write(&status_file, b"")?;
     let cmdline = kernel_cmdline(config).to_string();
     let mut config = config.clone();
@@ -469,7 +473,7 @@ pub fn launch<W: Write + Send + 'static>(
     let (console_bytes, console_dropped) = console_thread.join().unwrap_or((0, 0));
     let qemu_stderr = stderr_thread.join().unwrap_or_default();
     let stream = std::fs::read(&status_file).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&status_dir);
+    drop(status_dir);
     let decoder = status::decode(&stream[..stream.len().min(STATUS_FILE_CAP as usize)]);
     if to_init.is_none() && decoder.init_started() {
         to_init = Some(started.elapsed());
@@ -502,19 +506,6 @@ pub fn launch<W: Write + Send + 'static>(
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-fn tempdir() -> std::io::Result<PathBuf> {
-    let base = std::env::temp_dir();
-    for attempt in 0..100u32 {
-        let dir = base.join(format!("construir-qemu-{}-{attempt}", std::process::id()));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::other("cannot make a temporary directory"))
 }
 
 #[cfg(test)]

@@ -119,6 +119,12 @@ impl Read for TarStream<'_> {
     }
 }
 
+/// What one unpacked entry counts against `max_output` at least: a file system block.
+pub const ENTRY_COST: u64 = 4096;
+
+/// Most memory the xz decoder may use (its dictionary above all); past it, the archive is refused.
+pub const XZ_MEMORY_LIMIT: u64 = 256 << 20;
+
 /// Opens the archive at the start of `source`: detects its compression and decodes one stream.
 pub fn open<'a, R: Read + 'a>(mut source: R) -> Result<TarStream<'a>, ArchiveError> {
     let mut head = Vec::with_capacity(512);
@@ -130,7 +136,18 @@ pub fn open<'a, R: Read + 'a>(mut source: R) -> Result<TarStream<'a>, ArchiveErr
     let stream: Peeked<R> = Cursor::new(head).chain(source);
     let reader: Box<dyn Read + 'a> = match compression {
         // One stream only: what follows it is padding or stale data.
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new(stream)),
+        // And within a memory limit: an xz header may declare a dictionary of up to 4 GiB,
+        // which liblzma would allocate (and touch) as told. `xz -9e` needs 64 MiB.
+        Compression::Xz => {
+            let decoder =
+                xz2::stream::Stream::new_stream_decoder(XZ_MEMORY_LIMIT, 0).map_err(|e| {
+                    ArchiveError::Corrupt {
+                        compression: "xz",
+                        source: io::Error::other(e),
+                    }
+                })?;
+            Box::new(xz2::read::XzDecoder::new_stream(stream, decoder))
+        }
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(stream)),
         Compression::Zstd => Box::new(ruzstd::decoding::StreamingDecoder::new(stream).map_err(
             |e| ArchiveError::Corrupt {
@@ -392,9 +409,16 @@ fn unpack_with(
         let path = entry_path(entry);
         summary.entries += 1;
         summary.bytes += entry.size();
-        if writes_data(entry.header().entry_type()) {
-            // Checked before writing, so what is on disk never passes the limit.
-            committed = committed.saturating_add(entry.size());
+        {
+            // Checked before writing, so what is on disk never passes the limit. Every entry
+            // costs at least a block and an inode, whatever its size: a million empty files or
+            // directories are not free.
+            let data = if writes_data(entry.header().entry_type()) {
+                entry.size()
+            } else {
+                0
+            };
+            committed = committed.saturating_add(data.max(ENTRY_COST));
             if committed > ctx.limits.max_output {
                 return Err(ArchiveError::OutputTooLarge {
                     path,

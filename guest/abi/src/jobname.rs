@@ -33,6 +33,10 @@ pub fn parse_job_name(file_name: &str) -> Result<JobName, JobNameError> {
     if file_name.contains('/') || file_name.starts_with('.') {
         return Err(err("must be a plain file name"));
     }
+    // Names end up in logs, records and terminals: no escape sequences, no line breaks.
+    if file_name.chars().any(char::is_control) {
+        return Err(err("holds control characters"));
+    }
     let stem = JOB_EXTENSIONS
         .iter()
         .find_map(|ext| file_name.strip_suffix(ext))
@@ -77,6 +81,8 @@ mod tests {
             "hello_ix.tar.xz",
             "../a_i0.tar.xz",
             ".hidden_i0.tar.xz",
+            "red\u{1b}[31m_i0.tar.xz",
+            "two\nlines_i0.tar.xz",
             "hello_i0.tar.xz.part",
             "",
         ] {

@@ -345,7 +345,7 @@ impl BusDevice for MmioTransport {
                 .lock()
                 .expect("device lock")
                 .read_config(offset - reg::CONFIG, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -360,7 +360,7 @@ impl BusDevice for MmioTransport {
                     .expect("device lock")
                     .write_config(offset - reg::CONFIG, data);
             }
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             let value = u32::from_le_bytes(data.try_into().expect("4 bytes"));
             self.write_reg(offset, value);
         }

@@ -588,3 +588,36 @@ fn a_sparse_file_keeps_the_framing_and_its_hole_buys_no_metadata() {
         Err(ArchiveError::OutputTooLarge { .. })
     ));
 }
+
+#[test]
+fn an_xz_header_asking_for_a_huge_dictionary_is_refused_not_allocated() {
+    // The LZMA2 properties byte in the block header names the dictionary size; 40 is 4 GiB - 1.
+    let tar = tar_of(&[("out.txt", b"hello".as_slice(), 0o644)]);
+    let mut xz = compress(&tar, Compression::Xz);
+    let header_start = 12;
+    let header_len = (usize::from(xz[header_start]) + 1) * 4;
+    let header = header_start..header_start + header_len - 4;
+    let at = xz[header.clone()]
+        .windows(2)
+        .position(|w| w == [0x21, 0x01])
+        .expect("an LZMA2 filter in the block header")
+        + header_start
+        + 2;
+    xz[at] = 40;
+    let mut crc = flate2::Crc::new();
+    crc.update(&xz[header.clone()]);
+    xz[header.end..header.end + 4].copy_from_slice(&crc.sum().to_le_bytes());
+    let e = list(&xz[..]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ArchiveError::Corrupt {
+                compression: "xz",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let source = std::error::Error::source(&e).unwrap().to_string();
+    assert!(source.contains("limit"), "{source}");
+}
