@@ -83,7 +83,7 @@ construir_verdict() {
 # The Rust toolchain this workspace needs (Cargo.toml's rust-version); Debian's own rustc is far
 # older, so say where to get one instead of failing in the compiler.
 construir_need_rust() {
-    local want=1.88 have
+    local want=1.94 have
     command -v cargo >/dev/null || construir_die "no cargo on PATH: install Rust $want or newer with rustup (https://rustup.rs)"
     have=$(rustc --version 2>/dev/null | awk '{ v = $2 } END { print v }')
     if [ "$(printf '%s\n%s\n' "$want" "${have:-0}" | sort -V | sed -n 1p)" != "$want" ]; then

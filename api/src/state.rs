@@ -1,0 +1,452 @@
+//! The job and attempt state machines, as one pure function: [`step`] takes a job's snapshot
+//! (the job with all its attempts), the server's [`Settings`], the time and an [`Event`], and
+//! returns the new snapshot with the [`Effect`]s the storage persists or carries out. It never
+//! reads a clock, so every rule is tested in milliseconds without sleeping, and a refused event
+//! is an error value ([`Refusal`]) that changes nothing.
+//!
+//! Deadlines are decided by the clock, not by when the sweeper runs: an event for a live
+//! attempt whose deadline has passed at `now_ms` is answered as if a [`Event::Tick`] had come
+//! first. For a start, heartbeat, upload or abort that is a refusal (the sweeper's tick will
+//! expire the attempt); a report is taken, kept aside as late.
+//!
+//! The transition tables are in docs/api.md; `state/job.rs` holds the job-level events (claim,
+//! cancel, tick, the unschedulable note), `state/attempt.rs` the attempt-level ones.
+
+mod attempt;
+mod job;
+#[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
+mod tests;
+mod view;
+
+pub use view::{AttemptBlobs, JobFacts};
+
+use crate::ApiError;
+use crate::codes;
+use crate::types::{
+    AttemptId, AttemptState, HeartbeatRequest, InvalidField, JobState, Phase, ReportRequest,
+    RunnerId,
+};
+use serde::{Deserialize, Serialize};
+
+/// The server's timing rules, the same for every job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// How far a start or a heartbeat extends the lease (the runner sends heartbeats well
+    /// within it: a third of it is a good interval).
+    pub lease_ms: u64,
+    /// How long after a claim the runner has to start the attempt.
+    pub accept_window_ms: u64,
+    /// How far past start + the job's time limit the lease may reach: downloading, booting
+    /// (up to 600 s on emulated KVM) and uploading all happen in it.
+    pub lease_margin_ms: u64,
+    /// The wait before try n + 1 after n failed tries: `backoff_base_ms × backoff_factor^(n−1)`,
+    /// at most `backoff_cap_ms`.
+    pub backoff_base_ms: u64,
+    pub backoff_factor: u32,
+    pub backoff_cap_ms: u64,
+}
+
+impl Settings {
+    pub const DEFAULT: Settings = Settings {
+        lease_ms: 90_000,
+        accept_window_ms: 30_000,
+        lease_margin_ms: 20 * 60_000,
+        backoff_base_ms: 10_000,
+        backoff_factor: 3,
+        backoff_cap_ms: 15 * 60_000,
+    };
+
+    /// The wait before the next try, after `failed_tries` (≥ 1) tries that were not the job's
+    /// fault.
+    pub fn backoff_ms(&self, failed_tries: u32) -> u64 {
+        let growth = u64::from(self.backoff_factor)
+            .checked_pow(failed_tries.saturating_sub(1))
+            .unwrap_or(u64::MAX);
+        self.backoff_base_ms
+            .saturating_mul(growth)
+            .min(self.backoff_cap_ms)
+    }
+
+    /// The lease end and the accept-by time of an attempt claimed at `now_ms`: what
+    /// [`Event::Claim`] normally carries.
+    pub fn claim_deadlines(&self, now_ms: u64) -> (u64, u64) {
+        (
+            now_ms.saturating_add(self.lease_ms),
+            now_ms.saturating_add(self.accept_window_ms),
+        )
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::DEFAULT
+    }
+}
+
+/// A job's own rules, fixed at submission and stored with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPolicy {
+    /// How many attempts the job gets in all; when that many have ended without a job outcome
+    /// (lapsed, aborted, a runner-side failure), it is `errored`.
+    pub max_tries: u32,
+    /// How long the job may wait, claimable, for a runner before it is `expired`; counted again
+    /// from each time it becomes claimable (its submission, the end of each back-off).
+    pub ttl_ms: u64,
+    /// The job's time limit ([`crate::types::JobLimits::timeout_s`] in milliseconds).
+    pub timeout_ms: u64,
+}
+
+impl JobPolicy {
+    /// Three tries (the queue runner's `--max-attempts`), a day to find a runner, the default
+    /// time limit.
+    pub const DEFAULT: JobPolicy = JobPolicy {
+        max_tries: 3,
+        ttl_ms: 24 * 3600 * 1000,
+        timeout_ms: crate::types::JobLimits::DEFAULT.timeout_s * 1000,
+    };
+}
+
+impl Default for JobPolicy {
+    fn default() -> Self {
+        JobPolicy::DEFAULT
+    }
+}
+
+/// A job as the state machines see it: its state, its rules and all its attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSnapshot {
+    pub state: JobState,
+    /// Why it is in its state, for a person ([`crate::types::JobView::reason`]).
+    pub reason: String,
+    pub policy: JobPolicy,
+    pub created_ms: u64,
+    pub ended_ms: Option<u64>,
+    /// While queued after a failed try: not claimable before this time.
+    pub retry_not_before_ms: Option<u64>,
+    /// While queued: expired if still unclaimed at this time (claimable-since + TTL).
+    pub expires_at_ms: u64,
+    /// A cancel is under way: the live attempt has been told to stop.
+    pub cancel_requested: bool,
+    /// Every attempt, oldest first; none is ever removed.
+    pub attempts: Vec<AttemptSnapshot>,
+    /// The attempt whose report stands as the job's result.
+    pub result_attempt: Option<AttemptId>,
+}
+
+/// One attempt as the state machines see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptSnapshot {
+    pub id: AttemptId,
+    pub runner: RunnerId,
+    pub state: AttemptState,
+    /// What it is doing or what ended it ([`crate::types::AttemptView::why`]).
+    pub why: String,
+    /// It reported after it had stopped being live; its report is kept, never the result.
+    pub late: bool,
+    pub claimed_ms: u64,
+    /// It must be started before this time.
+    pub accept_by_ms: u64,
+    /// It holds its job until this time unless extended.
+    pub lease_until_ms: u64,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    /// Its runner has been told to stop (the heartbeat answers `cancel: true`).
+    pub cancel_requested: bool,
+    pub phase: Option<Phase>,
+    pub console_bytes: u64,
+    /// The runner's report, live or late, once it came.
+    pub report: Option<ReportRequest>,
+}
+
+impl JobSnapshot {
+    /// A job just submitted at `now_ms`, with the effects that go with it (store it, wake the
+    /// runners' long polls). A policy of 0 tries is taken as 1: a job gets at least one.
+    pub fn submitted(policy: JobPolicy, now_ms: u64) -> Transition {
+        let policy = JobPolicy {
+            max_tries: policy.max_tries.max(1),
+            ..policy
+        };
+        let job = JobSnapshot {
+            state: JobState::Queued,
+            reason: "waiting for a runner".into(),
+            policy,
+            created_ms: now_ms,
+            ended_ms: None,
+            retry_not_before_ms: None,
+            expires_at_ms: now_ms.saturating_add(policy.ttl_ms),
+            cancel_requested: false,
+            attempts: Vec::new(),
+            result_attempt: None,
+        };
+        Transition {
+            job,
+            effects: vec![Effect::StoreJob, Effect::WakeRunners],
+        }
+    }
+
+    /// The attempt that holds the job, if any (at most one, for now).
+    pub fn live_attempt(&self) -> Option<&AttemptSnapshot> {
+        self.attempts.iter().find(|a| a.state.is_live())
+    }
+
+    pub fn attempt(&self, id: AttemptId) -> Option<&AttemptSnapshot> {
+        self.attempts.iter().find(|a| a.id == id)
+    }
+
+    /// The first broken invariant, if any: what every snapshot that [`step`] returns satisfies.
+    /// The server may check it on a snapshot read back from storage.
+    pub fn invariant_violation(&self) -> Option<String> {
+        let live = self.attempts.iter().filter(|a| a.state.is_live()).count();
+        if live > 1 {
+            return Some(format!("{live} live attempts"));
+        }
+        if (self.state == JobState::Running) != (live == 1) {
+            return Some(format!("job {} with {live} live attempts", self.state));
+        }
+        if self.state.is_terminal() != self.ended_ms.is_some() {
+            return Some(format!(
+                "job {} with ended_ms {:?}",
+                self.state, self.ended_ms
+            ));
+        }
+        if self.attempts.len() > self.policy.max_tries as usize {
+            return Some(format!(
+                "{} attempts of {}",
+                self.attempts.len(),
+                self.policy.max_tries
+            ));
+        }
+        for (i, a) in self.attempts.iter().enumerate() {
+            if self.attempts[..i].iter().any(|b| b.id == a.id) {
+                return Some(format!("attempt {} twice", a.id));
+            }
+            if a.state.is_live() == a.ended_ms.is_some() {
+                return Some(format!(
+                    "attempt {} {} with ended_ms {:?}",
+                    a.id, a.state, a.ended_ms
+                ));
+            }
+            if a.late && a.state.is_live() {
+                return Some(format!("live attempt {} marked late", a.id));
+            }
+        }
+        match self.result_attempt {
+            None if matches!(self.state, JobState::Succeeded | JobState::Failed) => {
+                Some(format!("job {} without a result", self.state))
+            }
+            None => None,
+            Some(id) => match self.attempt(id) {
+                Some(a) if a.state == AttemptState::Reported && !a.late => {
+                    let ok = matches!(self.state, JobState::Succeeded | JobState::Failed);
+                    (!ok).then(|| format!("job {} with a result", self.state))
+                }
+                _ => Some(format!("result attempt {id} is not a reported attempt")),
+            },
+        }
+    }
+}
+
+/// Something that happens to a job. The time is [`step`]'s `now_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A runner claims the queued job for a new attempt. The deadlines normally come from
+    /// [`Settings::claim_deadlines`].
+    Claim {
+        attempt: AttemptId,
+        runner: RunnerId,
+        lease_until_ms: u64,
+        accept_by_ms: u64,
+    },
+    /// The runner starts the attempt (it must, before `accept_by_ms`).
+    Start { attempt: AttemptId },
+    /// The runner is alive and working on the attempt: the lease is extended.
+    Heartbeat {
+        attempt: AttemptId,
+        progress: HeartbeatRequest,
+    },
+    /// The job has run; the runner uploads its output and console.
+    UploadBegun { attempt: AttemptId },
+    /// The runner's report: the job's outcome, or a runner-side failure.
+    Report {
+        attempt: AttemptId,
+        report: ReportRequest,
+    },
+    /// The runner gives the attempt up for a reason of its own.
+    Abort { attempt: AttemptId, reason: String },
+    /// The sweeper: lapses leases and accept windows, ends back-offs, expires a queued job past
+    /// its time-to-live.
+    Tick,
+    /// The submitter or an admin cancels the job.
+    Cancel,
+    /// The dispatcher found that no runner can take the queued job, and says why (it becomes the
+    /// job's reason, and the expiry's if it stays so).
+    Unschedulable { why: String },
+}
+
+/// What the storage persists or carries out after a step, in this order: the store effects
+/// first (each at most once), then the rest in the order they arose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The job's own fields changed: write them.
+    StoreJob,
+    /// This attempt is new or changed: write it.
+    StoreAttempt(AttemptId),
+    /// The job is queued again, claimable from this time: arrange a tick then.
+    RequeueAt(u64),
+    /// The job is claimable now: wake the runners' long polls.
+    WakeRunners,
+    /// This attempt's report is the job's result: its output becomes the job's output.
+    TakeResult(AttemptId),
+    /// This attempt reported late: keep its report and uploads aside, marked late.
+    KeepLate(AttemptId),
+    /// Tell this attempt's runner to stop (its heartbeats now answer `cancel: true`).
+    CancelRunner(AttemptId),
+    /// This attempt stopped being live: its token dies; uploads of an attempt that did not
+    /// report may be dropped.
+    AttemptEnded(AttemptId, AttemptState),
+    /// The job reached this terminal state: answer waiting clients, notify its owner.
+    JobEnded(JobState),
+}
+
+/// A step's result: the new snapshot and its effects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub job: JobSnapshot,
+    pub effects: Vec<Effect>,
+}
+
+/// An event that does not apply to the job in its current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the job has ended ({0})")]
+    JobEnded(JobState),
+    #[error("the job is {0}, not queued")]
+    NotQueued(JobState),
+    #[error("the job waits for its next try until {0} (Unix ms)")]
+    RetryNotYet(u64),
+    #[error("the job's time-to-live has passed")]
+    TtlPassed,
+    #[error("the claim's deadlines are not after now")]
+    DeadlineInPast,
+    #[error("attempt {0} exists already")]
+    DuplicateAttempt(AttemptId),
+    #[error("no attempt {0} of this job")]
+    UnknownAttempt(AttemptId),
+    #[error("attempt {attempt} is {state}, no longer live")]
+    AttemptNotLive {
+        attempt: AttemptId,
+        state: AttemptState,
+    },
+    #[error("attempt {0} was not started within its accept window")]
+    AcceptWindowClosed(AttemptId),
+    #[error("attempt {0}'s lease has lapsed")]
+    LeaseLapsed(AttemptId),
+    #[error("attempt {attempt} is {state}: {event} does not apply")]
+    WrongAttemptState {
+        attempt: AttemptId,
+        state: AttemptState,
+        event: &'static str,
+    },
+    #[error("attempt {0} has reported already")]
+    AlreadyReported(AttemptId),
+    #[error("a cancel is already under way")]
+    AlreadyCanceling,
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+}
+
+impl Refusal {
+    /// The [`ApiError`] code this refusal is answered with.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::JobEnded(_) => codes::JOB_FINISHED,
+            Refusal::UnknownAttempt(_) => codes::NOT_FOUND,
+            Refusal::AttemptNotLive { .. }
+            | Refusal::AcceptWindowClosed(_)
+            | Refusal::LeaseLapsed(_) => codes::LEASE_LOST,
+            Refusal::AlreadyReported(_) => codes::ALREADY_REPORTED,
+            Refusal::Invalid(_) => codes::INVALID_PARAMS,
+            Refusal::NotQueued(_)
+            | Refusal::RetryNotYet(_)
+            | Refusal::TtlPassed
+            | Refusal::DeadlineInPast
+            | Refusal::DuplicateAttempt(_)
+            | Refusal::WrongAttemptState { .. }
+            | Refusal::AlreadyCanceling => codes::WRONG_STATE,
+        }
+    }
+}
+
+impl From<&Refusal> for ApiError {
+    fn from(r: &Refusal) -> Self {
+        ApiError::new(r.code(), r.to_string())
+    }
+}
+
+/// Applies `event` at `now_ms` to `job`: the new snapshot and its effects, or why the event does
+/// not apply (then nothing changes: `job` is only read).
+pub fn step(
+    job: &JobSnapshot,
+    settings: &Settings,
+    now_ms: u64,
+    event: &Event,
+) -> Result<Transition, Refusal> {
+    let mut run = Run {
+        job: job.clone(),
+        effects: Vec::new(),
+        settings,
+        now: now_ms,
+    };
+    match event {
+        Event::Claim {
+            attempt,
+            runner,
+            lease_until_ms,
+            accept_by_ms,
+        } => run.claim(*attempt, *runner, *lease_until_ms, *accept_by_ms)?,
+        Event::Start { attempt } => run.start(*attempt)?,
+        Event::Heartbeat { attempt, progress } => run.heartbeat(*attempt, progress)?,
+        Event::UploadBegun { attempt } => run.upload_begun(*attempt)?,
+        Event::Report { attempt, report } => run.report(*attempt, report)?,
+        Event::Abort { attempt, reason } => run.abort(*attempt, reason)?,
+        Event::Tick => run.tick(),
+        Event::Cancel => run.cancel()?,
+        Event::Unschedulable { why } => run.unschedulable(why)?,
+    }
+    let mut effects = store_effects(job, &run.job);
+    effects.append(&mut run.effects);
+    Ok(Transition {
+        job: run.job,
+        effects,
+    })
+}
+
+/// One step in progress: the snapshot being changed (a copy, dropped on refusal) and the
+/// effects so far.
+struct Run<'a> {
+    job: JobSnapshot,
+    effects: Vec<Effect>,
+    settings: &'a Settings,
+    now: u64,
+}
+
+/// The store effects, from what differs between the two snapshots, so that no transition can
+/// forget to persist what it changed.
+fn store_effects(before: &JobSnapshot, after: &JobSnapshot) -> Vec<Effect> {
+    let own_fields = |j: &JobSnapshot| JobSnapshot {
+        attempts: Vec::new(),
+        ..j.clone()
+    };
+    let mut effects = Vec::new();
+    if own_fields(before) != own_fields(after) {
+        effects.push(Effect::StoreJob);
+    }
+    for (i, a) in after.attempts.iter().enumerate() {
+        if before.attempts.get(i) != Some(a) {
+            effects.push(Effect::StoreAttempt(a.id));
+        }
+    }
+    effects
+}

@@ -1,0 +1,176 @@
+//! Job-level events: claim, cancel, tick, the unschedulable note; and how a job goes on after
+//! an attempt that ended without a job outcome (requeue with a back-off, or errored).
+
+use super::{AttemptSnapshot, Effect, Refusal, Run};
+use crate::types::{AttemptId, AttemptState, JobState, RunnerId};
+
+impl Run<'_> {
+    /// Refuses anything for a job that has ended.
+    pub(super) fn unfinished(&self) -> Result<(), Refusal> {
+        if self.job.state.is_terminal() {
+            return Err(Refusal::JobEnded(self.job.state));
+        }
+        Ok(())
+    }
+
+    pub(super) fn claim(
+        &mut self,
+        attempt: AttemptId,
+        runner: RunnerId,
+        lease_until_ms: u64,
+        accept_by_ms: u64,
+    ) -> Result<(), Refusal> {
+        self.unfinished()?;
+        if self.job.state != JobState::Queued {
+            return Err(Refusal::NotQueued(self.job.state));
+        }
+        if let Some(t) = self.job.retry_not_before_ms.filter(|t| self.now < *t) {
+            return Err(Refusal::RetryNotYet(t));
+        }
+        // The sweeper expires it; until then it is not handed out either.
+        if self.now >= self.job.expires_at_ms {
+            return Err(Refusal::TtlPassed);
+        }
+        if lease_until_ms <= self.now || accept_by_ms <= self.now {
+            return Err(Refusal::DeadlineInPast);
+        }
+        if self.job.attempt(attempt).is_some() {
+            return Err(Refusal::DuplicateAttempt(attempt));
+        }
+        self.job.attempts.push(AttemptSnapshot {
+            id: attempt,
+            runner,
+            state: AttemptState::Leased,
+            why: "claimed; waiting for the runner to start it".into(),
+            late: false,
+            claimed_ms: self.now,
+            accept_by_ms,
+            lease_until_ms,
+            started_ms: None,
+            ended_ms: None,
+            cancel_requested: false,
+            phase: None,
+            console_bytes: 0,
+            report: None,
+        });
+        self.job.state = JobState::Running;
+        self.job.retry_not_before_ms = None;
+        self.job.reason = format!(
+            "attempt {attempt} on runner {runner} (try {} of {})",
+            self.job.attempts.len(),
+            self.job.policy.max_tries
+        );
+        Ok(())
+    }
+
+    pub(super) fn cancel(&mut self) -> Result<(), Refusal> {
+        self.unfinished()?;
+        if self.job.cancel_requested {
+            return Err(Refusal::AlreadyCanceling);
+        }
+        let Some(index) = self.live_index() else {
+            self.end_job(JobState::Canceled, "canceled while queued".into());
+            return Ok(());
+        };
+        let a = &mut self.job.attempts[index];
+        let (id, runner) = (a.id, a.runner);
+        if a.state == AttemptState::Leased {
+            // Nothing runs yet: the attempt ends now, and the runner learns it when it tries to
+            // start (lease-lost).
+            self.end_attempt(
+                index,
+                AttemptState::Canceled,
+                "canceled before the runner started it".into(),
+            );
+            self.end_job(
+                JobState::Canceled,
+                format!("canceled before runner {runner} started attempt {id}"),
+            );
+            return Ok(());
+        }
+        a.cancel_requested = true;
+        self.job.cancel_requested = true;
+        self.job.reason =
+            format!("cancel requested; waiting for runner {runner} to stop attempt {id}");
+        self.effects.push(Effect::CancelRunner(id));
+        Ok(())
+    }
+
+    /// The sweeper: never refused, and a no-op when nothing is due.
+    pub(super) fn tick(&mut self) {
+        if self.job.state.is_terminal() {
+            return;
+        }
+        if let Some(index) = self.live_index().filter(|&i| self.lapsed(i)) {
+            self.lapse(index);
+        }
+        if self.job.state != JobState::Queued {
+            return;
+        }
+        if self.now >= self.job.expires_at_ms {
+            let reason = format!(
+                "no runner took it within its time-to-live ({} s): {}",
+                self.job.policy.ttl_ms / 1000,
+                self.job.reason
+            );
+            self.end_job(JobState::Expired, reason);
+        } else if self.job.retry_not_before_ms.is_some_and(|t| self.now >= t) {
+            self.job.retry_not_before_ms = None;
+            self.effects.push(Effect::WakeRunners);
+        }
+    }
+
+    pub(super) fn unschedulable(&mut self, why: &str) -> Result<(), Refusal> {
+        self.unfinished()?;
+        if self.job.state != JobState::Queued {
+            return Err(Refusal::NotQueued(self.job.state));
+        }
+        self.job.reason = why.to_string();
+        Ok(())
+    }
+
+    /// After the attempt at `index` ended without a job outcome and without a cancel: another
+    /// try after a back-off, or `errored` when the tries are used up.
+    pub(super) fn retry_or_error(&mut self, index: usize) {
+        let a = &self.job.attempts[index];
+        let (id, why) = (a.id, a.why.clone());
+        // Every attempt so far ended this way (a job outcome or a cancel ends the job), so each
+        // is a failed try.
+        let tries = u32::try_from(self.job.attempts.len()).unwrap_or(u32::MAX);
+        let max = self.job.policy.max_tries;
+        if tries >= max {
+            self.end_job(
+                JobState::Errored,
+                format!(
+                    "{tries} of {max} tries ended without a job outcome; the last, attempt {id}: {why}"
+                ),
+            );
+            return;
+        }
+        let wait = self.settings.backoff_ms(tries);
+        let at = self.now.saturating_add(wait);
+        self.job.state = JobState::Queued;
+        self.job.expires_at_ms = at.saturating_add(self.job.policy.ttl_ms);
+        self.job.reason = format!(
+            "attempt {id} ended ({why}); try {} of {max} after a {} s back-off",
+            tries + 1,
+            wait / 1000
+        );
+        // A back-off of nothing (a setting of 0) makes the job claimable at once.
+        if at > self.now {
+            self.job.retry_not_before_ms = Some(at);
+            self.effects.push(Effect::RequeueAt(at));
+        } else {
+            self.effects.push(Effect::WakeRunners);
+        }
+    }
+
+    pub(super) fn end_job(&mut self, state: JobState, reason: String) {
+        self.job.state = state;
+        self.job.reason = reason;
+        self.job.ended_ms = Some(self.now);
+        self.job.retry_not_before_ms = None;
+        self.job.cancel_requested = false;
+        self.effects.push(Effect::JobEnded(state));
+    }
+}

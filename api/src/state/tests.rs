@@ -1,0 +1,400 @@
+//! The state machines' rules, one scenario per test, in milliseconds.
+
+use super::*;
+use crate::types::{JobLimits, PhaseTimes, ReportStatus};
+
+mod cancel_and_edges;
+
+/// A time far from 0, so that "0" never passes for a real time by accident.
+const T0: u64 = 1_000_000_000;
+const S: u64 = 1000;
+const A1: AttemptId = AttemptId(1);
+const A2: AttemptId = AttemptId(2);
+const A3: AttemptId = AttemptId(3);
+const R1: RunnerId = RunnerId(10);
+const R2: RunnerId = RunnerId(20);
+
+const SETTINGS: Settings = Settings::DEFAULT;
+const POLICY: JobPolicy = JobPolicy {
+    max_tries: 3,
+    ttl_ms: 3600 * S,
+    timeout_ms: 600 * S,
+};
+
+fn submitted() -> JobSnapshot {
+    JobSnapshot::submitted(POLICY, T0).job
+}
+
+/// Applies an event that must be taken, and checks the invariants of the result.
+fn ok(job: &JobSnapshot, now: u64, event: Event) -> Transition {
+    let t = step(job, &SETTINGS, now, &event)
+        .unwrap_or_else(|e| panic!("{event:?} at {now} refused: {e}\n{job:#?}"));
+    if let Some(broken) = t.job.invariant_violation() {
+        panic!("{event:?} broke an invariant: {broken}\n{:#?}", t.job);
+    }
+    t
+}
+
+/// Applies an event that must be refused, and checks that nothing changed.
+fn refused(job: &JobSnapshot, now: u64, event: Event) -> Refusal {
+    let before = job.clone();
+    let e = step(job, &SETTINGS, now, &event).expect_err(&format!("{event:?} at {now} taken"));
+    assert_eq!(job, &before);
+    e
+}
+
+fn claim(attempt: AttemptId, runner: RunnerId, now: u64) -> Event {
+    let (lease_until_ms, accept_by_ms) = SETTINGS.claim_deadlines(now);
+    Event::Claim {
+        attempt,
+        runner,
+        lease_until_ms,
+        accept_by_ms,
+    }
+}
+
+fn heartbeat(attempt: AttemptId) -> Event {
+    Event::Heartbeat {
+        attempt,
+        progress: HeartbeatRequest {
+            phase: Phase::Running,
+            console_bytes: 100,
+        },
+    }
+}
+
+fn report(attempt: AttemptId, status: ReportStatus, job_exit_status: Option<u16>) -> Event {
+    Event::Report {
+        attempt,
+        report: ReportRequest {
+            status,
+            exit_code: None,
+            job_exit_status,
+            reason: String::new(),
+            times: PhaseTimes::default(),
+        },
+    }
+}
+
+fn abort(attempt: AttemptId, reason: &str) -> Event {
+    Event::Abort {
+        attempt,
+        reason: reason.into(),
+    }
+}
+
+/// A job with attempt `attempt` claimed at `now` and started 1 s later.
+fn running(job: &JobSnapshot, attempt: AttemptId, runner: RunnerId, now: u64) -> JobSnapshot {
+    let job = ok(job, now, claim(attempt, runner, now)).job;
+    ok(&job, now + S, Event::Start { attempt }).job
+}
+
+fn semantic(effects: &[Effect]) -> Vec<Effect> {
+    effects
+        .iter()
+        .filter(|e| !matches!(e, Effect::StoreJob | Effect::StoreAttempt(_)))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn the_happy_path() {
+    let submitted = JobSnapshot::submitted(POLICY, T0);
+    assert_eq!(submitted.effects, [Effect::StoreJob, Effect::WakeRunners]);
+    let job = submitted.job;
+    assert_eq!(
+        (job.state, job.expires_at_ms),
+        (JobState::Queued, T0 + POLICY.ttl_ms)
+    );
+
+    let t = ok(&job, T0 + S, claim(A1, R1, T0 + S));
+    assert_eq!(t.effects, [Effect::StoreJob, Effect::StoreAttempt(A1)]);
+    assert_eq!(t.job.state, JobState::Running);
+    let a = &t.job.attempts[0];
+    assert_eq!(
+        (a.state, a.accept_by_ms, a.lease_until_ms),
+        (AttemptState::Leased, T0 + 31 * S, T0 + 91 * S)
+    );
+    assert!(
+        t.job.reason.contains("attempt 1 on runner 10 (try 1 of 3)"),
+        "{}",
+        t.job.reason
+    );
+
+    let t = ok(&t.job, T0 + 2 * S, Event::Start { attempt: A1 });
+    assert_eq!(t.effects, [Effect::StoreAttempt(A1)]);
+    let a = &t.job.attempts[0];
+    assert_eq!(
+        (a.state, a.started_ms, a.lease_until_ms),
+        (AttemptState::Running, Some(T0 + 2 * S), T0 + 92 * S)
+    );
+
+    let t = ok(&t.job, T0 + 30 * S, heartbeat(A1));
+    assert_eq!(t.job.attempts[0].lease_until_ms, T0 + 120 * S);
+    assert_eq!(t.job.attempts[0].console_bytes, 100);
+    let t = ok(&t.job, T0 + 40 * S, Event::UploadBegun { attempt: A1 });
+    assert_eq!(t.job.attempts[0].state, AttemptState::Uploading);
+
+    let t = ok(
+        &t.job,
+        T0 + 50 * S,
+        report(A1, ReportStatus::Success, Some(0)),
+    );
+    assert_eq!(
+        t.effects,
+        [
+            Effect::StoreJob,
+            Effect::StoreAttempt(A1),
+            Effect::AttemptEnded(A1, AttemptState::Reported),
+            Effect::TakeResult(A1),
+            Effect::JobEnded(JobState::Succeeded),
+        ]
+    );
+    let job = t.job;
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.result_attempt, Some(A1));
+    assert_eq!(job.ended_ms, Some(T0 + 50 * S));
+    assert_eq!(job.reason, "attempt 1 on runner 10: job succeeded");
+    assert_eq!(job.attempts[0].why, "job succeeded");
+}
+
+#[test]
+fn a_lapsed_lease_requeues_with_a_back_off_and_the_second_attempt_succeeds() {
+    let job = running(&submitted(), A1, R1, T0);
+    let lease_end = job.attempts[0].lease_until_ms;
+    // Nothing is due just before the lease ends.
+    let t = ok(&job, lease_end - 1, Event::Tick);
+    assert_eq!((t.job.clone(), t.effects), (job.clone(), vec![]));
+
+    let t = ok(&job, lease_end, Event::Tick);
+    let retry_at = lease_end + 10 * S;
+    assert_eq!(
+        semantic(&t.effects),
+        [
+            Effect::AttemptEnded(A1, AttemptState::Expired),
+            Effect::RequeueAt(retry_at)
+        ]
+    );
+    let job = t.job;
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.retry_not_before_ms, Some(retry_at));
+    assert_eq!(job.expires_at_ms, retry_at + POLICY.ttl_ms);
+    assert_eq!(job.attempts[0].why, "lease lapsed");
+    assert!(
+        job.reason.contains("try 2 of 3 after a 10 s back-off"),
+        "{}",
+        job.reason
+    );
+
+    assert_eq!(
+        refused(&job, retry_at - 1, claim(A2, R2, retry_at - 1)),
+        Refusal::RetryNotYet(retry_at)
+    );
+    let t = ok(&job, retry_at, Event::Tick);
+    assert_eq!(semantic(&t.effects), [Effect::WakeRunners]);
+    assert_eq!(t.job.retry_not_before_ms, None);
+
+    let job = running(&t.job, A2, R2, retry_at + S);
+    let job = ok(
+        &job,
+        retry_at + 60 * S,
+        report(A2, ReportStatus::Success, Some(0)),
+    )
+    .job;
+    assert_eq!(
+        (job.state, job.result_attempt),
+        (JobState::Succeeded, Some(A2))
+    );
+    let whys: Vec<_> = job
+        .attempts
+        .iter()
+        .map(|a| (a.id, a.state, a.why.as_str()))
+        .collect();
+    assert_eq!(
+        whys,
+        [
+            (A1, AttemptState::Expired, "lease lapsed"),
+            (A2, AttemptState::Reported, "job succeeded"),
+        ]
+    );
+}
+
+#[test]
+fn a_claim_during_the_back_off_may_also_come_without_a_tick() {
+    let job = running(&submitted(), A1, R1, T0);
+    let job = ok(&job, T0 + 5 * S, abort(A1, "disk full")).job;
+    let at = job.retry_not_before_ms.unwrap();
+    assert_eq!(at, T0 + 15 * S);
+    let t = ok(&job, at, claim(A2, R2, at));
+    assert_eq!(t.job.retry_not_before_ms, None);
+    assert_eq!(t.job.attempts[0].why, "runner aborted: disk full");
+}
+
+#[test]
+fn a_late_report_is_kept_aside_never_taken() {
+    let job = running(&submitted(), A1, R1, T0);
+    let lease_end = job.attempts[0].lease_until_ms;
+    let job = ok(&job, lease_end, Event::Tick).job;
+    let t = ok(
+        &job,
+        lease_end + S,
+        report(A1, ReportStatus::Success, Some(0)),
+    );
+    assert_eq!(t.effects, [Effect::StoreAttempt(A1), Effect::KeepLate(A1)]);
+    let a = &t.job.attempts[0];
+    assert!(a.late && a.report.is_some());
+    assert_eq!(a.state, AttemptState::Expired);
+    assert_eq!(
+        (t.job.state, t.job.result_attempt),
+        (JobState::Queued, None)
+    );
+    // A second late report is one too many.
+    let again = refused(
+        &t.job,
+        lease_end + 2 * S,
+        report(A1, ReportStatus::Success, Some(0)),
+    );
+    assert_eq!(again, Refusal::AlreadyReported(A1));
+    assert_eq!(again.code(), crate::codes::ALREADY_REPORTED);
+}
+
+#[test]
+fn a_report_after_the_lease_is_late_even_before_the_sweeper_ran() {
+    let job = running(&submitted(), A1, R1, T0);
+    let lease_end = job.attempts[0].lease_until_ms;
+    let t = ok(
+        &job,
+        lease_end + S,
+        report(A1, ReportStatus::Failed, Some(1)),
+    );
+    assert_eq!(
+        semantic(&t.effects),
+        [
+            Effect::AttemptEnded(A1, AttemptState::Expired),
+            Effect::RequeueAt(lease_end + 11 * S),
+            Effect::KeepLate(A1),
+        ]
+    );
+    assert_eq!(t.job.state, JobState::Queued);
+    assert!(t.job.attempts[0].late);
+}
+
+#[test]
+fn a_late_report_after_the_job_ended_leaves_the_job_as_it_was() {
+    let job = running(&submitted(), A1, R1, T0);
+    let job = ok(&job, T0 + 2 * S, abort(A1, "shutting down")).job;
+    let at = job.retry_not_before_ms.unwrap();
+    let job = running(&job, A2, R2, at);
+    let job = ok(
+        &job,
+        at + 10 * S,
+        report(A2, ReportStatus::Success, Some(0)),
+    )
+    .job;
+    let t = ok(&job, at + 20 * S, report(A1, ReportStatus::Failed, Some(3)));
+    assert_eq!(
+        (t.job.state, t.job.result_attempt, t.job.ended_ms),
+        (job.state, Some(A2), job.ended_ms)
+    );
+    assert!(t.job.attempts[0].late);
+    assert_eq!(t.job.attempts[0].state, AttemptState::Aborted);
+}
+
+#[test]
+fn an_attempt_not_started_within_the_accept_window_expires() {
+    let job = ok(&submitted(), T0, claim(A1, R1, T0)).job;
+    let accept_by = job.attempts[0].accept_by_ms;
+    // Before the sweeper: the start is refused and nothing changes.
+    let e = refused(&job, accept_by, Event::Start { attempt: A1 });
+    assert_eq!(e, Refusal::AcceptWindowClosed(A1));
+    assert_eq!(e.code(), crate::codes::LEASE_LOST);
+    let t = ok(&job, accept_by, Event::Tick);
+    assert_eq!(t.job.attempts[0].state, AttemptState::Expired);
+    assert_eq!(
+        t.job.attempts[0].why,
+        "not started within the accept window"
+    );
+    assert_eq!(t.job.state, JobState::Queued);
+    let e = refused(&t.job, accept_by + S, Event::Start { attempt: A1 });
+    assert_eq!(
+        e,
+        Refusal::AttemptNotLive {
+            attempt: A1,
+            state: AttemptState::Expired
+        }
+    );
+    assert_eq!(e.code(), crate::codes::LEASE_LOST);
+}
+
+#[test]
+fn tries_not_the_jobs_fault_run_out_into_errored() {
+    let job = running(&submitted(), A1, R1, T0);
+    let job = ok(&job, T0 + 5 * S, abort(A1, "lost its disk")).job;
+    let at = job.retry_not_before_ms.unwrap();
+    assert_eq!(at, T0 + 15 * S);
+
+    let job = running(&job, A2, R2, at);
+    let t = ok(&job, at + 5 * S, report(A2, ReportStatus::VmmFault, None));
+    assert_eq!(t.job.attempts[1].state, AttemptState::Aborted);
+    assert_eq!(t.job.attempts[1].why, "runner failed (vmm-fault)");
+    let at2 = t.job.retry_not_before_ms.unwrap();
+    assert_eq!(at2, at + 35 * S, "the second back-off is 30 s");
+
+    let job = running(&t.job, A3, R1, at2);
+    let lease_end = job.attempts[2].lease_until_ms;
+    let t = ok(&job, lease_end, Event::Tick);
+    assert_eq!(
+        semantic(&t.effects),
+        [
+            Effect::AttemptEnded(A3, AttemptState::Expired),
+            Effect::JobEnded(JobState::Errored)
+        ]
+    );
+    let job = t.job;
+    assert_eq!(job.state, JobState::Errored);
+    assert_eq!(job.result_attempt, None);
+    assert_eq!(
+        job.reason,
+        "3 of 3 tries ended without a job outcome; the last, attempt 3: lease lapsed"
+    );
+    assert_eq!(
+        refused(&job, lease_end + S, claim(AttemptId(4), R1, lease_end + S)),
+        Refusal::JobEnded(JobState::Errored)
+    );
+}
+
+#[test]
+fn a_job_that_fails_itself_is_failed_and_not_retried() {
+    for (status, exit, why) in [
+        (
+            ReportStatus::Failed,
+            Some(2),
+            "job failed with exit status 2",
+        ),
+        (ReportStatus::InvalidJob, None, "invalid job"),
+        (ReportStatus::TimedOut, None, "job timed out"),
+        (ReportStatus::GuestFailed, None, "the guest failed"),
+    ] {
+        let job = running(&submitted(), A1, R1, T0);
+        let t = ok(&job, T0 + 9 * S, report(A1, status, exit));
+        assert_eq!(t.job.state, JobState::Failed, "{status}");
+        assert_eq!(t.job.result_attempt, Some(A1));
+        assert_eq!(t.job.attempts[0].why, why);
+        assert!(t.effects.contains(&Effect::TakeResult(A1)));
+        assert!(!t.effects.iter().any(|e| matches!(e, Effect::RequeueAt(_))));
+    }
+}
+
+#[test]
+fn a_runner_stopped_by_a_signal_is_not_the_jobs_failure() {
+    let job = running(&submitted(), A1, R1, T0);
+    let t = ok(
+        &job,
+        T0 + 9 * S,
+        report(A1, ReportStatus::Interrupted, None),
+    );
+    assert_eq!(t.job.state, JobState::Queued);
+    assert_eq!(t.job.attempts[0].why, "runner stopped (interrupted)");
+    assert_eq!(t.job.attempts[0].state, AttemptState::Aborted);
+    assert!(!t.job.attempts[0].late);
+}

@@ -1,0 +1,296 @@
+//! The submitter's side: submitting a job, and what a job and its attempts look like.
+
+use super::{AttemptId, InvalidField, JobId, JobLimits, Phase, ReportStatus, RunnerId, UserId};
+use serde::{Deserialize, Serialize};
+
+/// The lowest [`SubmitParams::priority`].
+pub const MIN_PRIORITY: i32 = -100;
+/// The highest [`SubmitParams::priority`].
+pub const MAX_PRIORITY: i32 = 100;
+
+/// A job's state. See docs/api.md for the transitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Waiting for a runner (also between tries, until `retry_not_before_ms`).
+    Queued,
+    /// An attempt holds it (leased, running or uploading).
+    Running,
+    /// An attempt reported that the job succeeded.
+    Succeeded,
+    /// An attempt reported that the job itself failed: a non-zero exit, an invalid job, a
+    /// timeout, a failed guest. Not retried: another run would fail the same way.
+    Failed,
+    /// Canceled by its submitter or an admin.
+    Canceled,
+    /// Its tries ran out, each ended by something that is not the job's fault (a lapsed lease, a
+    /// runner's abort, a runner-side failure).
+    Errored,
+    /// No runner took it within its time-to-live (see `reason` for why none could).
+    Expired,
+}
+
+impl JobState {
+    /// Whether the job has ended: nothing changes its state any more.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Canceled => "canceled",
+            JobState::Errored => "errored",
+            JobState::Expired => "expired",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An attempt's state. See docs/api.md for the transitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttemptState {
+    /// A runner claimed it and must start it before `accept_by_ms`.
+    Leased,
+    /// The runner started it (downloading, booting, running the job).
+    Running,
+    /// The job has run; the runner is uploading its output and console.
+    Uploading,
+    /// The runner reported a job outcome (success or the job's own failure).
+    Reported,
+    /// Its lease lapsed, or it was not started within the accept window.
+    Expired,
+    /// The runner gave it up for a reason of its own (an infrastructure failure), or reported a
+    /// runner-side failure.
+    Aborted,
+    /// The job was canceled while this attempt held it.
+    Canceled,
+}
+
+impl AttemptState {
+    /// Whether the attempt still holds its job (its runner may work on it).
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            AttemptState::Leased | AttemptState::Running | AttemptState::Uploading
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptState::Leased => "leased",
+            AttemptState::Running => "running",
+            AttemptState::Uploading => "uploading",
+            AttemptState::Reported => "reported",
+            AttemptState::Expired => "expired",
+            AttemptState::Aborted => "aborted",
+            AttemptState::Canceled => "canceled",
+        }
+    }
+}
+
+impl std::fmt::Display for AttemptState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The query of a submission (`POST /api/v1/jobs?…`); the job file itself is the raw request
+/// body, and its name comes with it. Every field may be left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitParams {
+    /// The build image (`i0`); default: the index in the job file's name (`NAME_i0.tar.xz`).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Overrides [`JobLimits::timeout_s`].
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Overrides [`JobLimits::output_size`].
+    #[serde(default)]
+    pub output_size: Option<u64>,
+    /// Overrides [`JobLimits::console_cap`].
+    #[serde(default)]
+    pub console_cap: Option<u64>,
+    /// Overrides [`JobLimits::memory_mib`].
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Overrides [`JobLimits::vcpus`].
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Order among the submitter's own jobs, [`MIN_PRIORITY`] to [`MAX_PRIORITY`] (default 0;
+    /// higher first). It never puts a job ahead of other submitters' fair share.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+impl SubmitParams {
+    /// The job's limits: `defaults` with this submission's overrides, checked against
+    /// `server_max`; also checks the priority and the image's spelling.
+    pub fn resolve(
+        &self,
+        defaults: &JobLimits,
+        server_max: &JobLimits,
+    ) -> Result<JobLimits, InvalidField> {
+        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&self.priority) {
+            return Err(InvalidField::new(
+                "priority",
+                format!(
+                    "{} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
+                    self.priority
+                ),
+            ));
+        }
+        let bad_image = self.image.as_ref().filter(|i| !super::valid_image_index(i));
+        if let Some(image) = bad_image {
+            return Err(InvalidField::new(
+                "image",
+                format!(
+                    "{:?} is not an image index (a letter and digits, like i0)",
+                    image.chars().take(40).collect::<String>()
+                ),
+            ));
+        }
+        let limits = JobLimits {
+            timeout_s: self.timeout_s.unwrap_or(defaults.timeout_s),
+            output_size: self.output_size.unwrap_or(defaults.output_size),
+            console_cap: self.console_cap.unwrap_or(defaults.console_cap),
+            memory_mib: self.memory_mib.unwrap_or(defaults.memory_mib),
+            vcpus: self.vcpus.unwrap_or(defaults.vcpus),
+        };
+        limits.validate(server_max)?;
+        Ok(limits)
+    }
+}
+
+/// A job as its submitter sees it (`GET /api/v1/jobs/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: JobId,
+    /// Who submitted it.
+    pub owner: UserId,
+    /// The job file's name as submitted (`hello_i0.tar.xz`).
+    pub name: String,
+    /// The build image it runs in (`i0`).
+    pub image: String,
+    /// sha256 of the job file as submitted (lower-case hex).
+    pub sha256: String,
+    /// The job file's size in bytes (it is the job's disk).
+    pub size: u64,
+    pub limits: JobLimits,
+    pub priority: i32,
+    pub state: JobState,
+    /// When it was submitted.
+    pub created_ms: u64,
+    /// When it reached its terminal state.
+    pub ended_ms: Option<u64>,
+    /// Why it is in its state, for a person: which attempt holds it, why it waits, why it
+    /// ended; for a job that no runner can take, why not (`no runner offers image i9`).
+    pub reason: String,
+    /// A cancel was asked for and the attempt holding the job has not stopped yet.
+    pub cancel_requested: bool,
+    /// While queued after a failed try: no runner gets it before this time.
+    pub retry_not_before_ms: Option<u64>,
+    /// Every attempt, oldest first, including the ones that did not count.
+    pub attempts: Vec<AttemptView>,
+    /// The attempt whose result stands (its output is the job's output), once there is one.
+    pub result_attempt: Option<AttemptId>,
+}
+
+/// One attempt of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptView {
+    pub id: AttemptId,
+    /// The runner that claimed it.
+    pub runner: RunnerId,
+    pub state: AttemptState,
+    /// What it is doing, or what ended it: `lease lapsed`, `runner stopped (interrupted)`,
+    /// `job failed with exit status 2`, …
+    pub why: String,
+    /// It reported after it had stopped being live (its lease lapsed, it was aborted): the
+    /// report is kept, never taken as the job's result.
+    pub late: bool,
+    /// When it was claimed, started (by the server's clock) and ended.
+    pub claimed_ms: u64,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    /// The phase its runner last said it was in.
+    pub phase: Option<Phase>,
+    /// The reported status, the launcher's exit code and the job's own exit status, as the
+    /// runner's record gave them (when it reported).
+    pub status: Option<ReportStatus>,
+    pub exit_code: Option<i32>,
+    pub job_exit_status: Option<u16>,
+    /// sha256 and size of the output the server received (hashed by the server itself).
+    pub output_sha256: Option<String>,
+    pub output_size: Option<u64>,
+    /// Console bytes the server holds.
+    pub console_size: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_kebab_case_on_the_wire() {
+        assert_eq!(
+            serde_json::to_string(&JobState::Queued).unwrap(),
+            "\"queued\""
+        );
+        assert_eq!(
+            serde_json::from_str::<AttemptState>("\"uploading\"").unwrap(),
+            AttemptState::Uploading
+        );
+        for s in [JobState::Succeeded, JobState::Expired] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        assert!(!JobState::Running.is_terminal() && JobState::Errored.is_terminal());
+        assert!(AttemptState::Leased.is_live() && !AttemptState::Reported.is_live());
+    }
+
+    #[test]
+    fn submissions_take_defaults_and_overrides_within_the_maxima() {
+        let max = JobLimits::DEFAULT_SERVER_MAX;
+        let plain = SubmitParams::default();
+        assert_eq!(
+            plain.resolve(&JobLimits::DEFAULT, &max),
+            Ok(JobLimits::DEFAULT)
+        );
+        let asked: SubmitParams = serde_json::from_str(
+            r#"{"image": "t0", "timeout_s": 60, "memory_mib": 128, "priority": -5}"#,
+        )
+        .unwrap();
+        let limits = asked.resolve(&JobLimits::DEFAULT, &max).unwrap();
+        assert_eq!((limits.timeout_s, limits.memory_mib), (60, 128));
+        assert_eq!(limits.vcpus, JobLimits::DEFAULT.vcpus);
+    }
+
+    #[test]
+    fn submissions_are_refused_naming_the_field() {
+        let max = JobLimits::DEFAULT_SERVER_MAX;
+        let cases = [
+            (r#"{"priority": 101}"#, "priority"),
+            (r#"{"priority": -101}"#, "priority"),
+            (r#"{"image": "../x"}"#, "image"),
+            (r#"{"vcpus": 33}"#, "vcpus"),
+            (r#"{"timeout_s": 0}"#, "timeout_s"),
+        ];
+        for (json, field) in cases {
+            let p: SubmitParams = serde_json::from_str(json).unwrap();
+            let e = p.resolve(&JobLimits::DEFAULT, &max).unwrap_err();
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+        let e = serde_json::from_str::<SubmitParams>(r#"{"timout_s": 5}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! The HTTP side: `/healthz`, and the JSON API under `/api/v1/` with its protocol header (checked
+//! on every request, sent on every response), bearer tokens, a size limit on every request body,
+//! and refusals as [`ApiError`] bodies with a fitting status.
+
+use crate::db::{Db, Identity};
+use crate::settings::Settings;
+use crate::tokens;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use construir_api::{ApiError, PROTOCOL_HEADER, PROTOCOL_VERSION, check_protocol, codes};
+use std::sync::Arc;
+use tower_http::limit::RequestBodyLimitLayer;
+
+/// What every handler shares.
+pub struct App {
+    pub settings: Settings,
+    pub db: Db,
+}
+
+pub type Shared = Arc<App>;
+
+/// A refusal, answered as JSON with its status.
+#[derive(Debug)]
+pub struct Refusal(pub ApiError);
+
+impl Refusal {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Refusal(ApiError::new(code, message))
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<crate::db::DbError> for Refusal {
+    fn from(e: crate::db::DbError) -> Self {
+        tracing::error!("{e}");
+        Refusal::new(
+            codes::INTERNAL,
+            "the server could not complete the request; try again",
+        )
+    }
+}
+
+/// The caller, from `Authorization: Bearer TOKEN`.
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<Shared> for Caller {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Shared) -> Result<Self, Self::Rejection> {
+        let unauthorized = |why: &str| Refusal::new(codes::UNAUTHORIZED, why.to_string());
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("no Authorization header (Authorization: Bearer TOKEN)"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| tokens::well_formed(t))
+            .ok_or_else(|| unauthorized("the Authorization header holds no construir token"))?;
+        let who = app
+            .db
+            .identify(&tokens::digest(token))
+            .await?
+            .ok_or_else(|| unauthorized("unknown or revoked token"))?;
+        Ok(Caller(who))
+    }
+}
+
+/// Refuses API requests without this protocol version, and says ours on every answer.
+async fn protocol(request: Request, next: Next) -> Response {
+    let theirs = request
+        .headers()
+        .get(PROTOCOL_HEADER)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+    let mut response = match check_protocol(theirs.as_deref()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => Refusal(ApiError::from(&e)).into_response(),
+    };
+    response.headers_mut().insert(
+        PROTOCOL_HEADER,
+        HeaderValue::from_str(&PROTOCOL_VERSION.to_string()).expect("digits"),
+    );
+    response
+}
+
+#[derive(serde::Serialize)]
+struct WhoAmI {
+    user: String,
+    role: String,
+    protocol: u32,
+}
+
+async fn whoami(Caller(who): Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        user: who.user,
+        role: who.role,
+        protocol: PROTOCOL_VERSION,
+    })
+}
+
+async fn healthz(State(app): State<Shared>) -> Response {
+    match sqlx::query("SELECT 1").execute(app.db.pool()).await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")).into_response(),
+    }
+}
+
+/// Request bodies larger than this are refused, except where an endpoint sets its own (job
+/// files, outputs, logs).
+pub const JSON_BODY_LIMIT: usize = 64 << 10;
+
+pub fn router(app: Shared) -> Router {
+    let api = Router::new()
+        .route("/whoami", get(whoami))
+        .layer(middleware::from_fn(protocol));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/api/v1", api)
+        .layer(RequestBodyLimitLayer::new(JSON_BODY_LIMIT))
+        .with_state(app)
+}
+
+/// Serves until SIGINT/SIGTERM.
+pub async fn serve(settings: Settings, db: Db) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen on {}: {e}", settings.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        "construir-server: serving on http://{local} (data {})",
+        settings.data.display()
+    );
+    let app = Arc::new(App { settings, db });
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("construir-server: stopping");
+        })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    pub async fn test_app() -> (tempfile::TempDir, Shared) {
+        let d = tempfile::tempdir().unwrap();
+        let settings = crate::settings::SettingArgs {
+            data: Some(d.path().to_path_buf()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let db = Db::open_embedded(d.path()).await.unwrap();
+        (d, Arc::new(App { settings, db }))
+    }
+
+    async fn call(app: &Shared, req: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {
+        let resp = router(app.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        assert_eq!(
+            resp.headers()
+                .get(PROTOCOL_HEADER)
+                .map(|v| v.to_str().unwrap()),
+            Some("1"),
+            "every API answer says its protocol"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn get(path: &str, token: Option<&str>, protocol: Option<&str>) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::get(path);
+        if let Some(t) = token {
+            b = b.header("Authorization", format!("Bearer {t}"));
+        }
+        if let Some(p) = protocol {
+            b = b.header(PROTOCOL_HEADER, p);
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_protocol_and_the_token_are_checked_on_every_request() {
+        let (_d, app) = test_app().await;
+        let user = app.db.ensure_user("alice").await.unwrap();
+        let token = tokens::generate().unwrap();
+        let id = app
+            .db
+            .add_token(user, "submitter", &tokens::digest(&token))
+            .await
+            .unwrap();
+        let (status, body) = call(&app, get("/api/v1/whoami", Some(&token), None)).await;
+        assert_eq!(
+            (status.as_u16(), body["error"].as_str()),
+            (400, Some("protocol-mismatch"))
+        );
+        let (status, body) = call(&app, get("/api/v1/whoami", Some(&token), Some("2"))).await;
+        assert_eq!(status.as_u16(), 400);
+        assert!(
+            body["message"].as_str().unwrap().contains("protocol 2"),
+            "{body}"
+        );
+        let (status, body) = call(&app, get("/api/v1/whoami", None, Some("1"))).await;
+        assert_eq!(
+            (status.as_u16(), body["error"].as_str()),
+            (401, Some("unauthorized"))
+        );
+        let (status, _) = call(&app, get("/api/v1/whoami", Some("cst_nonsense"), Some("1"))).await;
+        assert_eq!(status.as_u16(), 401);
+        let (status, body) = call(&app, get("/api/v1/whoami", Some(&token), Some("1"))).await;
+        assert_eq!(status.as_u16(), 200);
+        assert_eq!(
+            (body["user"].as_str(), body["role"].as_str()),
+            (Some("alice"), Some("submitter"))
+        );
+        app.db.revoke_token(id).await.unwrap();
+        let (status, _) = call(&app, get("/api/v1/whoami", Some(&token), Some("1"))).await;
+        assert_eq!(status.as_u16(), 401, "a revoked token is refused at once");
+    }
+
+    #[tokio::test]
+    async fn healthz_answers() {
+        let (_d, app) = test_app().await;
+        let resp = router(app)
+            .oneshot(
+                axum::http::Request::get("/healthz")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+}

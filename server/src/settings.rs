@@ -1,0 +1,260 @@
+//! The server's settings: each one a flag, the same name in a TOML config file (`--config`), and a
+//! `CONSTRUIR_SERVER_*` variable. A flag or a variable wins over the file, the file over the
+//! default.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Settings as given (flags and variables, through clap), each optional.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SettingArgs {
+    /// The data directory: the database, the blobs (default: /var/lib/construir/server).
+    #[arg(long, env = "CONSTRUIR_SERVER_DATA")]
+    pub data: Option<PathBuf>,
+    /// A TOML file with any of these settings (same names, with underscores).
+    #[arg(long, env = "CONSTRUIR_SERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where to listen (default 127.0.0.1:8080: put a TLS reverse proxy in front for the world).
+    #[arg(long, env = "CONSTRUIR_SERVER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// How long an attempt's lease lasts without a heartbeat (default 90s).
+    #[arg(long, env = "CONSTRUIR_SERVER_LEASE", value_parser = parse_secs)]
+    pub lease: Option<u64>,
+    /// How long a runner has to start a job it claimed (default 30s).
+    #[arg(long, env = "CONSTRUIR_SERVER_ACCEPT_WINDOW", value_parser = parse_secs)]
+    pub accept_window: Option<u64>,
+    /// The largest job file accepted, in bytes or 64M/1G (default 1G).
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_JOB_SIZE", value_parser = parse_bytes)]
+    pub max_job_size: Option<u64>,
+    /// The largest output a job may set as its limit (default 4G).
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_OUTPUT_SIZE", value_parser = parse_bytes)]
+    pub max_output_size: Option<u64>,
+    /// How long a job no runner takes stays queued (default 24h).
+    #[arg(long, env = "CONSTRUIR_SERVER_JOB_TTL", value_parser = parse_secs)]
+    pub job_ttl: Option<u64>,
+    /// Attempts a job gets when runners fail it (not the job itself) before it is errored
+    /// (default 3).
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_TRIES")]
+    pub max_tries: Option<u32>,
+    /// How long outputs and logs are kept (default 30d; 0: forever).
+    #[arg(long, env = "CONSTRUIR_SERVER_RETENTION", value_parser = parse_secs)]
+    pub retention: Option<u64>,
+}
+
+/// The same settings in a config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    data: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    lease: Option<String>,
+    accept_window: Option<String>,
+    max_job_size: Option<String>,
+    max_output_size: Option<String>,
+    job_ttl: Option<String>,
+    max_tries: Option<u32>,
+    retention: Option<String>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    pub lease: Duration,
+    pub accept_window: Duration,
+    pub max_job_size: u64,
+    pub max_output_size: u64,
+    pub job_ttl: Duration,
+    pub max_tries: u32,
+    pub retention: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{key} in {path}: {message}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl SettingArgs {
+    /// Merges flags and variables over the config file over the defaults.
+    pub fn resolve(&self) -> Result<Settings, SettingsError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        let path = self.config.clone().unwrap_or_default();
+        let from_file =
+            |key: &'static str, v: &Option<String>, parse: fn(&str) -> Result<u64, String>| {
+                v.as_deref()
+                    .map(|t| {
+                        parse(t).map_err(|message| SettingsError::Value {
+                            path: path.clone(),
+                            key,
+                            message,
+                        })
+                    })
+                    .transpose()
+            };
+        let lease = self
+            .lease
+            .or(from_file("lease", &file.lease, parse_secs)?)
+            .unwrap_or(90);
+        let retention = self
+            .retention
+            .or(from_file("retention", &file.retention, parse_secs)?)
+            .unwrap_or(30 * 86400);
+        Ok(Settings {
+            data: self
+                .data
+                .clone()
+                .or(file.data)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/construir/server")),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            lease: Duration::from_secs(lease.max(1)),
+            accept_window: Duration::from_secs(
+                self.accept_window
+                    .or(from_file("accept_window", &file.accept_window, parse_secs)?)
+                    .unwrap_or(30)
+                    .max(1),
+            ),
+            max_job_size: self
+                .max_job_size
+                .or(from_file("max_job_size", &file.max_job_size, parse_bytes)?)
+                .unwrap_or(1 << 30),
+            max_output_size: self
+                .max_output_size
+                .or(from_file(
+                    "max_output_size",
+                    &file.max_output_size,
+                    parse_bytes,
+                )?)
+                .unwrap_or(4 << 30),
+            job_ttl: Duration::from_secs(
+                self.job_ttl
+                    .or(from_file("job_ttl", &file.job_ttl, parse_secs)?)
+                    .unwrap_or(86400),
+            ),
+            max_tries: self.max_tries.or(file.max_tries).unwrap_or(3).max(1),
+            retention: (retention > 0).then(|| Duration::from_secs(retention)),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| SettingsError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `90s`, `30m`, `2h`, `7d`, or seconds.
+pub fn parse_secs(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('h') => (&t[..t.len() - 1], 3600),
+        Some('d') => (&t[..t.len() - 1], 86400),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 90s, 30m, 2h, 7d)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{text}: too long"))
+}
+
+/// `64M`, `1G`, or bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 64M, 1G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = d.path().join("server.toml");
+        std::fs::write(
+            &cfg,
+            "listen = \"127.0.0.1:9999\"\nlease = \"2m\"\nmax_job_size = \"64M\"\n",
+        )
+        .unwrap();
+        let args = SettingArgs {
+            config: Some(cfg.clone()),
+            lease: Some(45),
+            ..SettingArgs::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.listen.port(), 9999, "from the file");
+        assert_eq!(s.lease, Duration::from_secs(45), "the flag wins");
+        assert_eq!(s.max_job_size, 64 << 20);
+        assert_eq!(s.accept_window, Duration::from_secs(30), "the default");
+        assert_eq!(s.retention, Some(Duration::from_secs(30 * 86400)));
+
+        std::fs::write(&cfg, "lease = \"soon\"\n").unwrap();
+        let e = args_with(&cfg).resolve().unwrap_err().to_string();
+        assert!(e.contains("lease"), "{e}");
+        std::fs::write(&cfg, "leese = \"1s\"\n").unwrap();
+        assert!(matches!(
+            args_with(&cfg).resolve(),
+            Err(SettingsError::Parse { .. })
+        ));
+    }
+
+    fn args_with(cfg: &Path) -> SettingArgs {
+        SettingArgs {
+            config: Some(cfg.to_path_buf()),
+            ..SettingArgs::default()
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_secs("90s").unwrap(), 90);
+        assert_eq!(parse_secs("2h").unwrap(), 7200);
+        assert_eq!(parse_secs("7d").unwrap(), 7 * 86400);
+        assert_eq!(parse_bytes("64M").unwrap(), 64 << 20);
+        assert!(parse_secs("x").is_err() && parse_bytes("1.5G").is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! API tokens: 32 random bytes from the kernel, shown once as `cst_` + 64 hex digits, kept only as
+//! the SHA-256 of that text. SHA-256 and not a password hash: a token is checked on every
+//! request, is as long as a key, and a slow hash there would be a denial-of-service lever.
+
+use sha2::{Digest, Sha256};
+
+/// What every construir token starts with (so a leaked one is recognisable, as GitLab's `glrt-`).
+pub const PREFIX: &str = "cst_";
+
+/// A new token's text.
+pub fn generate() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: getrandom writes at most the remaining length into our buffer.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(format!("{PREFIX}{}", hex(&bytes)))
+}
+
+/// What is stored for a token, and looked up on each request.
+pub fn digest(token: &str) -> String {
+    hex(&Sha256::digest(token.trim().as_bytes()))
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Whether `text` has the shape of a token (checked before any lookup, so garbage costs nothing).
+pub fn well_formed(text: &str) -> bool {
+    text.strip_prefix(PREFIX)
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_well_formed_and_stored_hashed() {
+        let a = generate().unwrap();
+        let b = generate().unwrap();
+        assert_ne!(a, b);
+        assert!(well_formed(&a), "{a}");
+        assert_eq!(digest(&a).len(), 64);
+        assert_ne!(digest(&a), digest(&b));
+        assert_eq!(
+            digest(&a),
+            digest(&format!("{a}\n")),
+            "a token file's newline"
+        );
+        for bad in [
+            "",
+            "cst_",
+            "cst_xyz",
+            &a[..a.len() - 1],
+            &a.replace("cst_", "glrt"),
+        ] {
+            assert!(!well_formed(bad), "{bad}");
+        }
+        assert_eq!(
+            digest("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
