@@ -52,7 +52,7 @@ impl From<&InvalidField> for crate::ApiError {
 }
 
 /// Whether `index` names a build image as job names do (`i0`, `t0`): a lower-case letter, then
-/// digits, 2 to 8 characters (the same rule as construir-abi's manifests).
+/// digits, 2 to 8 characters (the same rule as construir-contract's manifests).
 pub fn valid_image_index(index: &str) -> bool {
     let mut chars = index.chars();
     matches!(chars.next(), Some('a'..='z'))

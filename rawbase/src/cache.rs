@@ -16,7 +16,7 @@
 
 use crate::convert::{ConvertError, MAX_VIRTUAL_SIZE, convert_file, sha256_reader};
 use crate::lock;
-use construir_abi::manifest::{Image, valid_sha256};
+use construir_contract::manifest::{Image, valid_sha256};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-pub use construir_abi::manifest::MAX_VIRTUAL_SIZE;
+pub use construir_contract::manifest::MAX_VIRTUAL_SIZE;
 
 /// Why the root disk could not be prepared.
 #[derive(Debug, thiserror::Error)]

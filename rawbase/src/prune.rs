@@ -11,7 +11,7 @@
 //! launcher makes a new base, and by hand with `construir-cache prune`.
 
 use crate::lock;
-use construir_abi::manifest::{Image, valid_index, valid_sha256};
+use construir_contract::manifest::{Image, valid_index, valid_sha256};
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};

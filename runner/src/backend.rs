@@ -2,7 +2,7 @@
 //! test program with the same command line. Every backend gets the same arguments and prints the
 //! same one-line JSON summary, so the runner makes the same record from any of them.
 
-use construir_abi::host::HostKind;
+use construir_contract::host::HostKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -64,9 +64,7 @@ impl Backend {
                 self,
                 Backend::Vmm { .. } | Backend::Qemu { accel: "kvm", .. }
             );
-        timeout
-            + construir_abi::launcher::boot_allowance(emulated_kernel)
-            + Duration::from_secs(120)
+        timeout + construir_launcher::boot_allowance(emulated_kernel) + Duration::from_secs(120)
     }
 }
 

@@ -5,8 +5,8 @@
 //! symbolic link is moved as a link: its target is never opened).
 
 use crate::dirs::Refusal;
-use construir_abi::jobfile::{JobFileRefusal, check_job_metadata};
-use construir_abi::jobname::parse_job_name;
+use construir_contract::jobname::parse_job_name;
+use construir_launcher::jobfile::{JobFileRefusal, check_job_metadata};
 use std::ffi::OsStr;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;

@@ -6,6 +6,6 @@ pub mod backend;
 pub mod dirs;
 pub mod disk_copy;
 pub mod intake;
-pub mod record;
+pub use construir_contract::record;
 pub mod run;
 pub mod runner;

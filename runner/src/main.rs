@@ -2,10 +2,10 @@
 
 use anyhow::Context;
 use clap::Parser;
-use construir_abi::duration::parse_duration;
-use construir_abi::host::{HostFacts, HostKind};
-use construir_abi::launcher;
-use construir_abi::manifest::default_images_dir;
+use construir_contract::host::{HostFacts, HostKind};
+use construir_contract::manifest::default_images_dir;
+use construir_launcher as launcher;
+use construir_launcher::duration::parse_duration;
 use construir_runner::{backend, dirs, runner};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,7 +48,7 @@ struct Cli {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     grace: Duration,
     /// The largest job file taken (it is the job's disk): 64M, 8G, …; bigger ones fail as too-big.
-    #[arg(long, default_value = "8G", value_parser = construir_abi::jobfile::parse_size)]
+    #[arg(long, default_value = "8G", value_parser = construir_launcher::jobfile::parse_size)]
     max_job_size: u64,
     /// A program with the launchers' command line to use as the backend (tests).
     #[arg(long, hide = true)]

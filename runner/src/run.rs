@@ -6,12 +6,12 @@
 use crate::dirs::{
     BACKEND_LOG, CONSOLE_LOG, RECORD, RunState, SUBMITTED, rename_noreplace, sync_dir, write_atomic,
 };
-use crate::record::Record;
 use crate::runner::{RunnerConfig, STOP, emit, now_ms, rel};
-use construir_abi::console::CappedSink;
-use construir_abi::jobname::parse_job_name;
-use construir_abi::manifest::Image;
-use construir_abi::outcome::EXIT_INTERRUPTED;
+use construir_contract::jobname::parse_job_name;
+use construir_contract::manifest::Image;
+use construir_contract::outcome::EXIT_INTERRUPTED;
+use construir_contract::record::Record;
+use construir_launcher::console::CappedSink;
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -326,7 +326,7 @@ pub fn backend_summary(out: &[u8]) -> Option<serde_json::Value> {
     })
 }
 
-/// The statuses a backend's summary may give (construir_abi::outcome); anything else is recorded
+/// The statuses a backend's summary may give (construir_contract::outcome); anything else is recorded
 /// as `backend-failed`.
 const BACKEND_STATUSES: &[&str] = &[
     "success",

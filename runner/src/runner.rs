@@ -9,9 +9,9 @@ use crate::dirs::{
     rename_noreplace,
 };
 use crate::intake::{Writers, display_name, job_name_of, refusal_for, settled, writers};
-use crate::record::Record;
 use crate::run::{base_record, finish, move_finished};
-use construir_abi::host::HostKind;
+use construir_contract::host::HostKind;
+use construir_contract::record::Record;
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::{HashMap, HashSet, VecDeque};

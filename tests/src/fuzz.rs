@@ -164,7 +164,7 @@ pub fn qcow2(data: &[u8]) {
 /// The job-name parser (the runner's queue accepts any file name).
 pub fn job_name(data: &[u8]) {
     if let Ok(name) = std::str::from_utf8(data)
-        && let Ok(job) = construir_abi::jobname::parse_job_name(name)
+        && let Ok(job) = construir_contract::jobname::parse_job_name(name)
     {
         // An index that parsed is a plain name: it becomes a file name in the images directory.
         assert!(!job.image.contains('/') && !job.image.is_empty() && job.image != "..");
@@ -174,7 +174,7 @@ pub fn job_name(data: &[u8]) {
 /// A job archive: the init unpacks it as root in the guest, and construir-result reads the
 /// output a job wrote back. Nothing may land outside the destination.
 pub fn job_archive(data: &[u8]) {
-    use construir_abi::archive;
+    use construir_contract::archive;
     let _ = archive::list(data);
     let _ = archive::read_file(data, "out.txt", 1 << 20);
     let root = tempfile::tempdir().expect("temp dir");
@@ -194,7 +194,7 @@ pub fn job_archive(data: &[u8]) {
 
 /// The status port's byte stream (the guest writes any bytes it likes there).
 pub fn status_stream(data: &[u8]) {
-    let decoder = construir_abi::status::decode(data);
+    let decoder = construir_contract::status::decode(data);
     assert_eq!(decoder.bytes_seen(), data.len() as u64);
     let _ = decoder.outcome();
 }

@@ -6,9 +6,9 @@
 
 pub mod fuzz;
 
-use construir_abi::archive;
-use construir_abi::host::{HostKind, detect};
-use construir_abi::manifest::default_images_dir;
+use construir_contract::archive;
+use construir_contract::host::{HostKind, detect};
+use construir_contract::manifest::default_images_dir;
 use construir_tools::pack::{JobFile, write_job};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

@@ -4,8 +4,8 @@
 //! taking jobs, the image's base disk is unchanged, and nothing outside the runner's directory
 //! changes on the host.
 
-use construir_abi::archive;
-use construir_abi::manifest::Image;
+use construir_contract::archive;
+use construir_contract::manifest::Image;
 use construir_tests::*;
 use construir_tools::pack::{JobFile, job_archive};
 use std::collections::BTreeMap;
@@ -205,7 +205,7 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         "the flood did not reach the console log ({log_len} bytes)"
     );
     assert!(
-        log_len <= construir_abi::console::DEFAULT_CONSOLE_CAP + (1 << 20),
+        log_len <= construir_launcher::console::DEFAULT_CONSOLE_CAP + (1 << 20),
         "console log of {log_len} bytes"
     );
 

@@ -49,7 +49,7 @@ fn seed_and_data_jobs_under_qemu_with_this_hosts_kvm() {
         .contains("construir: emulated-KVM host support on");
     assert_eq!(
         emulated,
-        host == construir_abi::host::HostKind::EmulatedKvm,
+        host == construir_contract::host::HostKind::EmulatedKvm,
         "emulated-host switch vs host kind"
     );
     check_seed_output(&seed);

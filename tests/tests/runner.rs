@@ -104,7 +104,7 @@ fn drop_job(dir: &Path, name: &str, bytes: &[u8]) {
 fn output(path: &Path) -> String {
     let disk = std::fs::read(path).unwrap();
     String::from_utf8(
-        construir_abi::archive::read_file(&disk[..], "out.txt", 1 << 20)
+        construir_contract::archive::read_file(&disk[..], "out.txt", 1 << 20)
             .unwrap()
             .expect("out.txt"),
     )

@@ -1,6 +1,6 @@
 //! construir-pack and construir-result, as a person uses them (no VM needed).
 
-use construir_abi::archive;
+use construir_contract::archive;
 use construir_tests::*;
 use std::process::Command;
 

@@ -3,7 +3,7 @@
 //! one test with a generous deadline. Without /dev/kvm the test says loudly that it did not run
 //! (and fails under CONSTRUIR_REQUIRE_KVM=1).
 
-use construir_abi::manifest::{Image, cache_dir};
+use construir_contract::manifest::{Image, cache_dir};
 use construir_tests::*;
 use construir_tools::pack::JobFile;
 use std::time::Duration;
@@ -79,7 +79,10 @@ fn jobs_through_construir_vmm_on_this_hosts_kvm() {
             let emulated = run
                 .console
                 .contains("construir: emulated-KVM host support on");
-            assert_eq!(emulated, host == construir_abi::host::HostKind::EmulatedKvm);
+            assert_eq!(
+                emulated,
+                host == construir_contract::host::HostKind::EmulatedKvm
+            );
 
             let three = TestJob::new(
                 "three",
@@ -117,7 +120,7 @@ fn jobs_through_construir_vmm_on_this_hosts_kvm() {
             run.expect_code(0);
             assert!(String::from_utf8(i0.output("version")).unwrap().starts_with("12."));
             // i0 asks for 2 vCPUs; an emulated KVM cannot bring secondary vCPUs up, so the VMM gives 1.
-            let want = if host == construir_abi::host::HostKind::EmulatedKvm { "1" } else { "2" };
+            let want = if host == construir_contract::host::HostKind::EmulatedKvm { "1" } else { "2" };
             assert_eq!(String::from_utf8(i0.output("cpus")).unwrap().trim(), want);
         });
         lane_a.join().expect("lane A");

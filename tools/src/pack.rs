@@ -1,7 +1,7 @@
 //! Making seed-format jobs: an xz tar holding `opt/job/construir` (and whatever else the job
 //! brings under `opt/job/`), padded with zeros so the job disk has room for the output.
 
-use construir_abi::archive::{JOB_DIR, JOB_SCRIPT};
+use construir_contract::archive::{JOB_DIR, JOB_SCRIPT};
 use std::io::Write;
 use std::path::Path;
 
@@ -146,7 +146,7 @@ pub fn write_job(path: &Path, files: &[JobFile], min_size: u64) -> Result<u64, P
 #[cfg(test)]
 mod tests {
     use super::*;
-    use construir_abi::archive;
+    use construir_contract::archive;
 
     #[test]
     fn a_packed_job_reads_back() {
@@ -202,7 +202,7 @@ mod tests {
         std::fs::create_dir_all(d.path().join(".git/objects")).unwrap();
         std::fs::write(d.path().join(".git/HEAD"), "ref").unwrap();
         let archive = archive_from_dir(d.path()).unwrap();
-        let (_, entries) = construir_abi::archive::list(&archive[..]).unwrap();
+        let (_, entries) = construir_contract::archive::list(&archive[..]).unwrap();
         let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         assert!(paths.contains(&"opt/job/construir") && paths.contains(&"opt/job/src/main.c"));
         assert!(!paths.iter().any(|p| p.contains(".git")), "{paths:?}");

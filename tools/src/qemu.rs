@@ -17,11 +17,11 @@
 //! to a backing or data file). A link swapped in for the job after the launcher's checks is
 //! never opened.
 
-use construir_abi::cmdline::KernelCmdline;
-use construir_abi::console::CappedSink;
-use construir_abi::host::HostKind;
-use construir_abi::outcome::RunOutcome;
-use construir_abi::status::{self, STATUS_PORT};
+use construir_contract::cmdline::KernelCmdline;
+use construir_contract::host::HostKind;
+use construir_contract::outcome::RunOutcome;
+use construir_contract::status::{self, STATUS_PORT};
+use construir_launcher::console::CappedSink;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -108,7 +108,7 @@ pub struct LaunchConfig {
 /// How long booting may take on top of the job's limit before the host kills the VM: minutes
 /// where the guest kernel is emulated instruction by instruction, seconds elsewhere.
 pub fn boot_allowance(accel: Accel, host: HostKind) -> Duration {
-    construir_abi::launcher::boot_allowance(accel == Accel::Kvm && host == HostKind::EmulatedKvm)
+    construir_launcher::boot_allowance(accel == Accel::Kvm && host == HostKind::EmulatedKvm)
 }
 
 /// What a run produced.
@@ -147,7 +147,7 @@ pub enum LaunchError {
     Io(#[from] std::io::Error),
 }
 
-/// Set by SIGINT/SIGTERM (`construir_abi::launcher::stop_on_termination_signals`); the launcher
+/// Set by SIGINT/SIGTERM (`construir_launcher::stop_on_termination_signals`); the launcher
 /// then stops the VM.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

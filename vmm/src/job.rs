@@ -1,14 +1,14 @@
 //! The job's disk: the job file opened the one way every launcher opens it
-//! ([`construir_abi::jobfile`]: no symbolic link, a regular file with one link, at most
+//! ([`construir_launcher::jobfile`]: no symbolic link, a regular file with one link, at most
 //! `--max-job-size`), and what a refused file is: an invalid job (exit 101, status
 //! `invalid-job`), not a setup error, since the submitter chose it. A file that cannot be opened
 //! at all stays a setup error (the host's problem).
 
 use crate::disk::raw::RawDisk;
 use crate::disk::{DiskBackend, round_to_sectors};
-use construir_abi::jobfile::{JobFileError, JobFileRefusal};
-use construir_abi::launcher::JobArgs;
-use construir_abi::outcome::EXIT_INVALID_JOB;
+use construir_contract::outcome::EXIT_INVALID_JOB;
+use construir_launcher::JobArgs;
+use construir_launcher::jobfile::{JobFileError, JobFileRefusal};
 
 /// Why the job's disk could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -3,11 +3,11 @@
 
 use anyhow::Context;
 use clap::Parser;
-use construir_abi::cmdline::KernelCmdline;
-use construir_abi::host::HostKind;
-use construir_abi::launcher::{self, JobArgs};
-use construir_abi::manifest::cache_dir;
-use construir_abi::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_INVALID_JOB, EXIT_SETUP_ERROR};
+use construir_contract::cmdline::KernelCmdline;
+use construir_contract::host::HostKind;
+use construir_contract::manifest::cache_dir;
+use construir_contract::outcome::{EXIT_HOST_UNSUPPORTED, EXIT_INVALID_JOB, EXIT_SETUP_ERROR};
+use construir_launcher::{self as launcher, JobArgs};
 use construir_vmm::disk::DiskBackend;
 use construir_vmm::disk::overlay::OverlayDisk;
 use construir_vmm::disk::qcow2::{cached_raw_base, sha256_reader};

@@ -16,9 +16,9 @@ use crate::vcpu::{StopReason, StopSignal, describe_internal_error, run_vcpu};
 use crate::virtio::Interrupt;
 use crate::virtio::block::{Block, DiskStats};
 use crate::virtio::mmio::{MmioTransport, reg};
-use construir_abi::console::CappedSink;
-use construir_abi::outcome::RunOutcome;
-use construir_abi::status::GuestReport;
+use construir_contract::outcome::RunOutcome;
+use construir_contract::status::GuestReport;
+use construir_launcher::console::CappedSink;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,

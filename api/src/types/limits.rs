@@ -23,7 +23,7 @@ pub struct JobLimits {
 
 impl JobLimits {
     /// The smallest value of each limit anyone may ask for (memory: the smallest an image may
-    /// declare, construir-abi's `MEMORY_MIB_RANGE`). A console cap of 0 keeps no console.
+    /// declare, construir-contract's `MEMORY_MIB_RANGE`). A console cap of 0 keeps no console.
     pub const MIN: JobLimits = JobLimits {
         timeout_s: 1,
         output_size: 1,

@@ -30,7 +30,7 @@ pub struct RunnerCapabilities {
     pub arch: String,
     /// The backend its jobs run on: `vmm` or `qemu`.
     pub backend: String,
-    /// `hardware`, `emulated` or `none` (construir-abi's host kinds).
+    /// `hardware`, `emulated` or `none` (construir-contract's host kinds).
     pub host_kind: String,
     /// The build images it holds (`i0`, `t0`).
     pub images: Vec<String>,
@@ -244,7 +244,7 @@ pub struct PhaseTimes {
 #[serde(deny_unknown_fields)]
 pub struct ReportRequest {
     pub status: ReportStatus,
-    /// The launcher's exit code (construir-abi's outcome codes, 0 to 255), if it ran.
+    /// The launcher's exit code (construir-contract's outcome codes, 0 to 255), if it ran.
     #[serde(default)]
     pub exit_code: Option<i32>,
     /// The job's own exit status, if it ran to its end (a signal as 128 + signal).

@@ -3,8 +3,8 @@
 
 use crate::{say, status_port};
 use anyhow::Context;
-use construir_abi::archive::{self, ArchiveError, JOB_DIR, JOB_SCRIPT};
-use construir_abi::status::{GuestReport, op};
+use construir_contract::archive::{self, ArchiveError, JOB_DIR, JOB_SCRIPT};
+use construir_contract::status::{GuestReport, op};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;

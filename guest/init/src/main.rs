@@ -7,14 +7,14 @@
 //! outcome on the status port; reboot (the i8042 reset ends the VM).
 //!
 //! It never hangs and never exits: every failure, a panic included, is printed, reported as
-//! "init failed" and followed by the reboot. See `construir_abi::status` for the port protocol.
+//! "init failed" and followed by the reboot. See `construir_contract::status` for the port protocol.
 
 mod job;
 mod setup;
 mod status_port;
 
-use construir_abi::cmdline::GuestParams;
-use construir_abi::status::{GuestReport, op};
+use construir_contract::cmdline::GuestParams;
+use construir_contract::status::{GuestReport, op};
 use std::time::Instant;
 
 /// Prints a line of the init's own on the console.

@@ -1,7 +1,7 @@
-//! Writes to the status port (`construir_abi::status::STATUS_PORT`) with `outb`, after
+//! Writes to the status port (`construir_contract::status::STATUS_PORT`) with `outb`, after
 //! `ioperm()` has granted this process the port. Nothing else in the init touches I/O ports.
 
-use construir_abi::status::STATUS_PORT;
+use construir_contract::status::STATUS_PORT;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);

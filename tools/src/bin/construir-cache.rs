@@ -1,9 +1,9 @@
 //! construir-cache: look after the cache of raw root-disk bases the launchers share.
 
 use clap::{Parser, Subcommand};
-use construir_abi::launcher;
-use construir_abi::manifest::{cache_dir, default_images_dir};
-use construir_abi::outcome::EXIT_SETUP_ERROR;
+use construir_contract::manifest::{cache_dir, default_images_dir};
+use construir_contract::outcome::EXIT_SETUP_ERROR;
+use construir_launcher as launcher;
 use construir_rawbase::prune::{self, KEEP_ENV, Verdict};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use construir_abi::manifest::valid_index;
+use construir_contract::manifest::valid_index;
 use construir_tools::pack::{archive_from_dir, parse_size, write_archive};
 use std::path::{Path, PathBuf};
 

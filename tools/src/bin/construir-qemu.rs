@@ -2,14 +2,14 @@
 
 use anyhow::Context;
 use clap::Parser;
-use construir_abi::host::HostKind;
-use construir_abi::jobfile::JobFileRefusal;
-use construir_abi::jobname::parse_job_name;
-use construir_abi::launcher::{self, JobArgs};
-use construir_abi::manifest::{Image, cache_dir};
-use construir_abi::outcome::{
+use construir_contract::host::HostKind;
+use construir_contract::jobname::parse_job_name;
+use construir_contract::manifest::{Image, cache_dir};
+use construir_contract::outcome::{
     EXIT_HOST_UNSUPPORTED, EXIT_INVALID_JOB, EXIT_SETUP_ERROR, RunOutcome,
 };
+use construir_launcher::jobfile::JobFileRefusal;
+use construir_launcher::{self as launcher, JobArgs};
 use construir_rawbase::RawBase;
 use construir_rawbase::convert::sha256_file;
 use construir_tools::qemu::{self, Accel, LaunchConfig, LaunchError};

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use construir_abi::archive::{self, Limits};
+use construir_contract::archive::{self, Limits};
 use construir_tools::pack::parse_size;
 use std::borrow::Cow;
 use std::fmt::Write as _;

@@ -44,8 +44,8 @@ pub const SERIAL_IRQ: u32 = 4;
 /// The i8042 controller: data port 0x60, command/status port 0x64.
 pub const I8042_PORT: u16 = 0x60;
 pub const I8042_PORT_LEN: u16 = 5;
-/// The status port the guest init writes to (the protocol: `construir_abi::status`).
-pub const STATUS_PORT: u16 = construir_abi::status::STATUS_PORT;
+/// The status port the guest init writes to (the protocol: `construir_contract::status`).
+pub const STATUS_PORT: u16 = construir_contract::status::STATUS_PORT;
 
 /// The MMIO slot of virtio device `n`.
 pub fn virtio_mmio_slot(n: u32) -> (u64, u32) {

@@ -4,7 +4,7 @@
 use super::EventTrigger;
 use super::bus::BusDevice;
 use crate::faults::Fault;
-use construir_abi::console::CappedSink;
+use construir_launcher::console::CappedSink;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use vm_superio::Serial;

@@ -1,9 +1,9 @@
-//! The status port: the guest init's bytes (`construir_abi::status`) decoded as they arrive, with
+//! The status port: the guest init's bytes (`construir_contract::status`) decoded as they arrive, with
 //! the time of the first write (the boot-time marker "init reached"). Constant memory whatever the
 //! guest writes.
 
 use super::bus::BusDevice;
-use construir_abi::status::{GuestReport, StatusDecoder, StatusEvent};
+use construir_contract::status::{GuestReport, StatusDecoder, StatusEvent};
 use std::time::Instant;
 
 #[derive(Default)]

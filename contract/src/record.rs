@@ -17,7 +17,7 @@ pub struct Record {
     /// unknown-image, backend-failed, vmm-fault (the VMM process was killed: seccomp, limits,
     /// crash), crashed-runner.
     pub status: String,
-    /// The backend's exit code (construir_abi::outcome), if it ran.
+    /// The backend's exit code (construir_contract::outcome), if it ran.
     pub exit_code: Option<i32>,
     /// The job's own exit status, if it ran to its end.
     pub job_exit_status: Option<u16>,

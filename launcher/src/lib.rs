@@ -2,13 +2,17 @@
 //! way: logging, argument errors as the documented setup-error exit code, SIGINT/SIGTERM as a
 //! flag, the console sink, and how long a boot may take.
 
+pub mod console;
+pub mod duration;
+pub mod jobfile;
+
 use crate::console::DEFAULT_CONSOLE_CAP;
 use crate::duration::parse_duration;
-use crate::host::{HostFacts, HostKind};
 use crate::jobfile::{DEFAULT_MAX_JOB_SIZE, JobFileError, open_job_file, parse_size};
-use crate::jobname::{JobNameError, parse_job_name};
-use crate::manifest::{Image, ManifestError, default_images_dir};
-use crate::outcome::EXIT_SETUP_ERROR;
+use construir_contract::host::{HostFacts, HostKind};
+use construir_contract::jobname::{JobNameError, parse_job_name};
+use construir_contract::manifest::{Image, ManifestError, default_images_dir};
+use construir_contract::outcome::EXIT_SETUP_ERROR;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::OnceLock;
