@@ -2,7 +2,9 @@
 //! on every request, sent on every response), bearer tokens, a size limit on every request body,
 //! and refusals as [`ApiError`] bodies with a fitting status.
 
+use crate::blobs::{BlobError, Blobs};
 use crate::db::{Db, Identity};
+use crate::service::{App, ApplyError, Shared};
 use crate::settings::Settings;
 use crate::tokens;
 use axum::extract::{FromRequestParts, Request, State};
@@ -13,16 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use construir_api::{ApiError, PROTOCOL_HEADER, PROTOCOL_VERSION, check_protocol, codes};
-use std::sync::Arc;
-use tower_http::limit::RequestBodyLimitLayer;
-
-/// What every handler shares.
-pub struct App {
-    pub settings: Settings,
-    pub db: Db,
-}
-
-pub type Shared = Arc<App>;
 
 /// A refusal, answered as JSON with its status.
 #[derive(Debug)]
@@ -39,6 +31,39 @@ impl IntoResponse for Refusal {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<ApplyError> for Refusal {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::NoJob => Refusal::new(codes::NOT_FOUND, "no such job"),
+            ApplyError::Refused(r) => Refusal(ApiError::from(&r)),
+            ApplyError::Db(e) => e.into(),
+            ApplyError::Contended => Refusal::new(codes::TOO_MANY_REQUESTS, e.to_string()),
+        }
+    }
+}
+
+impl From<BlobError> for Refusal {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::TooBig { limit } => Refusal::new(
+                codes::OUTPUT_TOO_BIG,
+                format!("the upload is larger than its limit of {limit} bytes"),
+            ),
+            BlobError::Body(why) => Refusal::new(
+                codes::BAD_REQUEST,
+                format!("the upload was cut short: {why}"),
+            ),
+            other => {
+                tracing::error!("{other}");
+                Refusal::new(
+                    codes::INTERNAL,
+                    "the server could not store the upload; try again",
+                )
+            }
+        }
     }
 }
 
@@ -119,18 +144,19 @@ async fn healthz(State(app): State<Shared>) -> Response {
     }
 }
 
-/// Request bodies larger than this are refused, except where an endpoint sets its own (job
-/// files, outputs, logs).
+/// JSON request bodies larger than this are refused (job files, outputs and log pieces have
+/// limits of their own).
 pub const JSON_BODY_LIMIT: usize = 64 << 10;
 
 pub fn router(app: Shared) -> Router {
     let api = Router::new()
         .route("/whoami", get(whoami))
+        .merge(crate::api_jobs::routes())
+        .merge(crate::api_runner::routes())
         .layer(middleware::from_fn(protocol));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", api)
-        .layer(RequestBodyLimitLayer::new(JSON_BODY_LIMIT))
         .with_state(app)
 }
 
@@ -140,11 +166,15 @@ pub async fn serve(settings: Settings, db: Db) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("listen on {}: {e}", settings.listen))?;
     let local = listener.local_addr()?;
+    let blobs = Blobs::open_local(&settings.data)?;
+    // The address on stdout (one line), for scripts that listen on port 0.
+    println!("http://{local}");
     tracing::info!(
         "construir-server: serving on http://{local} (data {})",
         settings.data.display()
     );
-    let app = Arc::new(App { settings, db });
+    let app = App::new(settings, db, blobs);
+    app.spawn_sweeper();
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async {
             let mut term =
@@ -161,13 +191,13 @@ pub async fn serve(settings: Settings, db: Db) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use axum::body::Body;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    pub async fn test_app() -> (tempfile::TempDir, Shared) {
+    pub(crate) async fn test_app() -> (tempfile::TempDir, Shared) {
         let d = tempfile::tempdir().unwrap();
         let settings = crate::settings::SettingArgs {
             data: Some(d.path().to_path_buf()),
@@ -176,7 +206,8 @@ mod tests {
         .resolve()
         .unwrap();
         let db = Db::open_embedded(d.path()).await.unwrap();
-        (d, Arc::new(App { settings, db }))
+        let blobs = Blobs::open_local(d.path()).unwrap();
+        (d, App::new(settings, db, blobs))
     }
 
     async fn call(app: &Shared, req: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {

@@ -1,0 +1,292 @@
+//! The submitters' side of the API: submit a job file, follow it, read its console and output,
+//! cancel it. A submitter sees its own jobs; an admin sees every job.
+
+use crate::db::now_ms;
+use crate::http::{Caller, Refusal};
+use crate::jobs::{NewJob, StoredJob};
+use crate::service::Shared;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use construir_api::codes;
+use construir_api::state::{Event, JobPolicy, JobSnapshot};
+use construir_api::types::{AttemptId, JobId, JobLimits, JobView, SubmitParams, UserId};
+use construir_contract::jobname::parse_job_name;
+use std::time::Duration;
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/jobs", post(submit).get(list))
+        .route("/jobs/{id}", get(show))
+        .route("/jobs/{id}/cancel", post(cancel))
+        .route("/jobs/{id}/log", get(log))
+        .route("/jobs/{id}/output", get(output))
+}
+
+fn may_submit(caller: &Caller) -> Result<(), Refusal> {
+    match caller.0.role.as_str() {
+        "submitter" | "admin" => Ok(()),
+        _ => Err(Refusal::new(
+            codes::FORBIDDEN,
+            "this token may not submit or read jobs (it is a runner's)",
+        )),
+    }
+}
+
+/// The job, if the caller may see it (someone else's job is "not found", not "forbidden": its
+/// existence is not the caller's business).
+async fn visible(app: &Shared, caller: &Caller, id: JobId) -> Result<StoredJob, Refusal> {
+    may_submit(caller)?;
+    let job = app
+        .db
+        .load_job(id)
+        .await?
+        .filter(|j| caller.0.role == "admin" || j.facts.owner == UserId(caller.0.user_id as u64))
+        .ok_or_else(|| Refusal::new(codes::NOT_FOUND, format!("no job {id}")))?;
+    Ok(job)
+}
+
+pub async fn view(app: &Shared, job: &StoredJob) -> Result<JobView, Refusal> {
+    let blobs = app.db.attempt_blobs(job.facts.id).await?;
+    Ok(job.snapshot.view(job.facts.clone(), |a| {
+        blobs.get(&a).cloned().unwrap_or_default()
+    }))
+}
+
+/// The submission's query: the job file's name and the [`SubmitParams`] asked for (checked by
+/// `SubmitParams::resolve`). Not flattened: query values arrive as strings, which serde's
+/// flatten cannot turn into numbers.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitQuery {
+    name: String,
+    image: Option<String>,
+    timeout_s: Option<u64>,
+    output_size: Option<u64>,
+    console_cap: Option<u64>,
+    memory_mib: Option<u32>,
+    vcpus: Option<u32>,
+    priority: Option<i32>,
+}
+
+async fn submit(
+    State(app): State<Shared>,
+    caller: Caller,
+    Query(q): Query<SubmitQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Refusal> {
+    may_submit(&caller)?;
+    let name =
+        parse_job_name(&q.name).map_err(|e| Refusal::new(codes::BAD_JOB_NAME, e.to_string()))?;
+    let params = SubmitParams {
+        image: q.image.clone(),
+        timeout_s: q.timeout_s,
+        output_size: q.output_size,
+        console_cap: q.console_cap,
+        memory_mib: q.memory_mib,
+        vcpus: q.vcpus,
+        priority: q.priority.unwrap_or(0),
+    };
+    let server_max = JobLimits {
+        output_size: app.settings.max_output_size,
+        ..JobLimits::DEFAULT_SERVER_MAX
+    };
+    let limits = params
+        .resolve(&JobLimits::DEFAULT, &server_max)
+        .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
+    let max = app.settings.max_job_size;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(Refusal::new(
+            codes::JOB_TOO_BIG,
+            format!(
+                "the job file is {} bytes; this server takes at most {max}",
+                declared.unwrap_or(0)
+            ),
+        ));
+    }
+    let received = app.blobs.receive(body, max).await.map_err(|e| match e {
+        crate::blobs::BlobError::TooBig { limit } => Refusal::new(
+            codes::JOB_TOO_BIG,
+            format!("the job file is larger than this server takes ({limit} bytes)"),
+        ),
+        other => other.into(),
+    })?;
+    // A job is refused at the door when it is not one: no archive, no opt/job/construir.
+    let path = received.file.to_path_buf();
+    let checked = tokio::task::spawn_blocking(move || check_job_file(&path))
+        .await
+        .map_err(|e| Refusal::new(codes::INTERNAL, format!("checking the job: {e}")))?;
+    checked.map_err(|why| Refusal::new(codes::BAD_REQUEST, why))?;
+    app.blobs.publish(&received).await?;
+    let now = now_ms() as u64;
+    let policy = JobPolicy {
+        max_tries: app.settings.max_tries,
+        ttl_ms: app.settings.job_ttl.as_millis() as u64,
+        timeout_ms: limits.timeout_s * 1000,
+    };
+    let t = JobSnapshot::submitted(policy, now);
+    let new = NewJob {
+        owner: UserId(caller.0.user_id as u64),
+        name: q.name.clone(),
+        image: params.image.clone().unwrap_or(name.image),
+        sha256: received.sha256.clone(),
+        size: received.size,
+        limits,
+        priority: params.priority,
+    };
+    let id = app.db.insert_job(&new, &t.job).await?;
+    app.carry_out(&t.effects);
+    tracing::info!("job {id} ({}) submitted by {}", q.name, caller.0.user);
+    let job = app
+        .db
+        .load_job(id)
+        .await?
+        .ok_or_else(|| Refusal::new(codes::INTERNAL, "the job vanished"))?;
+    Ok((StatusCode::CREATED, Json(view(&app, &job).await?)).into_response())
+}
+
+/// Whether a file holds a job: a readable archive with `opt/job/construir`.
+fn check_job_file(path: &std::path::Path) -> Result<(), String> {
+    use construir_contract::archive;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read the upload: {e}"))?;
+    match archive::read_file(std::io::BufReader::new(file), archive::JOB_SCRIPT, 1 << 20) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(format!(
+            "not a job: the archive has no {}",
+            archive::JOB_SCRIPT
+        )),
+        Err(e) => Err(format!("not a job: {e}")),
+    }
+}
+
+async fn list(State(app): State<Shared>, caller: Caller) -> Result<Json<Vec<JobView>>, Refusal> {
+    may_submit(&caller)?;
+    let owner = (caller.0.role != "admin").then_some(UserId(caller.0.user_id as u64));
+    let mut out = Vec::new();
+    for job in app.db.list_jobs(owner, 200).await? {
+        out.push(view(&app, &job).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn show(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, Refusal> {
+    let job = visible(&app, &caller, JobId(id)).await?;
+    Ok(Json(view(&app, &job).await?))
+}
+
+async fn cancel(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, Refusal> {
+    visible(&app, &caller, JobId(id)).await?;
+    let (job, _) = app.apply(JobId(id), |_| Event::Cancel).await?;
+    tracing::info!("job {id} canceled by {}", caller.0.user);
+    Ok(Json(view(&app, &job).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    attempt: Option<u64>,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    wait_s: u64,
+}
+
+/// Console bytes of an attempt from an offset; waits (a long poll, at most 30 s) for bytes past
+/// it while the attempt is live.
+async fn log(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(id): Path<u64>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, Refusal> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait_s.min(30));
+    loop {
+        let job = visible(&app, &caller, JobId(id)).await?;
+        let attempt = match q.attempt {
+            Some(a) => job.snapshot.attempt(AttemptId(a)),
+            None => job.snapshot.attempts.last(),
+        };
+        let Some(attempt) = attempt else {
+            if tokio::time::Instant::now() >= deadline || job.snapshot.state.is_terminal() {
+                return Ok(log_answer(
+                    Vec::new(),
+                    q.offset,
+                    job.snapshot.state.is_terminal(),
+                ));
+            }
+            wait_for_change(&app, deadline).await;
+            continue;
+        };
+        let received = app.db.console_size(attempt.id).await?;
+        let bytes = app.db.read_log(attempt.id, q.offset, 1 << 20).await?;
+        let ended = !attempt.state.is_live();
+        let next = q.offset + bytes.len() as u64;
+        // Past the console cap bytes are counted but not kept: the next offset skips them.
+        let next = if bytes.is_empty() && ended {
+            next.max(received)
+        } else {
+            next
+        };
+        if !bytes.is_empty() || ended || tokio::time::Instant::now() >= deadline {
+            return Ok(log_answer(bytes, next, ended && next >= received));
+        }
+        wait_for_change(&app, deadline).await;
+    }
+}
+
+async fn wait_for_change(app: &Shared, deadline: tokio::time::Instant) {
+    let changed = app.changed.notified();
+    let _ = tokio::time::timeout_at(deadline, changed).await;
+}
+
+fn log_answer(bytes: Vec<u8>, next: u64, complete: bool) -> Response {
+    let mut r = (StatusCode::OK, bytes).into_response();
+    let h = r.headers_mut();
+    h.insert("Construir-Log-Next", HeaderValue::from(next));
+    if complete {
+        h.insert("Construir-Log-Complete", HeaderValue::from_static("true"));
+    }
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    r
+}
+
+/// The output archive of the attempt whose result stands.
+async fn output(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Response, Refusal> {
+    let job = visible(&app, &caller, JobId(id)).await?;
+    let none = || Refusal::new(codes::NOT_FOUND, format!("job {id} has no output (yet)"));
+    let result = job.snapshot.result_attempt.ok_or_else(none)?;
+    let blobs = app.db.attempt_blobs(job.facts.id).await?;
+    let sha = blobs
+        .get(&result)
+        .and_then(|b| b.output_sha256.clone())
+        .ok_or_else(none)?;
+    let stream = app.blobs.read(&sha).await?;
+    let mut r = Body::from_stream(stream).into_response();
+    r.headers_mut().insert(
+        "Construir-Sha256",
+        HeaderValue::from_str(&sha).map_err(|_| none())?,
+    );
+    Ok(r)
+}
