@@ -77,6 +77,7 @@ fn truncated(text: &str, max: usize) -> String {
 /// The JSON body of every refusal, whatever the endpoint: a stable code a program can match on
 /// (one of [`codes`]) and a message for a person.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     /// A stable code from [`codes`], such as `job-too-big`; new codes may appear, so a client
     /// treats an unknown one by its HTTP status.

@@ -11,9 +11,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use construir_api::codes;
 use construir_api::state::{Event, JobPolicy, JobSnapshot};
 use construir_api::types::{AttemptId, JobId, JobLimits, JobView, SubmitParams, UserId};
+use construir_api::{ApiError, codes};
 use construir_contract::jobname::parse_job_name;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ fn may_submit(caller: &Caller) -> Result<(), Refusal> {
 
 /// The job, if the caller may see it (someone else's job is "not found", not "forbidden": its
 /// existence is not the caller's business).
-async fn visible(app: &Shared, caller: &Caller, id: JobId) -> Result<StoredJob, Refusal> {
+pub async fn visible(app: &Shared, caller: &Caller, id: JobId) -> Result<StoredJob, Refusal> {
     may_submit(caller)?;
     let job = app
         .db
@@ -59,9 +59,10 @@ pub async fn view(app: &Shared, job: &StoredJob) -> Result<JobView, Refusal> {
 /// The submission's query: the job file's name and the [`SubmitParams`] asked for (checked by
 /// `SubmitParams::resolve`). Not flattened: query values arrive as strings, which serde's
 /// flatten cannot turn into numbers.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct SubmitQuery {
+pub struct SubmitQuery {
     name: String,
     image: Option<String>,
     timeout_s: Option<u64>,
@@ -72,7 +73,13 @@ struct SubmitQuery {
     priority: Option<i32>,
 }
 
-async fn submit(
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", params(SubmitQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the job file"),
+    responses((status = 201, description = "the job, queued", body = JobView),
+        (status = 413, description = "the job file is too big", body = ApiError),
+        (status = 422, description = "a bad name or limit", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn submit(
     State(app): State<Shared>,
     caller: Caller,
     Query(q): Query<SubmitQuery>,
@@ -167,7 +174,13 @@ fn check_job_file(path: &std::path::Path) -> Result<(), String> {
     }
 }
 
-async fn list(State(app): State<Shared>, caller: Caller) -> Result<Json<Vec<JobView>>, Refusal> {
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
+    responses((status = 200, description = "the caller's jobs, newest first", body = Vec<JobView>), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn list(
+    State(app): State<Shared>,
+    caller: Caller,
+) -> Result<Json<Vec<JobView>>, Refusal> {
     may_submit(&caller)?;
     let owner = (caller.0.role != "admin").then_some(UserId(caller.0.user_id as u64));
     let mut out = Vec::new();
@@ -177,7 +190,10 @@ async fn list(State(app): State<Shared>, caller: Caller) -> Result<Json<Vec<JobV
     Ok(Json(out))
 }
 
-async fn show(
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = u64, Path, description = "the job")),
+    responses((status = 200, description = "the job", body = JobView), (status = 404, description = "no such job (of the caller's)", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn show(
     State(app): State<Shared>,
     caller: Caller,
     Path(id): Path<u64>,
@@ -186,7 +202,10 @@ async fn show(
     Ok(Json(view(&app, &job).await?))
 }
 
-async fn cancel(
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = u64, Path, description = "the job")),
+    responses((status = 200, description = "the job, canceled or being canceled", body = JobView), (status = 409, description = "the job has ended", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn cancel(
     State(app): State<Shared>,
     caller: Caller,
     Path(id): Path<u64>,
@@ -197,8 +216,9 @@ async fn cancel(
     Ok(Json(view(&app, &job).await?))
 }
 
-#[derive(serde::Deserialize)]
-struct LogQuery {
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
     attempt: Option<u64>,
     #[serde(default)]
     offset: u64,
@@ -208,7 +228,10 @@ struct LogQuery {
 
 /// Console bytes of an attempt from an offset; waits (a long poll, at most 30 s) for bytes past
 /// it while the attempt is live.
-async fn log(
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs", params(("id" = u64, Path, description = "the job"), LogQuery),
+    responses((status = 200, description = "console bytes from the offset; headers Construir-Log-Next and, at the end, Construir-Log-Complete", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn log(
     State(app): State<Shared>,
     caller: Caller,
     Path(id): Path<u64>,
@@ -249,7 +272,7 @@ async fn log(
     }
 }
 
-async fn wait_for_change(app: &Shared, deadline: tokio::time::Instant) {
+pub async fn wait_for_change(app: &Shared, deadline: tokio::time::Instant) {
     let changed = app.changed.notified();
     let _ = tokio::time::timeout_at(deadline, changed).await;
 }
@@ -269,7 +292,10 @@ fn log_answer(bytes: Vec<u8>, next: u64, complete: bool) -> Response {
 }
 
 /// The output archive of the attempt whose result stands.
-async fn output(
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/output", tag = "jobs", params(("id" = u64, Path, description = "the job")),
+    responses((status = 200, description = "the output archive of the result attempt (header Construir-Sha256)", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, description = "no output (yet)", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn output(
     State(app): State<Shared>,
     caller: Caller,
     Path(id): Path<u64>,

@@ -15,7 +15,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
-use construir_api::codes;
 use construir_api::fit::fits;
 use construir_api::log::{AppendKind, plan_append};
 use construir_api::state::Event;
@@ -23,6 +22,7 @@ use construir_api::types::{
     AbortRequest, AttemptId, AttemptView, ClaimRequest, ClaimResponse, HeartbeatRequest,
     HeartbeatResponse, JobId, LogOffsetResponse, ReportRequest, RunnerId, UserId,
 };
+use construir_api::{ApiError, codes};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -53,18 +53,21 @@ fn must_be_runner(caller: &Caller) -> Result<(), Refusal> {
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterRequest {
+pub struct RegisterRequest {
     name: String,
 }
 
-#[derive(serde::Serialize)]
-struct RegisterResponse {
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RegisterResponse {
     runner_id: RunnerId,
 }
 
-async fn register(
+#[utoipa::path(post, path = "/api/v1/runner/register", tag = "runners", request_body = RegisterRequest,
+    responses((status = 200, description = "the runner's id", body = RegisterResponse), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn register(
     State(app): State<Shared>,
     caller: Caller,
     Json(req): Json<RegisterRequest>,
@@ -105,7 +108,11 @@ fn runner_header(headers: &HeaderMap) -> Result<RunnerId, Refusal> {
         })
 }
 
-async fn claim(
+#[utoipa::path(post, path = "/api/v1/runner/claim", tag = "runners", request_body = ClaimRequest,
+    params(("Construir-Runner" = u64, Header, description = "the runner id from /runner/register")),
+    responses((status = 200, description = "an attempt to run", body = ClaimResponse), (status = 204, description = "no job came within wait_s"), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn claim(
     State(app): State<Shared>,
     caller: Caller,
     headers: HeaderMap,
@@ -140,7 +147,7 @@ async fn claim(
 /// running goes first (one owner's thousand queued jobs do not starve another's one), then
 /// priority and age within an owner. Jobs this runner cannot take are skipped; one no runner
 /// could take says why.
-async fn try_claim(
+pub async fn try_claim(
     app: &Shared,
     runner: RunnerId,
     req: &ClaimRequest,
@@ -229,9 +236,9 @@ async fn try_claim(
 }
 
 /// An attempt's caller, from its own bearer token; the path's id must be that attempt.
-struct AttemptCaller {
-    attempt: AttemptId,
-    job: JobId,
+pub struct AttemptCaller {
+    pub attempt: AttemptId,
+    pub job: JobId,
 }
 
 impl FromRequestParts<Shared> for AttemptCaller {
@@ -280,7 +287,10 @@ async fn live_job(app: &Shared, who: &AttemptCaller) -> Result<StoredJob, Refusa
     }
 }
 
-async fn job_file(State(app): State<Shared>, who: AttemptCaller) -> Result<Response, Refusal> {
+#[utoipa::path(get, path = "/api/v1/runner/attempts/{id}/job", tag = "attempts", params(("id" = u64, Path, description = "the attempt")),
+    responses((status = 200, description = "the job file", content_type = "application/octet-stream", body = Vec<u8>), (status = 409, description = "the attempt is no longer live", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("attempt_token" = [])))]
+pub async fn job_file(State(app): State<Shared>, who: AttemptCaller) -> Result<Response, Refusal> {
     let job = live_job(&app, &who).await?;
     let stream = app.blobs.read(&job.facts.sha256).await?;
     Ok(Body::from_stream(stream).into_response())
@@ -297,7 +307,10 @@ fn heartbeat_answer(job: &StoredJob, attempt: AttemptId) -> Result<HeartbeatResp
     })
 }
 
-async fn start(
+#[utoipa::path(post, path = "/api/v1/runner/attempts/{id}/start", tag = "attempts", params(("id" = u64, Path, description = "the attempt")),
+    responses((status = 200, description = "started", body = HeartbeatResponse), (status = 409, description = "the attempt is no longer live", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("attempt_token" = [])))]
+pub async fn start(
     State(app): State<Shared>,
     who: AttemptCaller,
 ) -> Result<Json<HeartbeatResponse>, Refusal> {
@@ -306,7 +319,10 @@ async fn start(
     Ok(Json(heartbeat_answer(&job, attempt)?))
 }
 
-async fn heartbeat(
+#[utoipa::path(post, path = "/api/v1/runner/attempts/{id}/heartbeat", tag = "attempts", params(("id" = u64, Path, description = "the attempt")), request_body = HeartbeatRequest,
+    responses((status = 200, description = "the lease, and whether to stop", body = HeartbeatResponse), (status = 409, description = "the lease is lost: stop", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("attempt_token" = [])))]
+pub async fn heartbeat(
     State(app): State<Shared>,
     who: AttemptCaller,
     Json(progress): Json<HeartbeatRequest>,
@@ -318,12 +334,18 @@ async fn heartbeat(
     Ok(Json(heartbeat_answer(&job, attempt)?))
 }
 
-#[derive(serde::Deserialize)]
-struct OffsetQuery {
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct OffsetQuery {
     offset: u64,
 }
 
-async fn append_log(
+#[utoipa::path(patch, path = "/api/v1/runner/attempts/{id}/log", tag = "attempts", params(("id" = u64, Path, description = "the attempt"), OffsetQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "console bytes, at most 1 MiB"),
+    responses((status = 202, description = "appended", body = LogOffsetResponse), (status = 200, description = "already stored", body = LogOffsetResponse),
+        (status = 416, description = "a gap: resend from next_offset", body = LogOffsetResponse), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("attempt_token" = [])))]
+pub async fn append_log(
     State(app): State<Shared>,
     who: AttemptCaller,
     Query(q): Query<OffsetQuery>,
@@ -369,7 +391,11 @@ async fn append_log(
     ))
 }
 
-async fn upload_output(
+#[utoipa::path(put, path = "/api/v1/runner/attempts/{id}/output", tag = "attempts", params(("id" = u64, Path, description = "the attempt")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the output archive, cut at its end"),
+    responses((status = 201, description = "stored; the server's own hash", body = Uploaded), (status = 413, description = "past the job's output limit", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("attempt_token" = [])))]
+pub async fn upload_output(
     State(app): State<Shared>,
     who: AttemptCaller,
     body: Body,
@@ -399,7 +425,17 @@ async fn upload_output(
         .into_response())
 }
 
-async fn report(
+/// What the server stored of an upload (its own hash of it).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Uploaded {
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[utoipa::path(post, path = "/api/v1/runner/attempts/{id}/report", tag = "attempts", params(("id" = u64, Path, description = "the attempt")), request_body = ReportRequest,
+    responses((status = 200, description = "taken (late if the lease had lapsed)", body = AttemptView), (status = 409, description = "already reported", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("attempt_token" = [])))]
+pub async fn report(
     State(app): State<Shared>,
     who: AttemptCaller,
     Json(report): Json<ReportRequest>,
@@ -429,7 +465,10 @@ async fn report(
     ))
 }
 
-async fn abort(
+#[utoipa::path(post, path = "/api/v1/runner/attempts/{id}/abort", tag = "attempts", params(("id" = u64, Path, description = "the attempt")), request_body = AbortRequest,
+    responses((status = 200, description = "aborted: the job is queued again, not blamed"), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("attempt_token" = [])))]
+pub async fn abort(
     State(app): State<Shared>,
     who: AttemptCaller,
     Json(req): Json<AbortRequest>,

@@ -156,6 +156,10 @@ pub fn router(app: Shared) -> Router {
         .layer(middleware::from_fn(protocol));
     Router::new()
         .route("/healthz", get(healthz))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
         .nest("/api/v1", api)
         .with_state(app)
 }

@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod db;
 pub mod http;
 pub mod jobs;
+pub mod openapi;
 pub mod service;
 pub mod settings;
 pub mod tokens;

@@ -10,6 +10,7 @@ pub const MAX_PRIORITY: i32 = 100;
 
 /// A job's state. See docs/api.md for the transitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum JobState {
     /// Waiting for a runner (also between tries, until `retry_not_before_ms`).
@@ -57,6 +58,7 @@ impl std::fmt::Display for JobState {
 
 /// An attempt's state. See docs/api.md for the transitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum AttemptState {
     /// A runner claimed it and must start it before `accept_by_ms`.
@@ -107,6 +109,7 @@ impl std::fmt::Display for AttemptState {
 /// The query of a submission (`POST /api/v1/jobs?…`); the job file itself is the raw request
 /// body, and its name comes with it. Every field may be left out.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SubmitParams {
     /// The build image (`i0`); default: the index in the job file's name (`NAME_i0.tar.xz`).
@@ -174,6 +177,7 @@ impl SubmitParams {
 
 /// A job as its submitter sees it (`GET /api/v1/jobs/{id}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobView {
     pub id: JobId,
     /// Who submitted it.
@@ -208,6 +212,7 @@ pub struct JobView {
 
 /// One attempt of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AttemptView {
     pub id: AttemptId,
     /// The runner that claimed it.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 /// What a job may use. The server fixes them at submission (its defaults, the submitter's
 /// overrides, never above its maxima); a runner takes a job only if it can give all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobLimits {
     /// The job's run time limit in seconds (the launchers' `--timeout`); boot time is allowed on
     /// top by the runner.

@@ -24,6 +24,7 @@ const MAX_NAME_BYTES: usize = 32;
 /// What a runner can run, sent with every claim so that a changed runner (an image added, a
 /// slot taken by a local job) never gets work it cannot do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RunnerCapabilities {
     /// The host's architecture, as Rust spells it (`x86_64`).
@@ -86,6 +87,7 @@ impl RunnerCapabilities {
 
 /// `POST /api/v1/runner/claim`: asks for one attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     pub capabilities: RunnerCapabilities,
@@ -109,6 +111,7 @@ impl ClaimRequest {
 
 /// The answer to a claim that got work (a claim that got none is answered 204, no body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClaimResponse {
     pub attempt_id: AttemptId,
     /// The bearer token for this attempt's calls; it dies with the attempt.
@@ -134,6 +137,7 @@ pub struct ClaimResponse {
 
 /// What a runner is doing with an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     Downloading,
@@ -144,6 +148,7 @@ pub enum Phase {
 
 /// `POST /api/v1/runner/attempts/{id}/heartbeat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     pub phase: Phase,
@@ -153,6 +158,7 @@ pub struct HeartbeatRequest {
 
 /// The answer to a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// The lease now holds until this time. It stops growing at start + timeout + margin: a
     /// job cannot hold a runner's slot past its limit by heartbeats.
@@ -164,6 +170,7 @@ pub struct HeartbeatResponse {
 /// How a run ended, as the runner's record says (`status`). The first five are the job's
 /// outcome; the rest are the runner's own failures, never counted against the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum ReportStatus {
     /// The job exited with status 0.
@@ -227,6 +234,7 @@ impl std::fmt::Display for ReportStatus {
 /// How long each phase took on the runner, in milliseconds (by the runner's clock: shown, never
 /// used for decisions).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PhaseTimes {
     #[serde(default)]
@@ -241,6 +249,7 @@ pub struct PhaseTimes {
 
 /// `POST /api/v1/runner/attempts/{id}/report`: the run's outcome, after the uploads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReportRequest {
     pub status: ReportStatus,
@@ -290,6 +299,7 @@ impl ReportRequest {
 /// its own (it lost its disk, it is shutting down, the download failed). The job is not blamed:
 /// it is tried again, with a back-off, until its tries run out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AbortRequest {
     /// Why, for a person (1 to [`MAX_REASON_BYTES`] bytes).
@@ -328,6 +338,7 @@ fn check_reason(field: &'static str, text: &str, may_be_empty: bool) -> Result<(
 /// Bytes past the job's `console_cap` are counted but not kept. [`crate::log::plan_append`]
 /// is the rule as a function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogOffsetResponse {
     /// Every console byte before this offset has been received.
     pub next_offset: u64,
