@@ -30,11 +30,19 @@ trap 'construir__on_err $? "$BASH_COMMAND" "${BASH_SOURCE[0]:-$0}" "$LINENO"' ER
 # Cleanup and a final verdict, from one EXIT trap (a script that sets its own EXIT trap would
 # replace this one: add paths with construir_cleanup instead).
 construir__cleanup_paths=()
+construir__cleanup_pids=()
 construir__verdict_name=
 construir__verdict_start=$SECONDS
 construir__on_exit() {
     local status=$?
     trap - ERR
+    local pid
+    for pid in "${construir__cleanup_pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${construir__cleanup_pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
     if [ ${#construir__cleanup_paths[@]} -gt 0 ]; then rm -rf -- "${construir__cleanup_paths[@]}" || true; fi
     if [ -n "$construir__verdict_name" ]; then
         if [ ${#construir__phases[@]} -gt 0 ]; then
@@ -72,6 +80,12 @@ construir_phase() {
 # construir_cleanup PATH...: removed when the script exits, however it exits.
 construir_cleanup() {
     construir__cleanup_paths+=("$@")
+}
+
+# construir_stop_at_exit PID...: background processes (a server, a runner) stopped with SIGTERM
+# when the script exits, however it exits.
+construir_stop_at_exit() {
+    construir__cleanup_pids+=("$@")
 }
 
 # construir_verdict NAME: the script ends with one line, "NAME: PASSED in N s" or "NAME: FAILED …".

@@ -1,0 +1,331 @@
+//! `fetch ID -o DIR`: a finished job on this machine — `DIR/output/` (what the job wrote back,
+//! unpacked by the capped reader), `DIR/record.json` (the job as the API returns it) and
+//! `DIR/console.log` (the result attempt's console, or the last attempt's).
+//!
+//! The output is the job's own choice, names and sizes included: it is downloaded whole and
+//! checked against the sha256 the server recorded before anything is unpacked, unpacked into a
+//! directory of its own that did not exist before (so it cannot meet the client's files, nor
+//! plant a link where they go), and within the limits given, as construir-result does.
+
+use super::{get_job, logs};
+use crate::cli::FetchArgs;
+use crate::escape::printable;
+use crate::exit::{self, fail};
+use crate::http::{Api, HttpError};
+use crate::paths;
+use construir_api::types::{AttemptView, JobId, valid_sha256};
+use construir_contract::archive;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// The header the output answer carries its sha256 in.
+const SHA256_HEADER: &str = "Construir-Sha256";
+
+pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
+    let dir = &args.output;
+    let unpack_to = dir.join("output");
+    if unpack_to.symlink_metadata().is_ok() {
+        return Err(fail(
+            exit::USAGE,
+            format!(
+                "{} exists: fetch into a new directory (the output is unpacked into output/, \
+                 which must not exist yet)",
+                unpack_to.display()
+            ),
+        ));
+    }
+    let (job, text) = get_job(api, args.id)?;
+    if !job.state.is_terminal() {
+        return Err(fail(
+            exit::REFUSED,
+            format!(
+                "job {} has not ended ({}): wait for it first (construir logs --follow {})",
+                job.id, job.state, job.id
+            ),
+        ));
+    }
+    local(std::fs::create_dir_all(dir), "create", dir)?;
+
+    write_atomically(dir, "record.json", &mut |f| f.write_all(text.as_bytes()))?;
+
+    let result = job
+        .result_attempt
+        .and_then(|id| job.attempts.iter().find(|a| a.id == id));
+    if let Some(attempt) = result.or(job.attempts.last()) {
+        // Streamed into its file as it comes, not held whole (a console may be 64 MiB).
+        let mut console = local(tempfile::NamedTempFile::new_in(dir), "write in", dir)?;
+        logs::stream(api, job.id, attempt.id, 0, console.as_file_mut())?;
+        persist(console, &dir.join("console.log"))?;
+    }
+
+    let Some(attempt) = result.filter(|a| a.output_sha256.is_some()) else {
+        let code = exit::job_exit_code(&job).unwrap_or(0);
+        eprintln!(
+            "construir: job {} {} without output; wrote {}",
+            job.id,
+            job.state,
+            dir.display()
+        );
+        // A job without a result (canceled, errored, expired) has nothing to fetch: say so in
+        // the exit code; a result without output is all there is.
+        return Ok(if result.is_none() { code } else { 0 });
+    };
+    let archive = download(api, job.id, attempt, dir, job.limits.output_size)?;
+    local(std::fs::create_dir(&unpack_to), "create", &unpack_to)?;
+    let source = local(archive.reopen(), "reopen the download in", dir)?;
+    let summary = archive::extract(std::io::BufReader::new(source), &unpack_to, &args.limits())
+        .map_err(|e| {
+            fail(
+                exit::LOCAL,
+                format!(
+                    "the job's output could not be unpacked into {} (what was unpacked stays): \
+                     {:#}",
+                    unpack_to.display(),
+                    anyhow::Error::from(e)
+                ),
+            )
+        })?;
+    if args.keep_archive {
+        persist(archive, &dir.join("output.archive"))?;
+    }
+    eprintln!(
+        "construir: job {} {}: {} entries ({}) in {}, with record.json and console.log",
+        job.id,
+        job.state,
+        summary.entries,
+        crate::format::size(summary.bytes),
+        unpack_to.display()
+    );
+    Ok(0)
+}
+
+/// A local I/O failure, with what was being done (exit 115).
+fn local<T>(result: std::io::Result<T>, doing: &str, path: &Path) -> anyhow::Result<T> {
+    result.map_err(|e| fail(exit::LOCAL, format!("{doing} {}: {e}", path.display())))
+}
+
+/// Writes `DIR/name` through a fresh temporary file renamed over it (see [`persist`]).
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    fill: &mut dyn FnMut(&mut std::fs::File) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let target = dir.join(name);
+    let mut tmp = local(tempfile::NamedTempFile::new_in(dir), "write in", dir)?;
+    local(fill(tmp.as_file_mut()), "write", &target)?;
+    persist(tmp, &target)
+}
+
+/// Renames a finished temporary file to `target`: a rename replaces a link at `target` rather
+/// than writing where it points.
+fn persist(tmp: tempfile::NamedTempFile, target: &Path) -> anyhow::Result<()> {
+    tmp.persist(target)
+        .map_err(|e| fail(exit::LOCAL, format!("write {}: {e}", target.display())))?;
+    Ok(())
+}
+
+/// The result attempt's output, downloaded into a temporary file in `dir` and checked: no more
+/// bytes than the attempt's output size (else the job's limit), and the sha256 the server
+/// recorded for it.
+fn download(
+    api: &Api,
+    job: JobId,
+    attempt: &AttemptView,
+    dir: &Path,
+    limit: u64,
+) -> anyhow::Result<tempfile::NamedTempFile> {
+    let want = attempt.output_sha256.clone().unwrap_or_default();
+    let path = paths::output(job);
+    let what = format!("GET {path}");
+    if !valid_sha256(&want) {
+        return Err(HttpError::Protocol {
+            what,
+            message: format!("attempt {} has no sha256 for its output", attempt.id),
+        }
+        .into());
+    }
+    let resp = api.get(&path)?;
+    if let Some(said) = resp.headers().get(SHA256_HEADER)
+        && said.to_str().ok().map(str::trim) != Some(want.as_str())
+    {
+        return Err(fail(
+            exit::LOCAL,
+            format!(
+                "the output's {SHA256_HEADER} {:?} is not the attempt's sha256 {want}",
+                printable(&String::from_utf8_lossy(said.as_bytes()))
+            ),
+        ));
+    }
+    let cap = attempt.output_size.unwrap_or(limit);
+    let mut tmp = local(tempfile::NamedTempFile::new_in(dir), "write in", dir)?;
+    let mut body = resp.into_body().into_reader();
+    let mut hash = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = body.read(&mut buf).map_err(|e| {
+            fail(
+                exit::UNREACHABLE,
+                format!("{what}: the download broke off after {total} bytes: {e}"),
+            )
+        })?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > cap {
+            return Err(fail(
+                exit::LOCAL,
+                format!("the server sent more than the attempt's {cap} bytes of output"),
+            ));
+        }
+        hash.update(&buf[..n]);
+        local(tmp.write_all(&buf[..n]), "write the output into", dir)?;
+    }
+    local(tmp.flush(), "write the output into", dir)?;
+    let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if got != want {
+        return Err(fail(
+            exit::LOCAL,
+            format!(
+                "the downloaded output ({total} bytes) has sha256 {got}, not the {want} the \
+                 server recorded: not unpacked"
+            ),
+        ));
+    }
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::http::tests::{answer, fake_server};
+    use clap::Parser;
+
+    fn fetch_args(dir: &Path) -> FetchArgs {
+        let cli = Cli::try_parse_from(["construir", "fetch", "9", "-o", dir.to_str().unwrap()]);
+        match cli.unwrap().command {
+            Command::Fetch(f) => f,
+            _ => unreachable!(),
+        }
+    }
+
+    fn sha256_hex(data: &[u8]) -> String {
+        Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The job as the server would show it after a failed run with output `archive`.
+    fn job_json(archive: &[u8], sha: &str) -> String {
+        serde_json::json!({
+            "id": 9, "owner": 1, "name": "hello_i0.tar.xz", "image": "i0",
+            "sha256": "ab".repeat(32), "size": 1 << 20,
+            "limits": {"timeout_s": 60, "output_size": 1 << 20, "console_cap": 4096,
+                       "memory_mib": 256, "vcpus": 1},
+            "priority": 0, "state": "failed", "created_ms": 1, "ended_ms": 9,
+            "reason": "job failed with exit status 2", "cancel_requested": false,
+            "retry_not_before_ms": null, "result_attempt": 4, "some_new_field": true,
+            "attempts": [{
+                "id": 4, "runner": 1, "state": "reported", "why": "", "late": false,
+                "claimed_ms": 2, "started_ms": 3, "ended_ms": 8, "phase": null,
+                "status": "failed", "exit_code": 2, "job_exit_status": 2,
+                "output_sha256": sha, "output_size": archive.len(), "console_size": 5
+            }]
+        })
+        .to_string()
+    }
+
+    fn serve(archive: &[u8], recorded_sha: &str) -> crate::config::ServerUrl {
+        // The fake server sends text: a plain tar of ASCII names and contents is text.
+        let body = String::from_utf8(archive.to_vec()).expect("a text-only archive");
+        let (url, _server) = fake_server(vec![
+            answer(200, true, "", &job_json(archive, recorded_sha)),
+            answer(
+                200,
+                true,
+                "Construir-Log-Next: 5\r\nConstruir-Log-Complete: true\r\n",
+                "hello",
+            ),
+            answer(200, true, "", &body),
+        ]);
+        url
+    }
+
+    fn text_tar(files: &[(&str, &str)]) -> Vec<u8> {
+        // A ustar archive built by hand: headers of ASCII, octal fields, ASCII contents.
+        let mut out = Vec::new();
+        for (name, data) in files {
+            let mut h = [0u8; 512];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            h[100..107].copy_from_slice(b"0000644");
+            h[108..115].copy_from_slice(b"0000000");
+            h[116..123].copy_from_slice(b"0000000");
+            h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+            h[136..147].copy_from_slice(b"00000000000");
+            h[156] = b'0';
+            h[257..263].copy_from_slice(b"ustar\0");
+            h[263..265].copy_from_slice(b"00");
+            h[148..156].copy_from_slice(b"        ");
+            let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+            h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+            out.extend_from_slice(&h);
+            out.extend_from_slice(data.as_bytes());
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn the_output_is_checked_then_unpacked_beside_the_record_and_console() {
+        let tar = text_tar(&[("hello", "built\n"), ("logs/make.log", "ok\n")]);
+        let url = serve(&tar, &sha256_hex(&tar));
+        let api = Api::new(&url, "t");
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("out");
+        // A link the job planted where the client's own file goes is replaced, not followed.
+        std::fs::create_dir(&dir).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "mine").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("record.json")).unwrap();
+        let code = run(&api, fetch_args(&dir)).unwrap();
+        assert_eq!(code, 0);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "mine");
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("record.json")).unwrap()).unwrap();
+        assert_eq!(record["state"], "failed");
+        assert_eq!(record["some_new_field"], true, "the JobView as returned");
+        assert_eq!(std::fs::read(dir.join("console.log")).unwrap(), b"hello");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("output/hello")).unwrap(),
+            "built\n"
+        );
+        assert!(dir.join("output/logs/make.log").is_file());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 3, "no temporary files left: {left:?}");
+        // Fetching into the same place again is refused before anything is asked.
+        let e = run(&api, fetch_args(&dir)).unwrap_err();
+        assert_eq!(e.downcast_ref::<exit::Failure>().unwrap().code, exit::USAGE);
+    }
+
+    #[test]
+    fn an_output_that_is_not_what_the_server_recorded_is_not_unpacked() {
+        let tar = text_tar(&[("hello", "built\n")]);
+        let url = serve(&tar, &"0".repeat(64));
+        let api = Api::new(&url, "t");
+        let d = tempfile::tempdir().unwrap();
+        let e = run(&api, fetch_args(d.path())).unwrap_err();
+        let f = e.downcast_ref::<exit::Failure>().unwrap();
+        assert_eq!(f.code, exit::LOCAL);
+        assert!(f.message.contains("not unpacked"), "{}", f.message);
+        assert!(!d.path().join("output").exists());
+        assert!(d.path().join("record.json").is_file() && d.path().join("console.log").is_file());
+    }
+}
