@@ -5,16 +5,19 @@
 //!
 //! Used by the guest init to unpack a job ([`unpack`]), and by the host to read what a job wrote
 //! back ([`list_each`], [`copy_file`], [`extract`]). Every reader stays within [`Limits`]: what a
-//! job wrote back is the job's choice, sizes and names included.
+//! job wrote back is the job's choice, sizes and names included. A pull runner uploads only the
+//! archive, cut where it ends ([`archive_end`]).
 
 use std::io::{self, Chain, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+mod cut;
 mod limits;
 #[cfg(test)]
 mod tests;
 
+pub use cut::{ArchiveEnd, CutError, archive_end};
 pub use limits::Limits;
 use limits::{Budgeted, Exceeded, Meter};
 

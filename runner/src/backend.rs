@@ -2,6 +2,7 @@
 //! test program with the same command line. Every backend gets the same arguments and prints the
 //! same one-line JSON summary, so the runner makes the same record from any of them.
 
+use crate::runcore::VmLimits;
 use construir_contract::host::HostKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,7 +27,7 @@ impl Backend {
         }
     }
 
-    /// The command that runs `job`.
+    /// The command that runs `job` in a guest of the image's size.
     pub fn command(
         &self,
         job: &Path,
@@ -34,6 +35,27 @@ impl Backend {
         timeout: Duration,
         console_log: &Path,
         max_job_size: u64,
+    ) -> Command {
+        self.command_with(
+            job,
+            images_dir,
+            timeout,
+            console_log,
+            max_job_size,
+            &VmLimits::default(),
+        )
+    }
+
+    /// The command that runs `job` within `limits` (memory, vCPUs and console cap the job was
+    /// given; the launchers take them as flags).
+    pub fn command_with(
+        &self,
+        job: &Path,
+        images_dir: &Path,
+        timeout: Duration,
+        console_log: &Path,
+        max_job_size: u64,
+        limits: &VmLimits,
     ) -> Command {
         let exe = match self {
             Backend::Vmm { exe } | Backend::Qemu { exe, .. } | Backend::Program { exe } => exe,
@@ -53,7 +75,32 @@ impl Backend {
         if let Backend::Qemu { accel, .. } = self {
             cmd.arg("--accel").arg(accel);
         }
+        if let Some(mib) = limits.memory_mib {
+            cmd.arg("--memory").arg(format!("{mib}M"));
+        }
+        if let Some(n) = limits.vcpus {
+            cmd.arg("--vcpus").arg(n.to_string());
+        }
+        if let Some(cap) = limits.console_cap {
+            cmd.arg("--console-cap").arg(cap.to_string());
+        }
         cmd
+    }
+
+    /// The accelerator this backend's guests get on `host`, as a speed class in the API's host
+    /// kinds: `hardware` (hardware-assisted KVM), `emulated` (a software KVM: minutes per boot),
+    /// `none` (QEMU's TCG, no KVM at all). A server ranks runners by it.
+    pub fn speed_class(&self, host: HostKind) -> &'static str {
+        let kvm_host = match host {
+            HostKind::HardwareKvm => "hardware",
+            HostKind::EmulatedKvm => "emulated",
+            HostKind::NoKvm => "none",
+        };
+        match self {
+            Backend::Vmm { .. } | Backend::Program { .. } => kvm_host,
+            Backend::Qemu { accel: "kvm", .. } => kvm_host,
+            Backend::Qemu { .. } => "none",
+        }
     }
 
     /// How long the runner waits for the backend before killing it: the job's limit, the backend's
@@ -134,6 +181,17 @@ mod tests {
             }
         );
         assert!(choose("firecracker", HostKind::NoKvm, d).is_err());
+    }
+
+    #[test]
+    fn the_speed_class_is_what_the_guests_get() {
+        let d = Path::new("/bin");
+        let class = |req, host| choose(req, host, d).unwrap().0.speed_class(host);
+        assert_eq!(class("auto", HostKind::HardwareKvm), "hardware");
+        assert_eq!(class("qemu", HostKind::HardwareKvm), "hardware");
+        assert_eq!(class("auto", HostKind::EmulatedKvm), "none", "TCG there");
+        assert_eq!(class("vmm", HostKind::EmulatedKvm), "emulated");
+        assert_eq!(class("auto", HostKind::NoKvm), "none");
     }
 
     #[test]

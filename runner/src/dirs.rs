@@ -85,30 +85,7 @@ impl QueueDirs {
     /// Takes the directory for this process: one runner per directory (a second one, even with
     /// `--once`, would start the first one's runs again). Held until the returned file is dropped.
     pub fn lock(&self) -> io::Result<std::fs::File> {
-        use std::io::Write;
-        use std::os::fd::AsRawFd;
-        let path = self.root.join(".lock");
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
-                    "another construir-runner uses {} (pid {}); one runner per directory",
-                    self.root.display(),
-                    holder.trim()
-                ),
-            ));
-        }
-        f.set_len(0)?;
-        writeln!(f, "{}", std::process::id())?;
-        Ok(f)
+        lock_dir(&self.root)
     }
 
     /// Makes a new, empty run directory in running/ (mode 0700: a run's files are the runner's)
@@ -166,6 +143,35 @@ impl QueueDirs {
     }
 }
 
+/// Takes `root` for this process (`root/.lock`, flock): one runner per directory, whichever its
+/// mode. Held until the returned file is dropped.
+pub fn lock_dir(root: &Path) -> io::Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let path = root.join(".lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "another construir-runner uses {} (pid {}); one runner per directory",
+                root.display(),
+                holder.trim()
+            ),
+        ));
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
 /// A run id: the UTC time it was made and 32 random bits, `20261201-194012-1a2b3c4d`. Sortable by
 /// time; unique because run directories are made with `mkdir`, which fails on an existing one.
 pub fn new_run_id() -> String {
@@ -193,7 +199,8 @@ pub fn is_run_id(name: &str) -> bool {
         })
 }
 
-fn random_u32() -> u32 {
+/// 32 random bits (getrandom; a time-and-counter mix where there is no entropy source).
+pub fn random_u32() -> u32 {
     let mut buf = [0u8; 4];
     // SAFETY: getrandom writes at most buf.len() bytes into buf.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };

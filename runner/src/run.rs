@@ -1,28 +1,18 @@
-//! One run of a job, in its own directory under running/: the start count made durable first, the
-//! backend started as a child that dies with the runner, its summary read (bounded, only known
-//! statuses), its messages kept up to a cap, then the record written into the run's directory and
-//! the directory moved, whole, to done/ or failed/.
+//! One run of a job in the local queue mode, in its own directory under running/: the start count
+//! made durable first, the job run by the run core (runcore.rs: the backend child, its summary, its
+//! capped messages), then the record written into the run's directory and the directory moved,
+//! whole, to done/ or failed/.
 
 use crate::dirs::{
     BACKEND_LOG, CONSOLE_LOG, RECORD, RunState, SUBMITTED, rename_noreplace, sync_dir, write_atomic,
 };
+use crate::runcore::{Children, Outcome, Ran, RunSpec, VmLimits, from_summary, run_vm};
 use crate::runner::{RunnerConfig, STOP, emit, now_ms, rel};
 use construir_contract::jobname::parse_job_name;
 use construir_contract::manifest::Image;
-use construir_contract::outcome::EXIT_INTERRUPTED;
 use construir_contract::record::Record;
-use construir_launcher::console::CappedSink;
-use std::collections::HashMap;
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
-use std::sync::Mutex;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
-/// Bytes of a backend's messages kept per run (what a guest can make a VMM log is rate-limited
-/// there too; this is the runner's own bound).
-pub const BACKEND_LOG_CAP: u64 = 1 << 20;
+pub use crate::runcore::{BACKEND_LOG_CAP, SUMMARY_TEXT_MAX, backend_death, backend_summary};
 
 pub fn base_record(cfg: &RunnerConfig, run_id: &str, state: &RunState) -> Record {
     Record {
@@ -112,7 +102,7 @@ pub fn move_finished(cfg: &RunnerConfig, run_id: &str, success: bool) {
 
 /// Runs one job from its run directory to done/ or failed/ (or leaves it in running/ for the next
 /// start, if the runner stops it).
-pub fn run(cfg: &RunnerConfig, run_id: &str, children: &Mutex<HashMap<String, u32>>) {
+pub fn run(cfg: &RunnerConfig, run_id: &str, children: &Children) {
     let d = &cfg.dirs;
     let mut state = match d.read_state(run_id) {
         Ok(s) => s,
@@ -160,114 +150,61 @@ pub fn run(cfg: &RunnerConfig, run_id: &str, children: &Mutex<HashMap<String, u3
         rec.reason = format!("cannot copy the submitted job for this start: {e}");
         return finish(cfg, run_id, &state, rec, false);
     }
-    let mut cmd = cfg.backend.command(
-        &job,
-        &cfg.images_dir,
-        cfg.timeout,
-        &console,
-        cfg.max_job_size,
-    );
-    let vm_start = Instant::now();
-    // The VM process dies with this worker (even if the runner is killed with SIGKILL), so no VM
-    // keeps writing into a job the restarted runner starts again.
-    // Its own process group: a Ctrl-C meant for the runner reaches the VMs only through the
-    // runner's grace period.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            rec.status = "backend-failed".into();
-            rec.reason = format!("cannot start the {} backend: {e}", cfg.backend.name());
-            return finish(cfg, run_id, &state, rec, false);
-        }
-    };
-    children
-        .lock()
-        .expect("children lock")
-        .insert(run_id.to_string(), child.id());
-    let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = (&mut stdout).take(1 << 20).read_to_end(&mut out);
-        // Whatever follows the first MiB is read and dropped, so the backend never blocks on a
-        // full pipe.
-        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        out
+    let ran = run_vm(&RunSpec {
+        backend: &cfg.backend,
+        host: cfg.host,
+        images_dir: &cfg.images_dir,
+        job: &job,
+        console: &console,
+        backend_log: &backend_log,
+        timeout: cfg.timeout,
+        limits: VmLimits::default(),
+        max_job_size: cfg.max_job_size,
+        stop: &STOP,
+        children,
+        key: run_id,
     });
-    let stderr = child.stderr.take().expect("piped");
-    let log_writer = std::thread::spawn(move || keep_capped(stderr, &backend_log));
-    let limit = cfg.backend.hard_limit(cfg.timeout, cfg.host);
-    let mut killed = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) => {}
-            Err(_) => break None,
-        }
-        if vm_start.elapsed() > limit {
-            killed = true;
-            let _ = child.kill();
-            break child.wait().ok();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    children.lock().expect("children lock").remove(run_id);
-    rec.vm_ms = Some(vm_start.elapsed().as_millis() as u64);
-    let out = reader.join().unwrap_or_default();
-    let _ = log_writer.join();
-    let summary = backend_summary(&out);
-    rec.exit_code = status.and_then(|s| s.code());
-    if killed {
-        rec.status = "timed-out".into();
-        rec.reason = format!(
-            "the {} backend did not end within {} s; the runner killed it",
-            cfg.backend.name(),
-            limit.as_secs()
-        );
-        return finish(cfg, run_id, &state, rec, false);
-    }
-    if rec.exit_code == Some(i32::from(EXIT_INTERRUPTED)) && STOP.load(Ordering::SeqCst) {
-        // Stopped by our own shutdown: it stays in running/, is started again at the next start,
-        // and this start does not count.
-        tracing::info!(
-            "{name} (run {run_id}): stopped by the runner's shutdown; it runs again at the next start"
-        );
-        state.attempts -= 1;
-        if let Err(e) = d.write_state(run_id, &state) {
-            tracing::warn!("{run_id}: cannot take back the start ({e})");
-        }
-        return;
-    }
-    match summary {
-        Some(s) => apply_summary(&mut rec, &s),
-        None => {
-            let (status_name, why) = backend_death(status.and_then(|s| s.signal()));
-            rec.status = status_name.into();
-            rec.reason = format!(
-                "the {} backend ended ({}) without a summary{why}; see its log ({BACKEND_LOG})",
-                cfg.backend.name(),
-                match status {
-                    Some(s) => s.to_string(),
-                    None => "unknown status".into(),
-                },
+    let outcome = match ran {
+        Ran::Done(outcome) => outcome,
+        Ran::Interrupted(_) => {
+            // Stopped by our own shutdown: it stays in running/, is started again at the next
+            // start, and this start does not count.
+            tracing::info!(
+                "{name} (run {run_id}): stopped by the runner's shutdown; it runs again at the next start"
             );
+            state.attempts -= 1;
+            if let Err(e) = d.write_state(run_id, &state) {
+                tracing::warn!("{run_id}: cannot take back the start ({e})");
+            }
+            return;
         }
-    }
+    };
+    apply_outcome(&mut rec, outcome);
     let success = rec.status == "success";
     finish(cfg, run_id, &state, rec, success);
+}
+
+/// Fills the record from what the run core says.
+pub fn apply_outcome(rec: &mut Record, o: Outcome) {
+    rec.vm_ms = o.vm_ms;
+    rec.exit_code = o.exit_code;
+    take_fields(rec, o);
+}
+
+/// Fills the record from a backend's summary, taking only what has the expected shape.
+pub fn apply_summary(rec: &mut Record, s: &serde_json::Value) {
+    take_fields(rec, from_summary(s));
+}
+
+/// The outcome's own fields; the backend's names win over the runner's when it gave them.
+fn take_fields(rec: &mut Record, o: Outcome) {
+    rec.status = o.status;
+    rec.reason = o.reason;
+    rec.job_exit_status = o.job_exit_status;
+    rec.accel = o.accel;
+    rec.host_kind = o.host_kind.or(rec.host_kind.take());
+    rec.backend = o.backend.or(rec.backend.take());
+    rec.console_bytes = o.console_bytes;
 }
 
 /// Gives this start its own copy of the submitted job (`file` in `dir`): the first start moves the
@@ -284,104 +221,6 @@ fn fresh_copy(dir: &std::path::Path, file: &str) -> std::io::Result<()> {
     crate::disk_copy::copy_sparse(&submitted, &job)?;
     sync_dir(Some(dir));
     Ok(())
-}
-
-/// Copies a backend's messages into `path`, up to [`BACKEND_LOG_CAP`] bytes; the rest is read,
-/// counted and dropped (one line says so), so the backend never blocks and the disk never fills.
-fn keep_capped(mut from: impl Read, path: &std::path::Path) {
-    let file: Box<dyn std::io::Write> = match std::fs::File::create(path) {
-        Ok(f) => Box::new(f),
-        Err(e) => {
-            tracing::warn!(
-                "cannot create {}: {e}; the backend's messages are dropped",
-                path.display()
-            );
-            Box::new(std::io::sink())
-        }
-    };
-    let mut sink = CappedSink::new(file, BACKEND_LOG_CAP);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if sink.accept(&buf[..n]).is_err() {
-                    // The log cannot be written: keep draining the pipe.
-                    sink = CappedSink::new(Box::new(std::io::sink()), 0);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-}
-
-/// The backend's one-line JSON summary: the last line of its standard output that is a JSON
-/// object with a `status`. Whatever else the output holds is ignored.
-pub fn backend_summary(out: &[u8]) -> Option<serde_json::Value> {
-    String::from_utf8_lossy(out).lines().rev().find_map(|l| {
-        serde_json::from_str::<serde_json::Value>(l)
-            .ok()
-            .filter(|v| v.is_object() && v.get("status").is_some())
-    })
-}
-
-/// The statuses a backend's summary may give (construir_contract::outcome); anything else is recorded
-/// as `backend-failed`.
-const BACKEND_STATUSES: &[&str] = &[
-    "success",
-    "failed",
-    "invalid-job",
-    "timed-out",
-    "guest-failed",
-    "interrupted",
-];
-
-/// Longest text taken from a summary into a record.
-pub const SUMMARY_TEXT_MAX: usize = 1000;
-
-/// Fills the record from a backend's summary, taking only what has the expected shape.
-pub fn apply_summary(rec: &mut Record, s: &serde_json::Value) {
-    let text = |k: &str| {
-        s.get(k).and_then(|v| v.as_str()).map(|t| {
-            let mut end = t.len().min(SUMMARY_TEXT_MAX);
-            while !t.is_char_boundary(end) {
-                end -= 1;
-            }
-            t[..end].to_string()
-        })
-    };
-    rec.status = text("status")
-        .filter(|st| BACKEND_STATUSES.contains(&st.as_str()))
-        .unwrap_or_else(|| "backend-failed".into());
-    rec.reason = text("reason").unwrap_or_default();
-    rec.job_exit_status = s
-        .get("job_exit_status")
-        .and_then(|v| v.as_u64())
-        .and_then(|v| u16::try_from(v).ok());
-    rec.accel = text("accel");
-    rec.host_kind = text("host_kind").or(rec.host_kind.take());
-    rec.backend = text("backend").or(rec.backend.take());
-    rec.console_bytes = s.get("console_bytes").and_then(|v| v.as_u64());
-}
-
-/// How a backend that ended without a summary is recorded. Killed by a signal, the VMM process
-/// itself failed (`vmm-fault`): its seccomp filter (SIGSYS: a system call outside its allow-list,
-/// a VMM bug or an escape attempt), its file-size limit (SIGXFSZ), a crash, or the OOM killer.
-pub fn backend_death(signal: Option<i32>) -> (&'static str, &'static str) {
-    match signal {
-        Some(libc::SIGSYS) => (
-            "vmm-fault",
-            ": killed by its seccomp filter (a system call outside its allow-list)",
-        ),
-        Some(libc::SIGXFSZ) => ("vmm-fault", ": it hit its file-size limit"),
-        Some(libc::SIGSEGV | libc::SIGBUS | libc::SIGABRT | libc::SIGILL) => {
-            ("vmm-fault", ": it crashed")
-        }
-        Some(libc::SIGKILL) => ("vmm-fault", ": killed (out of memory, or by hand)"),
-        Some(_) => ("vmm-fault", ": killed by a signal"),
-        None => ("backend-failed", ""),
-    }
 }
 
 #[cfg(test)]
@@ -413,20 +252,5 @@ mod tests {
         assert_eq!(backend_death(Some(libc::SIGXFSZ)).0, "vmm-fault");
         assert_eq!(backend_death(Some(libc::SIGSEGV)).0, "vmm-fault");
         assert_eq!(backend_death(None).0, "backend-failed");
-    }
-
-    #[test]
-    fn a_flooding_backend_log_is_capped() {
-        let d = tempfile::tempdir().unwrap();
-        let log = d.path().join(BACKEND_LOG);
-        let flood = std::io::repeat(b'x').take(8 * BACKEND_LOG_CAP);
-        keep_capped(flood, &log);
-        let len = std::fs::metadata(&log).unwrap().len();
-        assert!(
-            len > BACKEND_LOG_CAP && len < BACKEND_LOG_CAP + 200,
-            "{len} bytes kept"
-        );
-        let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.contains("capped"), "one line says so");
     }
 }
