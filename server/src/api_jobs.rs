@@ -239,6 +239,8 @@ pub async fn log(
 ) -> Result<Response, Refusal> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait_s.min(30));
     loop {
+        // Registered before looking, so a piece stored between the look and the wait wakes it.
+        let changed = app.changed.notified();
         let job = visible(&app, &caller, JobId(id)).await?;
         let attempt = match q.attempt {
             Some(a) => job.snapshot.attempt(AttemptId(a)),
@@ -252,7 +254,7 @@ pub async fn log(
                     job.snapshot.state.is_terminal(),
                 ));
             }
-            wait_for_change(&app, deadline).await;
+            let _ = tokio::time::timeout_at(deadline, changed).await;
             continue;
         };
         let received = app.db.console_size(attempt.id).await?;

@@ -123,7 +123,10 @@ pub async fn claim(
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
     let runner = runner_header(&headers)?;
     let caps_json = serde_json::to_string(&req.capabilities).unwrap_or_default();
-    let owner = app.db.runner_seen(runner, &caps_json).await?;
+    let owner = app
+        .db
+        .runner_seen(runner, caller.0.user_id, &caps_json)
+        .await?;
     if owner != Some(caller.0.user_id) {
         return Err(Refusal::new(
             codes::FORBIDDEN,
@@ -405,7 +408,7 @@ pub async fn upload_output(
     if job
         .snapshot
         .attempt(attempt)
-        .is_some_and(|a| a.phase != Some(construir_api::types::Phase::Uploading))
+        .is_some_and(|a| a.state == construir_api::types::AttemptState::Running)
     {
         app.apply(who.job, |_| Event::UploadBegun { attempt })
             .await?;

@@ -53,7 +53,8 @@ impl Blobs {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        let store = LocalFileSystem::new_with_prefix(&root)?;
+        // fsync on publish: an acknowledged blob survives a power loss like its database row.
+        let store = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
         Ok(Blobs {
             store: Arc::new(store),
             tmp,
@@ -110,6 +111,8 @@ impl Blobs {
             if n == 0 {
                 break;
             }
+            // At most two parts in flight: the file is read no faster than it is written.
+            writer.wait_for_capacity(2).await?;
             writer.write(&buf[..n]);
         }
         writer.finish().await?;

@@ -140,7 +140,14 @@ async fn whoami(Caller(who): Caller) -> Json<WhoAmI> {
 async fn healthz(State(app): State<Shared>) -> Response {
     match sqlx::query("SELECT 1").execute(app.db.pool()).await {
         Ok(_) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")).into_response(),
+        Err(e) => {
+            tracing::error!("healthz: database: {e}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database does not answer\n",
+            )
+                .into_response()
+        }
     }
 }
 
@@ -153,6 +160,8 @@ pub fn router(app: Shared) -> Router {
         .route("/whoami", get(whoami))
         .merge(crate::api_jobs::routes())
         .merge(crate::api_runner::routes())
+        // JSON bodies; job files, outputs and console pieces are streamed with limits of their own.
+        .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(middleware::from_fn(protocol));
     Router::new()
         .route("/healthz", get(healthz))

@@ -33,7 +33,11 @@ fn derived(s: &JobSnapshot) -> (&'static str, i64, Option<i64>) {
     let deadline = if s.state.is_terminal() {
         None
     } else {
-        let mut times = vec![s.expires_at_ms];
+        // The time-to-live counts only while the job waits for a runner.
+        let mut times = Vec::new();
+        if s.state == JobState::Queued {
+            times.push(s.expires_at_ms);
+        }
         times.extend(s.retry_not_before_ms);
         if let Some(a) = s.live_attempt() {
             if a.started_ms.is_none() {
@@ -210,7 +214,8 @@ impl Db {
     /// Jobs with a deadline at or before `now` (a tick changes them).
     pub async fn due(&self, now: u64) -> Result<Vec<JobId>, DbError> {
         let rows = sqlx::query(
-            "SELECT id FROM jobs WHERE next_deadline_ms IS NOT NULL AND next_deadline_ms <= $1 LIMIT 1000",
+            "SELECT id FROM jobs WHERE next_deadline_ms IS NOT NULL AND next_deadline_ms <= $1 \
+             ORDER BY next_deadline_ms LIMIT 1000",
         )
         .bind(now as i64)
         .fetch_all(self.pool())
@@ -241,14 +246,21 @@ impl Db {
         Ok(RunnerId(row.try_get::<i64, _>(0)? as u64))
     }
 
-    /// The user a runner belongs to; also notes that it was seen.
-    pub async fn runner_seen(&self, runner: RunnerId, caps: &str) -> Result<Option<i64>, DbError> {
+    /// Notes that `user`'s runner was seen, with its capabilities; `None` if it is not `user`'s.
+    pub async fn runner_seen(
+        &self,
+        runner: RunnerId,
+        user: i64,
+        caps: &str,
+    ) -> Result<Option<i64>, DbError> {
         let row = sqlx::query(
-            "UPDATE runners SET last_seen_ms = $1, capabilities = $2 WHERE id = $3 RETURNING user_id",
+            "UPDATE runners SET last_seen_ms = $1, capabilities = $2 WHERE id = $3 AND user_id = $4 \
+             RETURNING user_id",
         )
         .bind(now_ms())
         .bind(caps)
         .bind(runner.0 as i64)
+        .bind(user)
         .fetch_optional(self.pool())
         .await?;
         row.map(|r| r.try_get::<i64, _>(0))
@@ -381,10 +393,11 @@ impl Db {
     ) -> Result<Vec<u8>, DbError> {
         let rows = sqlx::query(
             "SELECT start_offset, bytes FROM log_pieces WHERE attempt_id = $1 \
-             AND start_offset + LENGTH(bytes) > $2 ORDER BY start_offset",
+             AND start_offset + LENGTH(bytes) > $2 AND start_offset < $3 ORDER BY start_offset",
         )
         .bind(attempt.0 as i64)
         .bind(from as i64)
+        .bind(from.saturating_add(max as u64) as i64)
         .fetch_all(self.pool())
         .await?;
         let mut out = Vec::new();

@@ -101,10 +101,10 @@ impl App {
         let due = self.db.due(now_ms() as u64).await?;
         let mut changed = 0;
         for id in due {
+            // One job's trouble must not stop the others' ticks.
             match self.apply(id, |_| Event::Tick).await {
                 Ok(_) => changed += 1,
-                Err(ApplyError::Db(e)) => return Err(e),
-                Err(e) => tracing::debug!("tick of job {id}: {e}"),
+                Err(e) => tracing::warn!("tick of job {id}: {e}"),
             }
         }
         Ok(changed)

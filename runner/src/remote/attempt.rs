@@ -138,7 +138,8 @@ pub fn handle(ctx: &Ctx, offer: ClaimResponse, admitted: Result<Reserved<'_>, St
     let live = Arc::new(Live::new(
         key.clone(),
         dir.join(CONSOLE_LOG),
-        Duration::from_secs(offer.lease_s.max(1)),
+        // Whatever the server says: a time past the end of the clock would panic.
+        Duration::from_secs(offer.lease_s.clamp(1, 24 * 3600)),
     ));
     ctx.attempts
         .lock()
@@ -148,7 +149,7 @@ pub fn handle(ctx: &Ctx, offer: ClaimResponse, admitted: Result<Reserved<'_>, St
         api.clone(),
         live.clone(),
         ctx.children.clone(),
-        Duration::from_secs(offer.heartbeat_interval_s),
+        Duration::from_secs(offer.heartbeat_interval_s.clamp(1, 3600)),
     );
     run_and_deliver(ctx, &api, &offer, &live, &dir, &file);
     live.finish();

@@ -87,7 +87,15 @@ pub fn capabilities(
 /// Whether an offer fits what is offered: the runner checks every claim answer itself, so that
 /// its limits hold whatever a server sends.
 pub fn check_offer(offer: &ClaimResponse, caps: &RunnerCapabilities) -> Result<(), Misfit> {
-    fits(&offer.image, offer.size, &offer.limits, caps)
+    fits(&offer.image, offer.size, &offer.limits, caps)?;
+    // The console is kept on the volunteer's disk too: no larger than the output it lends.
+    if offer.limits.console_cap > caps.max_output_size {
+        return Err(Misfit::Output {
+            wanted: offer.limits.console_cap,
+            max: caps.max_output_size,
+        });
+    }
+    Ok(())
 }
 
 /// The images in `dir` this runner can run: a valid manifest (`INDEX.json`) whose disk and
