@@ -272,7 +272,7 @@ fn hostile_jobs_end_with_the_right_status_and_change_nothing_on_the_host() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     top.sort();
-    assert_eq!(top, ["done", "failed", "queue", "running"]);
+    assert_eq!(top, [".lock", "done", "failed", "queue", "running"]);
     assert_eq!(
         std::fs::read_to_string(secret_dir.path().join("secret.txt")).unwrap(),
         secret
