@@ -102,8 +102,13 @@ pub async fn submit(
         output_size: app.settings.max_output_size,
         ..JobLimits::DEFAULT_SERVER_MAX
     };
+    // Defaults never above the server's own maxima (an operator may lower them).
+    let defaults = JobLimits {
+        output_size: JobLimits::DEFAULT.output_size.min(server_max.output_size),
+        ..JobLimits::DEFAULT
+    };
     let limits = params
-        .resolve(&JobLimits::DEFAULT, &server_max)
+        .resolve(&defaults, &server_max)
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
     let max = app.settings.max_job_size;
     let declared = headers
@@ -128,6 +133,10 @@ pub async fn submit(
     })?;
     // A job is refused at the door when it is not one: no archive, no opt/job/construir.
     let path = received.file.to_path_buf();
+    let _turn = DOOR_CHECKS
+        .acquire()
+        .await
+        .map_err(|_| Refusal::new(codes::INTERNAL, "the server is stopping"))?;
     let checked = tokio::task::spawn_blocking(move || check_job_file(&path))
         .await
         .map_err(|e| Refusal::new(codes::INTERNAL, format!("checking the job: {e}")))?;
@@ -160,11 +169,30 @@ pub async fn submit(
     Ok((StatusCode::CREATED, Json(view(&app, &job).await?)).into_response())
 }
 
+/// The door check reads at most this much of a job's decompressed archive: a submitted bomb
+/// costs the server a bounded amount of CPU (the VM, not the server, unpacks the real thing).
+const DOOR_CHECK_STREAM: u64 = 256 << 20;
+
+/// Door checks at a time (each one is CPU-bound decompression on a blocking thread).
+static DOOR_CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Whether a file holds a job: a readable archive with `opt/job/construir`.
 fn check_job_file(path: &std::path::Path) -> Result<(), String> {
-    use construir_contract::archive;
+    use construir_contract::archive::{self, Limits};
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read the upload: {e}"))?;
-    match archive::read_file(std::io::BufReader::new(file), archive::JOB_SCRIPT, 1 << 20) {
+    let limits = Limits {
+        max_stream: DOOR_CHECK_STREAM,
+        ..Limits::DEFAULT
+    };
+    let mut script = Vec::new();
+    let found = archive::copy_file(
+        std::io::BufReader::new(file),
+        archive::JOB_SCRIPT,
+        1 << 20,
+        &limits,
+        &mut script,
+    );
+    match found {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(format!(
             "not a job: the archive has no {}",

@@ -556,3 +556,85 @@ async fn a_long_poll_claim_gets_a_job_submitted_while_it_waits() {
         "woken by the submission, not the timeout ({took:?})"
     );
 }
+
+#[tokio::test]
+async fn one_owners_many_jobs_never_hide_another_owners_one() {
+    use crate::jobs::{NewJob, PER_OWNER_WINDOW};
+    use construir_api::state::{JobPolicy, JobSnapshot};
+    use construir_api::types::{JobLimits, UserId};
+    let (_d, app) = test_app().await;
+    let a = app.db.ensure_user("prolific").await.unwrap();
+    let b = app.db.ensure_user("modest").await.unwrap();
+    let new = |owner: i64, image: &str, priority: i32| NewJob {
+        owner: UserId(owner as u64),
+        name: format!("j_{image}.tar.xz"),
+        image: image.into(),
+        sha256: "0".repeat(64),
+        size: 1,
+        limits: JobLimits::DEFAULT,
+        priority,
+    };
+    let now = crate::db::now_ms() as u64;
+    let snap = JobSnapshot::submitted(JobPolicy::DEFAULT, now).job;
+    for _ in 0..(PER_OWNER_WINDOW + 10) {
+        app.db.insert_job(&new(a, "i9", 100), &snap).await.unwrap();
+    }
+    let modest = app.db.insert_job(&new(b, "t0", 0), &snap).await.unwrap();
+    let seen = app.db.claimable(now).await.unwrap();
+    let of_a = seen
+        .iter()
+        .filter(|(_, o, _)| *o == UserId(a as u64))
+        .count();
+    assert_eq!(of_a as i64, PER_OWNER_WINDOW, "one owner's window");
+    assert!(
+        seen.iter().any(|(id, _, _)| *id == modest),
+        "the other owner's job is in sight"
+    );
+    // And a runner that can only run t0 gets it, past the other owner's higher priorities.
+    let runner_token = token(&app, "volunteer", "runner").await;
+    let reg = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/runner/register",
+        &runner_token,
+        json!({"name": "home"}),
+        &[],
+    )
+    .await;
+    let runner = reg.json()["runner_id"].as_u64().unwrap().to_string();
+    let mut c = caps();
+    c["max_memory_mib"] = json!(4096);
+    let claim = json_call(
+        &app,
+        Method::POST,
+        "/api/v1/runner/claim",
+        &runner_token,
+        json!({"capabilities": c, "wait_s": 0}),
+        &[("Construir-Runner", runner)],
+    )
+    .await;
+    assert_eq!(
+        claim.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&claim.body)
+    );
+    assert_eq!(claim.json()["job_id"].as_u64(), Some(modest.0));
+}
+
+#[tokio::test]
+async fn default_limits_follow_a_lowered_server_maximum() {
+    let (_d, app) = test_app().await;
+    let mut settings = app.settings.clone();
+    settings.max_output_size = 64 << 20;
+    let app = crate::service::App::new(settings, app.db.clone(), app.blobs.clone());
+    let alice = token(&app, "alice", "submitter").await;
+    let a = submit(&app, &alice, "small_t0.tar.xz", job("x")).await;
+    assert_eq!(
+        a.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_eq!(a.json()["limits"]["output_size"], 64 << 20);
+}

@@ -8,6 +8,9 @@ use construir_api::types::{AttemptId, JobId, JobLimits, JobState, RunnerId, User
 use sqlx::Row;
 use std::collections::HashMap;
 
+/// How many of each owner's queued jobs a claim looks at.
+pub const PER_OWNER_WINDOW: i64 = 50;
+
 /// A job as stored: what it is, its state machine, and the version of that state.
 #[derive(Debug, Clone)]
 pub struct StoredJob {
@@ -173,13 +176,18 @@ impl Db {
         rows.iter().map(stored_job).collect()
     }
 
-    /// Queued jobs claimable at `now`: (id, owner, priority), best first within an owner.
+    /// Queued jobs claimable at `now`: (id, owner, priority), best first within an owner. Each
+    /// owner's best [`PER_OWNER_WINDOW`] only, so one owner's thousands of queued jobs (ones no
+    /// runner can take, or all at the top priority) never push another owner's out of sight.
     pub async fn claimable(&self, now: u64) -> Result<Vec<(JobId, UserId, i32)>, DbError> {
         let rows = sqlx::query(
-            "SELECT id, owner, priority FROM jobs WHERE state = 'queued' AND claimable_ms <= $1 \
-             ORDER BY priority DESC, id ASC LIMIT 1000",
+            "SELECT id, owner, priority FROM (SELECT id, owner, priority, ROW_NUMBER() OVER \
+             (PARTITION BY owner ORDER BY priority DESC, id ASC) AS rank FROM jobs \
+             WHERE state = 'queued' AND claimable_ms <= $1) AS ranked \
+             WHERE rank <= $2 ORDER BY rank, id LIMIT 2000",
         )
         .bind(now as i64)
+        .bind(PER_OWNER_WINDOW)
         .fetch_all(self.pool())
         .await?;
         rows.iter()
