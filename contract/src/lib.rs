@@ -20,3 +20,4 @@ pub mod outcome;
 #[cfg(feature = "manifest")]
 pub mod record;
 pub mod status;
+pub mod text;

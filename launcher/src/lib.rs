@@ -5,6 +5,7 @@
 pub mod console;
 pub mod duration;
 pub mod jobfile;
+pub mod size;
 
 use crate::console::DEFAULT_CONSOLE_CAP;
 use crate::duration::parse_duration;

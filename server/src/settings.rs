@@ -2,6 +2,7 @@
 //! `CONSTRUIR_SERVER_*` variable. A flag or a variable wins over the file, the file over the
 //! default.
 
+use construir_launcher::size::parse_size;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,10 +27,10 @@ pub struct SettingArgs {
     #[arg(long, env = "CONSTRUIR_SERVER_ACCEPT_WINDOW", value_parser = parse_secs)]
     pub accept_window: Option<u64>,
     /// The largest job file accepted, in bytes or 64M/1G (default 1G).
-    #[arg(long, env = "CONSTRUIR_SERVER_MAX_JOB_SIZE", value_parser = parse_bytes)]
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_JOB_SIZE", value_parser = parse_size)]
     pub max_job_size: Option<u64>,
     /// The largest output a job may set as its limit (default 4G).
-    #[arg(long, env = "CONSTRUIR_SERVER_MAX_OUTPUT_SIZE", value_parser = parse_bytes)]
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_OUTPUT_SIZE", value_parser = parse_size)]
     pub max_output_size: Option<u64>,
     /// How long a job no runner takes stays queued (default 24h).
     #[arg(long, env = "CONSTRUIR_SERVER_JOB_TTL", value_parser = parse_secs)]
@@ -141,14 +142,14 @@ impl SettingArgs {
             ),
             max_job_size: self
                 .max_job_size
-                .or(from_file("max_job_size", &file.max_job_size, parse_bytes)?)
+                .or(from_file("max_job_size", &file.max_job_size, parse_size)?)
                 .unwrap_or(1 << 30),
             max_output_size: self
                 .max_output_size
                 .or(from_file(
                     "max_output_size",
                     &file.max_output_size,
-                    parse_bytes,
+                    parse_size,
                 )?)
                 .unwrap_or(4 << 30),
             job_ttl: Duration::from_secs(
@@ -188,23 +189,6 @@ pub fn parse_secs(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("{text:?} is not a duration (examples: 90s, 30m, 2h, 7d)"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("{text}: too long"))
-}
-
-/// `64M`, `1G`, or bytes.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 64M, 1G)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text}: too large"))
 }
 
 #[cfg(test)]
@@ -254,7 +238,7 @@ mod tests {
         assert_eq!(parse_secs("90s").unwrap(), 90);
         assert_eq!(parse_secs("2h").unwrap(), 7200);
         assert_eq!(parse_secs("7d").unwrap(), 7 * 86400);
-        assert_eq!(parse_bytes("64M").unwrap(), 64 << 20);
-        assert!(parse_secs("x").is_err() && parse_bytes("1.5G").is_err());
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert!(parse_secs("x").is_err() && parse_size("1.5G").is_err());
     }
 }

@@ -106,22 +106,8 @@ pub fn archive_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
     Ok(xz.finish()?)
 }
 
-/// Parses a size: bytes, or a number with a binary suffix (`64K`, `64M`, `1G`, `2T`).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 64M, 1G)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
+/// Parses a size (the launchers' rule: bytes, or `64K`, `64M`, `1G`, `2T`).
+pub use construir_launcher::size::parse_size;
 
 /// Writes `archive` as a job file, zero-padded to `min_size` and whole sectors.
 pub fn write_archive(path: &Path, archive: &[u8], min_size: u64) -> Result<u64, PackError> {

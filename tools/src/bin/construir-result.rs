@@ -3,9 +3,8 @@
 use anyhow::Context;
 use clap::Parser;
 use construir_contract::archive::{self, Limits};
+use construir_contract::text::printable;
 use construir_tools::pack::parse_size;
-use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -51,38 +50,6 @@ impl Cli {
             ..Limits::DEFAULT
         }
     }
-}
-
-/// `text` with what a terminal would act on made visible: control characters (escape sequences
-/// start with one) as `\xNN` or `\u{NNNN}`, and the bidirectional overrides that make text
-/// display in another order than it reads. Backslashes are doubled, so an escape cannot be faked.
-fn printable(text: &str) -> Cow<'_, str> {
-    let special = |c: char| c == '\\' || c.is_control() || is_bidi(c);
-    if !text.chars().any(special) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            c if !special(c) => out.push(c),
-            c if (c as u32) < 0x100 => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
-            }
-            c => {
-                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
-            }
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// Bidirectional marks, embeddings, overrides and isolates.
-fn is_bidi(c: char) -> bool {
-    matches!(
-        c,
-        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-    )
 }
 
 fn main() {
@@ -287,17 +254,6 @@ mod tests {
         std::fs::write(&loose, b"").unwrap();
         let l = locate(&loose).unwrap();
         assert_eq!((l.record, l.console), (None, None));
-    }
-
-    #[test]
-    fn printable_escapes_what_a_terminal_would_act_on() {
-        assert!(matches!(printable("src/main.c ü 中"), Cow::Borrowed(_)));
-        assert_eq!(printable("a\x1b]0;owned\x07b"), "a\\x1b]0;owned\\x07b");
-        assert_eq!(printable("x\x1b[2J\ry\n\t"), "x\\x1b[2J\\x0dy\\x0a\\x09");
-        assert_eq!(printable("c1\u{9b}31m del\x7f"), "c1\\x9b31m del\\x7f");
-        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
-        // A literal backslash sequence in a name cannot pass for an escaped byte.
-        assert_eq!(printable("a\\x1b"), "a\\\\x1b");
     }
 
     #[test]
