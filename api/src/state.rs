@@ -46,6 +46,12 @@ pub struct Settings {
     pub backoff_base_ms: u64,
     pub backoff_factor: u32,
     pub backoff_cap_ms: u64,
+    /// How many attempts of one job may end without having been started (not started within
+    /// the accept window, or given up by the runner before its start) before the job is
+    /// `errored`. Such an attempt is not a try: nothing ran, so it neither uses one of the
+    /// job's `max_tries` nor delays its next claim; this cap is what keeps a runner that claims
+    /// and never starts from cycling a job for ever.
+    pub max_unstarted: u32,
 }
 
 impl Settings {
@@ -56,6 +62,7 @@ impl Settings {
         backoff_base_ms: 10_000,
         backoff_factor: 3,
         backoff_cap_ms: 15 * 60_000,
+        max_unstarted: 10,
     };
 
     /// The wait before the next try, after `failed_tries` (≥ 1) tries that were not the job's
@@ -67,6 +74,18 @@ impl Settings {
         self.backoff_base_ms
             .saturating_mul(growth)
             .min(self.backoff_cap_ms)
+    }
+
+    /// How long after an attempt lapsed its runner may still deliver its output and report,
+    /// kept aside as late: one lease. A runner learns of the lapse at its next heartbeat (a
+    /// third of a lease later) or when it delivers; past this its token is good for nothing.
+    pub fn late_window_ms(&self) -> u64 {
+        self.lease_ms
+    }
+
+    /// The unstarted-attempt cap in force (a job gets at least one).
+    pub fn unstarted_cap(&self) -> u32 {
+        self.max_unstarted.max(1)
     }
 
     /// The lease end and the accept-by time of an attempt claimed at `now_ms`: what
@@ -88,8 +107,9 @@ impl Default for Settings {
 /// A job's own rules, fixed at submission and stored with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobPolicy {
-    /// How many attempts the job gets in all; when that many have ended without a job outcome
-    /// (lapsed, aborted, a runner-side failure), it is `errored`.
+    /// How many tries the job gets: attempts that started and ended without a job outcome
+    /// (lapsed, aborted, a runner-side failure); when that many have, it is `errored`. An
+    /// attempt that never started is not a try ([`Settings::max_unstarted`] bounds those).
     pub max_tries: u32,
     /// How long the job may wait, claimable, for a runner before it is `expired`; counted again
     /// from each time it becomes claimable (its submission, the end of each back-off).
@@ -195,9 +215,57 @@ impl JobSnapshot {
         self.attempts.iter().find(|a| a.id == id)
     }
 
-    /// The first broken invariant, if any: what every snapshot that [`step`] returns satisfies.
-    /// The server may check it on a snapshot read back from storage.
-    pub fn invariant_violation(&self) -> Option<String> {
+    /// The tries so far: attempts that were started (live or ended).
+    pub fn tries(&self) -> u32 {
+        let n = self
+            .attempts
+            .iter()
+            .filter(|a| a.started_ms.is_some())
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Attempts that were claimed and never started (live or ended).
+    pub fn unstarted(&self) -> u32 {
+        let n = self
+            .attempts
+            .iter()
+            .filter(|a| a.started_ms.is_none())
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// What attempt `id`'s token may still do at `now_ms`, judged as if a [`Event::Tick`] came
+    /// first (a lapse the sweeper has not stored yet counts): everything its state allows while
+    /// it is live ([`Access::Live`]); only its output upload and its report, kept aside, while
+    /// it is [`Access::Late`]; else nothing, and the refusal says why.
+    pub fn attempt_access(
+        &self,
+        id: AttemptId,
+        settings: &Settings,
+        now_ms: u64,
+    ) -> Result<Access, Refusal> {
+        let ticked;
+        let job = match step(self, settings, now_ms, &Event::Tick) {
+            Ok(t) => {
+                ticked = t.job;
+                &ticked
+            }
+            Err(_) => self,
+        };
+        let a = job.attempt(id).ok_or(Refusal::UnknownAttempt(id))?;
+        if a.state.is_live() {
+            return Ok(Access::Live);
+        }
+        if a.report.is_some() {
+            return Err(Refusal::AlreadyReported(id));
+        }
+        late_window(a, settings, now_ms).map(|()| Access::Late)
+    }
+
+    /// The first broken invariant, if any: what every snapshot that [`step`] returns under
+    /// `settings` satisfies. The server may check it on a snapshot read back from storage.
+    pub fn invariant_violation(&self, settings: &Settings) -> Option<String> {
         let live = self.attempts.iter().filter(|a| a.state.is_live()).count();
         if live > 1 {
             return Some(format!("{live} live attempts"));
@@ -211,11 +279,19 @@ impl JobSnapshot {
                 self.state, self.ended_ms
             ));
         }
-        if self.attempts.len() > self.policy.max_tries as usize {
+        // Tries and unstarted attempts are bounded apart, so the attempts are bounded in all.
+        if self.tries() > self.policy.max_tries {
             return Some(format!(
-                "{} attempts of {}",
-                self.attempts.len(),
+                "{} tries of {}",
+                self.tries(),
                 self.policy.max_tries
+            ));
+        }
+        if self.unstarted() > settings.unstarted_cap() {
+            return Some(format!(
+                "{} unstarted attempts of {}",
+                self.unstarted(),
+                settings.unstarted_cap()
             ));
         }
         for (i, a) in self.attempts.iter().enumerate() {
@@ -230,6 +306,13 @@ impl JobSnapshot {
             }
             if a.late && a.state.is_live() {
                 return Some(format!("live attempt {} marked late", a.id));
+            }
+            // Only a lapsed attempt that had started has anything to deliver late.
+            if a.late && (a.state != AttemptState::Expired || a.started_ms.is_none()) {
+                return Some(format!(
+                    "late attempt {} {} ({:?})",
+                    a.id, a.state, a.started_ms
+                ));
             }
         }
         match self.result_attempt {
@@ -246,6 +329,37 @@ impl JobSnapshot {
             },
         }
     }
+}
+
+/// What an attempt's token may still do ([`JobSnapshot::attempt_access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The attempt is live: whatever its state allows.
+    Live,
+    /// It lapsed after it started, has not reported, and is within its late window: its output
+    /// and its report are still taken, kept aside as late (never the result).
+    Late,
+}
+
+/// Whether the ended attempt `a` may still deliver late at `now`: it lapsed (expired) after it
+/// started, and its late window ([`Settings::late_window_ms`] from its end) is still open. An
+/// attempt the runner gave up, or that was canceled, or that never started, has nothing to
+/// deliver.
+fn late_window(a: &AttemptSnapshot, settings: &Settings, now: u64) -> Result<(), Refusal> {
+    if a.state != AttemptState::Expired || a.started_ms.is_none() {
+        return Err(Refusal::AttemptNotLive {
+            attempt: a.id,
+            state: a.state,
+        });
+    }
+    let ended = a.ended_ms.unwrap_or(0);
+    if now >= ended.saturating_add(settings.late_window_ms()) {
+        return Err(Refusal::LateWindowClosed {
+            attempt: a.id,
+            ended_ms: ended,
+        });
+    }
+    Ok(())
 }
 
 /// Something that happens to a job. The time is [`step`]'s `now_ms`.
@@ -343,6 +457,11 @@ pub enum Refusal {
     AcceptWindowClosed(AttemptId),
     #[error("attempt {0}'s lease has lapsed")]
     LeaseLapsed(AttemptId),
+    #[error(
+        "attempt {attempt} lapsed at {ended_ms} (Unix ms) and its late window has closed: \
+         nothing more is taken from it"
+    )]
+    LateWindowClosed { attempt: AttemptId, ended_ms: u64 },
     #[error("attempt {attempt} is {state}: {event} does not apply")]
     WrongAttemptState {
         attempt: AttemptId,
@@ -365,7 +484,8 @@ impl Refusal {
             Refusal::UnknownAttempt(_) => codes::NOT_FOUND,
             Refusal::AttemptNotLive { .. }
             | Refusal::AcceptWindowClosed(_)
-            | Refusal::LeaseLapsed(_) => codes::LEASE_LOST,
+            | Refusal::LeaseLapsed(_)
+            | Refusal::LateWindowClosed { .. } => codes::LEASE_LOST,
             Refusal::AlreadyReported(_) => codes::ALREADY_REPORTED,
             Refusal::Invalid(_) => codes::INVALID_PARAMS,
             Refusal::NotQueued(_)

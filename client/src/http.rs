@@ -246,21 +246,19 @@ pub fn check(what: &str, mut resp: Response<Body>) -> Result<Response<Body>, Htt
         .headers()
         .get(PROTOCOL_HEADER)
         .map(|v| v.to_str().unwrap_or("(not ASCII)").to_string());
-    if let Err(e) = check_protocol(header.as_deref()) {
-        // A proxy's own error page has no protocol header: the server behind it failed, this
-        // is no version question.
-        return Err(if status >= 500 {
-            HttpError::ServerFailed {
-                what: what.into(),
-                status,
-                message: format!("an answer not from a construir server ({e})"),
+    match &header {
+        // An answer without the header is not the server's own (a proxy's error page, a load
+        // balancer's 404): a failure by its status, no version question, unless its body is
+        // the server's refusal of this client's protocol.
+        None if !(200..300).contains(&status) => return Err(foreign(what, status, &mut resp)),
+        _ => {
+            if let Err(e) = check_protocol(header.as_deref()) {
+                return Err(HttpError::Protocol {
+                    what: what.into(),
+                    message: format!("HTTP {status}, not a construir answer: {e}"),
+                });
             }
-        } else {
-            HttpError::Protocol {
-                what: what.into(),
-                message: format!("HTTP {status}, not a construir answer: {e}"),
-            }
-        });
+        }
     }
     if (200..300).contains(&status) {
         return Ok(resp);
@@ -312,6 +310,54 @@ pub fn check(what: &str, mut resp: Response<Body>) -> Result<Response<Body>, Htt
             message: format!("unexpected HTTP {status}"),
         },
     })
+}
+
+/// A non-2xx answer without the protocol header, as the failure its status says.
+fn foreign(what: &str, status: u16, resp: &mut Response<Body>) -> HttpError {
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(ERROR_LIMIT)
+        .read_to_vec()
+        .unwrap_or_default();
+    let what = what.to_string();
+    if let Ok(api) = serde_json::from_slice::<ApiError>(&body)
+        && api.error == codes::PROTOCOL_MISMATCH
+    {
+        return HttpError::Protocol {
+            what,
+            message: format!("the server refused this client's protocol: {}", api.message),
+        };
+    }
+    let message = format!(
+        "an answer not from a construir server (no {PROTOCOL_HEADER} header: a proxy in \
+         front of it?): {}",
+        excerpt(&body, 300)
+    );
+    match status {
+        500.. => HttpError::ServerFailed {
+            what,
+            status,
+            message,
+        },
+        300..=399 => HttpError::Protocol {
+            message: format!(
+                "redirected ({status}) to {:?} by something in front of the server; give the \
+                 server's own address as --server",
+                resp.headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?")
+            ),
+            what,
+        },
+        _ => HttpError::Refused {
+            what,
+            status,
+            code: None,
+            message,
+        },
+    }
 }
 
 /// A 2xx answer's JSON body as `T`.
@@ -484,6 +530,69 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("internal: db"), "{e}");
         let e = api.get("/e").unwrap_err();
         assert!(e.to_string().contains("elsewhere.example"), "{e}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_answer_without_the_protocol_header_is_no_version_question() {
+        let (url, server) = fake_server(vec![
+            answer(
+                403,
+                false,
+                "",
+                "<html>blocked by the corporate proxy</html>",
+            ),
+            answer(404, false, "", "<html>404 Not Found (nginx)</html>"),
+            answer(413, false, "", "<html>413 Request Entity Too Large</html>"),
+            answer(
+                400,
+                false,
+                "",
+                r#"{"error": "protocol-mismatch", "message": "speak 2"}"#,
+            ),
+            answer(400, true, "", r#"{"error": "bad-request", "message": "x"}"#),
+            answer(409, false, "Construir-Protocol: 2\r\n", "{}"),
+        ]);
+        let api = Api::new(&url, "t");
+        let e = api.get("/api/v1/jobs/1").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                HttpError::Refused {
+                    status: 403,
+                    code: None,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), exit::REFUSED);
+        let text = e.to_string();
+        assert!(
+            text.contains("403") && text.contains("proxy") && text.contains("corporate"),
+            "{text}"
+        );
+        let e = api.get("/b").unwrap_err();
+        assert!(matches!(e, HttpError::Refused { status: 404, .. }), "{e}");
+        let e = api
+            .post_empty::<serde_json::Value>("/api/v1/jobs/1/cancel")
+            .unwrap_err();
+        assert!(matches!(e, HttpError::Refused { status: 413, .. }), "{e}");
+        let e = api.get("/d").unwrap_err();
+        assert!(
+            matches!(e, HttpError::Protocol { .. }) && e.to_string().contains("speak 2"),
+            "the server's own word: {e}"
+        );
+        let e = api.get("/e").unwrap_err();
+        assert!(
+            matches!(&e, HttpError::Refused { code: Some(c), .. } if c == "bad-request"),
+            "{e}"
+        );
+        let e = api.get("/f").unwrap_err();
+        assert!(
+            matches!(e, HttpError::Protocol { .. }) && e.to_string().contains("protocol 2"),
+            "another version said is a version question: {e}"
+        );
         server.join().unwrap();
     }
 

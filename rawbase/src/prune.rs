@@ -28,21 +28,7 @@ pub const DEFAULT_KEEP: Duration = Duration::from_secs(3 * 86400);
 
 /// Parses a keep setting: `0`, or `N` with `s`, `m`, `h` or `d` (no unit: seconds).
 pub fn parse_keep(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let bad = || format!("{text:?} is not a duration (examples: 0, 90s, 30m, 12h, 3d)");
-    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(bad)
+    construir_launcher::duration::parse_span(text)
 }
 
 /// The keep setting from [`KEEP_ENV`] (a bad value is reported and the default used).

@@ -60,6 +60,12 @@ struct State {
     flaky: u32,
     /// Answer with this protocol version.
     protocol: Option<&'static str>,
+    /// Refuse output uploads (413 `output-too-big`).
+    refuse_output: bool,
+    /// Answer this many heartbeats with a proxy's 404 (no protocol header) first.
+    foreign_heartbeats: u32,
+    /// Answer this many claims with a proxy's 429 (no protocol header) first.
+    foreign_claims: u32,
     bad_tokens: u32,
 }
 
@@ -181,6 +187,14 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
             br#"{"error":"unauthorized","message":"no"}"#,
         );
     }
+    if s.foreign_claims > 0 && path.ends_with("/claim") {
+        s.foreign_claims -= 1;
+        return respond(&conn, 429, None, b"<html>429 Too Many Requests</html>");
+    }
+    if s.foreign_heartbeats > 0 && path.ends_with("/heartbeat") {
+        s.foreign_heartbeats -= 1;
+        return respond(&conn, 404, None, b"<html>404 Not Found (nginx)</html>");
+    }
     if s.flaky > 0 && (path.ends_with("/report") || path.ends_with("/log")) {
         s.flaky -= 1;
         return respond(&conn, 503, None, b"<html>bad gateway</html>");
@@ -251,6 +265,10 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
                 json(serde_json::json!({"next_offset": plan.next_offset})),
             )
         }
+        ("PUT", p) if p.ends_with("/output") && s.refuse_output => (
+            413,
+            json(serde_json::json!({"error": "output-too-big", "message": "over the limit"})),
+        ),
         ("PUT", p) if p.ends_with("/output") => {
             let answer = json(serde_json::json!({"sha256": sha256_hex(&body), "size": body.len()}));
             s.output = Some(body);
@@ -327,6 +345,13 @@ impl Runner {
             ])
             .args(extra)
             .env("FAKE_OUT", &out)
+            // Proxies that do not exist: a loopback server is never reached through one.
+            .env("ALL_PROXY", "http://127.0.0.1:9")
+            .env("HTTPS_PROXY", "http://127.0.0.1:9")
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("http_proxy", "http://127.0.0.1:9")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -449,6 +474,60 @@ fn a_job_is_claimed_run_streamed_uploaded_cut_and_reported() {
         s.claims.len() >= 2
     });
     server.with(|s| assert_eq!(s.claims.last().unwrap().capabilities.free_memory_mib, 1024));
+    assert!(runner.stop().success());
+}
+
+#[test]
+fn an_output_the_server_did_not_take_is_aborted_not_reported_as_a_success() {
+    if no_namespaces() {
+        return;
+    }
+    let server = Server::start();
+    server.with(|s| {
+        s.queue.push((job(b"ABCD"), limits()));
+        s.refuse_output = true;
+    });
+    let mut runner = Runner::start(&server, &[]);
+    server.wait_for("the abort", Duration::from_secs(60), |s| {
+        !s.aborts.is_empty() || !s.reports.is_empty()
+    });
+    server.with(|s| {
+        assert!(s.reports.is_empty(), "{:?}", s.reports);
+        assert_eq!(s.aborts.len(), 1);
+        assert!(
+            s.aborts[0].contains("output was not delivered") && s.aborts[0].contains("413"),
+            "{:?}",
+            s.aborts
+        );
+    });
+    assert!(runner.stop().success());
+}
+
+#[test]
+fn a_proxys_own_answers_are_neither_a_protocol_mismatch_nor_a_lost_lease() {
+    if no_namespaces() {
+        return;
+    }
+    let server = Server::start();
+    server.with(|s| {
+        s.queue.push((job(b"ABCD"), limits()));
+        s.foreign_heartbeats = 2;
+        s.foreign_claims = 2;
+    });
+    let mut runner = Runner::start(&server, &[]);
+    server.wait_for("the report", Duration::from_secs(60), |s| {
+        !s.reports.is_empty() || !s.aborts.is_empty()
+    });
+    server.with(|s| {
+        assert_eq!(
+            (s.foreign_claims, s.foreign_heartbeats),
+            (0, 0),
+            "the proxy answered"
+        );
+        assert!(s.aborts.is_empty(), "{:?}", s.aborts);
+        assert_eq!(s.reports[0].status.as_str(), "success");
+        assert!(s.output.is_some());
+    });
     assert!(runner.stop().success());
 }
 

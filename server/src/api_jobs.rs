@@ -76,7 +76,7 @@ pub struct SubmitQuery {
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", params(SubmitQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the job file"),
     responses((status = 201, description = "the job, queued", body = JobView),
-        (status = 413, description = "the job file is too big", body = ApiError),
+        (status = 413, description = "the job file is too big", body = ApiError), (status = 429, description = "the user has as many jobs queued as the server takes from one user", body = ApiError),
         (status = 422, description = "a bad name or limit", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
     security(("token" = [])))]
 pub async fn submit(
@@ -110,6 +110,19 @@ pub async fn submit(
     let limits = params
         .resolve(&defaults, &server_max)
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
+    // One user's flood waits in their own queue, not in the server's disk: refused before the
+    // body is read.
+    let owner = UserId(caller.0.user_id as u64);
+    let queued = app.db.queued_of(owner).await?;
+    if queued >= app.settings.max_queued_per_user {
+        return Err(Refusal::new(
+            codes::TOO_MANY_REQUESTS,
+            format!(
+                "you have {queued} jobs queued, the most this server takes from one user; \
+                 submit more when some have run"
+            ),
+        ));
+    }
     let max = app.settings.max_job_size;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -150,7 +163,7 @@ pub async fn submit(
     };
     let t = JobSnapshot::submitted(policy, now);
     let new = NewJob {
-        owner: UserId(caller.0.user_id as u64),
+        owner,
         name: q.name.clone(),
         image: params.image.clone().unwrap_or(name.image),
         sha256: received.sha256.clone(),
@@ -257,18 +270,23 @@ pub struct LogQuery {
 /// Console bytes of an attempt from an offset; waits (a long poll, at most 30 s) for bytes past
 /// it while the attempt is live.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs", params(("id" = u64, Path, description = "the job"), LogQuery),
-    responses((status = 200, description = "console bytes from the offset; headers Construir-Log-Next and, at the end, Construir-Log-Complete", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    responses((status = 200, description = "console bytes from the offset; headers Construir-Log-Next and, at the end, Construir-Log-Complete", content_type = "application/octet-stream", body = Vec<u8>), (status = 429, description = "too many long polls open under this token", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
     security(("token" = [])))]
 pub async fn log(
     State(app): State<Shared>,
     caller: Caller,
+    // Held for the whole long poll: a token's open polls are capped (429).
+    _poll: crate::polls::LongPoll,
     Path(id): Path<u64>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, Refusal> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait_s.min(30));
+    // A step of this job (an attempt ends, a new one starts) and a piece of the followed
+    // attempt's console wake this poll; nothing else in the server does.
+    let job_watch = app.watchers.watch(crate::service::Topic::Job(JobId(id)));
     loop {
-        // Registered before looking, so a piece stored between the look and the wait wakes it.
-        let changed = app.changed.notified();
+        // Registered before looking, so a change between the look and the wait still wakes it.
+        let job_changed = job_watch.notified();
         let job = visible(&app, &caller, JobId(id)).await?;
         let attempt = match q.attempt {
             Some(a) => job.snapshot.attempt(AttemptId(a)),
@@ -282,29 +300,60 @@ pub async fn log(
                     job.snapshot.state.is_terminal(),
                 ));
             }
-            let _ = tokio::time::timeout_at(deadline, changed).await;
+            // Until a runner takes it, also look again every second: a claim stored by a
+            // path that does not wake this job's waiters, or by another server on the same
+            // data, is seen within a second (one query a second, only while nothing runs).
+            let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+            wait_for_change(soon.min(deadline), job_changed, None).await;
             continue;
         };
-        let received = app.db.console_size(attempt.id).await?;
-        let bytes = app.db.read_log(attempt.id, q.offset, 1 << 20).await?;
+        let console_watch = app
+            .watchers
+            .watch(crate::service::Topic::Console(attempt.id));
+        let piece_came = console_watch.notified();
+        let cap = construir_api::log::ConsoleCap::new(job.facts.limits.console_cap);
+        let read =
+            crate::logs::read_console(&app.db, &app.blobs, attempt.id, cap, q.offset, 1 << 20)
+                .await
+                .map_err(|e| {
+                    tracing::error!("reading the console of attempt {}: {e}", attempt.id);
+                    Refusal::new(codes::INTERNAL, "the server could not read the console")
+                })?;
         let ended = !attempt.state.is_live();
-        let next = q.offset + bytes.len() as u64;
-        // Past the console cap bytes are counted but not kept: the next offset skips them.
-        let next = if bytes.is_empty() && ended {
-            next.max(received)
-        } else {
-            next
-        };
-        if !bytes.is_empty() || ended || tokio::time::Instant::now() >= deadline {
-            return Ok(log_answer(bytes, next, ended && next >= received));
+        let mut bytes = read.bytes;
+        if let crate::logs::ConsoleHome::Deleted { at_ms } = read.home
+            && q.offset < read.received
+        {
+            let room = read.next - q.offset;
+            bytes.extend_from_slice(crate::retention::console_deleted_note(at_ms, room).as_bytes());
         }
-        wait_for_change(&app, deadline).await;
+        if !bytes.is_empty() || ended || tokio::time::Instant::now() >= deadline {
+            let complete = ended && read.next >= read.received;
+            return Ok(log_answer(bytes, read.next, complete));
+        }
+        wait_for_change(deadline, job_changed, Some(piece_came)).await;
     }
 }
 
-pub async fn wait_for_change(app: &Shared, deadline: tokio::time::Instant) {
-    let changed = app.changed.notified();
-    let _ = tokio::time::timeout_at(deadline, changed).await;
+/// Waits until the job changes, a console piece comes (when one is followed), or the deadline.
+pub async fn wait_for_change(
+    deadline: tokio::time::Instant,
+    job_changed: tokio::sync::futures::Notified<'_>,
+    piece_came: Option<tokio::sync::futures::Notified<'_>>,
+) {
+    let piece = async {
+        match piece_came {
+            Some(p) => p.await,
+            None => std::future::pending().await,
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, async {
+        tokio::select! {
+            _ = job_changed => {}
+            _ = piece => {}
+        }
+    })
+    .await;
 }
 
 fn log_answer(bytes: Vec<u8>, next: u64, complete: bool) -> Response {

@@ -5,8 +5,8 @@
 
 use crate::db::now_ms;
 use crate::http::{Caller, Refusal};
-use crate::jobs::StoredJob;
-use crate::service::Shared;
+use crate::jobs::{RunnerCap, SetOutput, StoredJob};
+use crate::service::{Shared, Topic};
 use crate::tokens;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
 use construir_api::fit::fits;
-use construir_api::log::{AppendKind, plan_append};
-use construir_api::state::Event;
+use construir_api::log::AppendKind;
+use construir_api::state::{Access, Event, Refusal as StepRefusal, step};
 use construir_api::types::{
     AbortRequest, AttemptId, AttemptView, ClaimRequest, ClaimResponse, HeartbeatRequest,
     HeartbeatResponse, JobId, LogOffsetResponse, ReportRequest, RunnerId, UserId,
@@ -28,6 +28,24 @@ use std::time::Duration;
 
 /// A console piece is at most this large.
 pub const LOG_PIECE_LIMIT: usize = 1 << 20;
+
+/// The most claimed, not yet started attempts one runner may hold, however many slots it
+/// declares: an honest runner starts each claim within moments, so more than a few waiting are
+/// claims it does not use (and each would hold a job for an accept window).
+pub const MAX_UNSTARTED_PER_RUNNER: u32 = 4;
+
+/// What a runner that has declared `slots` job slots may hold at once.
+pub fn runner_cap(runner: RunnerId, slots: u32) -> RunnerCap {
+    RunnerCap {
+        runner,
+        live: slots,
+        unstarted: slots.clamp(1, MAX_UNSTARTED_PER_RUNNER),
+    }
+}
+
+fn step_refusal(r: StepRefusal) -> Refusal {
+    Refusal(ApiError::from(&r))
+}
 
 pub fn routes() -> Router<Shared> {
     Router::new()
@@ -110,11 +128,13 @@ fn runner_header(headers: &HeaderMap) -> Result<RunnerId, Refusal> {
 
 #[utoipa::path(post, path = "/api/v1/runner/claim", tag = "runners", request_body = ClaimRequest,
     params(("Construir-Runner" = u64, Header, description = "the runner id from /runner/register")),
-    responses((status = 200, description = "an attempt to run", body = ClaimResponse), (status = 204, description = "no job came within wait_s"), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    responses((status = 200, description = "an attempt to run", body = ClaimResponse), (status = 204, description = "no job came within wait_s"), (status = 429, description = "the runner holds as many live attempts as the job slots it declared, or its token holds too many open long polls", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
     security(("token" = [])))]
 pub async fn claim(
     State(app): State<Shared>,
     caller: Caller,
+    // Held for the whole long poll: a token's open polls are capped (429).
+    _poll: crate::polls::LongPoll,
     headers: HeaderMap,
     Json(req): Json<ClaimRequest>,
 ) -> Result<Response, Refusal> {
@@ -123,40 +143,106 @@ pub async fn claim(
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
     let runner = runner_header(&headers)?;
     let caps_json = serde_json::to_string(&req.capabilities).unwrap_or_default();
-    let owner = app
+    let slots = app
         .db
-        .runner_seen(runner, caller.0.user_id, &caps_json)
-        .await?;
-    if owner != Some(caller.0.user_id) {
-        return Err(Refusal::new(
-            codes::FORBIDDEN,
-            format!("runner {runner} is not this token's"),
-        ));
-    }
+        .runner_seen(
+            runner,
+            caller.0.user_id,
+            &caps_json,
+            req.capabilities.free_slots,
+        )
+        .await?
+        .ok_or_else(|| {
+            Refusal::new(
+                codes::FORBIDDEN,
+                format!("runner {runner} is not this token's"),
+            )
+        })?;
+    let cap = runner_cap(runner, slots);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(req.wait_s));
     loop {
         // Registered before looking, so a submission between the look and the wait still wakes.
         let woken = app.work.notified();
-        if let Some(resp) = try_claim(&app, runner, &req).await? {
-            return Ok(Json(resp).into_response());
+        let load = app.db.runner_load(runner).await?;
+        if load.live >= cap.live && req.capabilities.free_slots > 0 {
+            // It says it has room, yet holds as many attempts as it ever said it had slots.
+            return Err(Refusal::new(
+                codes::TOO_MANY_REQUESTS,
+                format!(
+                    "runner {runner} holds {} live attempts, as many as the {} job slots it \
+                     declared: finish, report or abort one before claiming another",
+                    load.live, cap.live
+                ),
+            ));
         }
-        if tokio::time::timeout_at(deadline, woken).await.is_err() {
+        let claimed = if load.unstarted >= cap.unstarted {
+            Claimed::AtCap
+        } else {
+            try_claim(&app, runner, caller.0.token_id, &req, cap).await?
+        };
+        let more = match claimed {
+            Claimed::Got(resp) => return Ok(Json(*resp).into_response()),
+            Claimed::Nothing => tokio::time::timeout_at(deadline, woken).await.is_ok(),
+            Claimed::AtCap => wait_for_starts(&app, cap, deadline).await?,
+        };
+        if !more {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }
 }
 
+/// Waits until one of the runner's unstarted attempts changes (it starts, lapses or is given
+/// up: a step of its job) or `deadline` comes; false at the deadline.
+async fn wait_for_starts(
+    app: &Shared,
+    cap: RunnerCap,
+    deadline: tokio::time::Instant,
+) -> Result<bool, Refusal> {
+    let jobs = app.db.unstarted_jobs(cap.runner).await?;
+    let watches: Vec<_> = jobs
+        .iter()
+        .map(|id| app.watchers.watch(Topic::Job(*id)))
+        .collect();
+    // Looked at again once watched, so a start between the first look and the watch is seen.
+    if app.db.runner_load(cap.runner).await?.unstarted < cap.unstarted {
+        return Ok(true);
+    }
+    if watches.is_empty() {
+        // Its attempts changed between the two looks: look again soon, not at once.
+        let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+        tokio::time::sleep_until(soon.min(deadline)).await;
+        return Ok(soon < deadline);
+    }
+    let waits = watches.iter().map(|w| Box::pin(w.notified()));
+    Ok(
+        tokio::time::timeout_at(deadline, futures::future::select_all(waits))
+            .await
+            .is_ok(),
+    )
+}
+
+/// What one pass over the claimable jobs gave a runner.
+pub enum Claimed {
+    Got(Box<ClaimResponse>),
+    /// Nothing it can take now.
+    Nothing,
+    /// It holds as many attempts (or unstarted ones) as it may.
+    AtCap,
+}
+
 /// One pass over the claimable jobs, fairly across owners: the owner with the fewest jobs
 /// running goes first (one owner's thousand queued jobs do not starve another's one), then
 /// priority and age within an owner. Jobs this runner cannot take are skipped; one no runner
-/// could take says why.
+/// could take says why. The claim is stored only while the runner is within `cap`.
 pub async fn try_claim(
     app: &Shared,
     runner: RunnerId,
+    claim_token: i64,
     req: &ClaimRequest,
-) -> Result<Option<ClaimResponse>, Refusal> {
+    cap: RunnerCap,
+) -> Result<Claimed, Refusal> {
     if req.capabilities.free_slots == 0 {
-        return Ok(None);
+        return Ok(Claimed::Nothing);
     }
     let now = now_ms() as u64;
     let candidates = app.db.claimable(now).await?;
@@ -193,49 +279,95 @@ pub async fn try_claim(
         let token = tokens::generate().map_err(|e| Refusal::new(codes::INTERNAL, e.to_string()))?;
         let attempt = app
             .db
-            .insert_attempt(id, runner, &tokens::digest(&token))
+            .insert_attempt(id, runner, &tokens::digest(&token), claim_token)
             .await?;
         let settings = app.step_settings();
-        let claimed = app
-            .apply(id, |_| {
-                let (lease_until_ms, accept_by_ms) = settings.claim_deadlines(now_ms() as u64);
-                Event::Claim {
-                    attempt,
-                    runner,
-                    lease_until_ms,
-                    accept_by_ms,
-                }
-            })
-            .await;
-        match claimed {
-            Ok((job, _)) => {
-                let a = job
-                    .snapshot
-                    .attempt(attempt)
-                    .ok_or_else(|| Refusal::new(codes::INTERNAL, "the claimed attempt vanished"))?;
-                tracing::info!("job {id} claimed by runner {runner} as attempt {attempt}");
-                return Ok(Some(ClaimResponse {
-                    attempt_id: attempt,
-                    attempt_token: token,
-                    job_id: id,
-                    job_name: job.facts.name.clone(),
-                    image: job.facts.image.clone(),
-                    sha256: job.facts.sha256.clone(),
-                    size: job.facts.size,
-                    limits: job.facts.limits,
-                    accept_by_ms: a.accept_by_ms,
-                    lease_until_ms: a.lease_until_ms,
-                    heartbeat_interval_s: (settings.lease_ms / 3000).max(1),
-                    lease_s: settings.lease_ms / 1000,
-                }));
-            }
-            Err(_) => {
+        let job = match claim_job(app, id, attempt, runner, cap).await? {
+            ClaimStep::Claimed(job) => job,
+            ClaimStep::Lost => {
                 // Someone else got it first, or its back-off began: the next one.
                 app.db.drop_attempt(attempt).await?;
+                continue;
             }
-        }
+            ClaimStep::AtCap => {
+                app.db.drop_attempt(attempt).await?;
+                return Ok(Claimed::AtCap);
+            }
+        };
+        let a = job
+            .snapshot
+            .attempt(attempt)
+            .ok_or_else(|| Refusal::new(codes::INTERNAL, "the claimed attempt vanished"))?;
+        tracing::info!("job {id} claimed by runner {runner} as attempt {attempt}");
+        return Ok(Claimed::Got(Box::new(ClaimResponse {
+            attempt_id: attempt,
+            attempt_token: token,
+            job_id: id,
+            job_name: job.facts.name.clone(),
+            image: job.facts.image.clone(),
+            sha256: job.facts.sha256.clone(),
+            size: job.facts.size,
+            limits: job.facts.limits,
+            accept_by_ms: a.accept_by_ms,
+            lease_until_ms: a.lease_until_ms,
+            heartbeat_interval_s: (settings.lease_ms / 3000).max(1),
+            lease_s: settings.lease_ms / 1000,
+        })));
     }
-    Ok(None)
+    Ok(Claimed::Nothing)
+}
+
+enum ClaimStep {
+    Claimed(Box<StoredJob>),
+    /// The job is not claimable (any more).
+    Lost,
+    AtCap,
+}
+
+/// Applies `Claim` to job `id` for `attempt`, stored only if the job is unchanged since it was
+/// read and the runner is still within `cap` (one statement: concurrent claims of one runner
+/// cannot all pass the count).
+async fn claim_job(
+    app: &Shared,
+    id: JobId,
+    attempt: AttemptId,
+    runner: RunnerId,
+    cap: RunnerCap,
+) -> Result<ClaimStep, Refusal> {
+    let settings = app.step_settings();
+    for _ in 0..5 {
+        let Some(mut job) = app.db.load_job(id).await? else {
+            return Ok(ClaimStep::Lost);
+        };
+        let now = now_ms() as u64;
+        let (lease_until_ms, accept_by_ms) = settings.claim_deadlines(now);
+        let event = Event::Claim {
+            attempt,
+            runner,
+            lease_until_ms,
+            accept_by_ms,
+        };
+        let Ok(t) = step(&job.snapshot, &settings, now, &event) else {
+            return Ok(ClaimStep::Lost);
+        };
+        if app
+            .db
+            .store_job_within(id, job.version, &t.job, Some(cap))
+            .await?
+        {
+            job.snapshot = t.job;
+            job.version += 1;
+            // The job's log followers learn of the new attempt at once.
+            app.stored(&job, &t.effects);
+            return Ok(ClaimStep::Claimed(Box::new(job)));
+        }
+        let load = app.db.runner_load(runner).await?;
+        if load.live >= cap.live || load.unstarted >= cap.unstarted {
+            return Ok(ClaimStep::AtCap);
+        }
+        // The job was written meanwhile: look at it again.
+    }
+    Ok(ClaimStep::Lost)
 }
 
 /// An attempt's caller, from its own bearer token; the path's id must be that attempt.
@@ -261,7 +393,11 @@ impl FromRequestParts<Shared> for AttemptCaller {
             .db
             .attempt_by_token(&tokens::digest(token))
             .await?
-            .ok_or_else(|| unauthorized("not an attempt token"))?;
+            .ok_or_else(|| {
+                unauthorized(
+                    "not an attempt token, or the runner token it was claimed with is revoked",
+                )
+            })?;
         let Path(id): Path<u64> = Path::from_request_parts(parts, app)
             .await
             .map_err(|_| Refusal::new(codes::BAD_REQUEST, "no attempt id in the path"))?;
@@ -275,14 +411,21 @@ impl FromRequestParts<Shared> for AttemptCaller {
     }
 }
 
-async fn live_job(app: &Shared, who: &AttemptCaller) -> Result<StoredJob, Refusal> {
-    let job = app
-        .db
+async fn load(app: &Shared, who: &AttemptCaller) -> Result<StoredJob, Refusal> {
+    app.db
         .load_job(who.job)
         .await?
-        .ok_or_else(|| Refusal::new(codes::NOT_FOUND, "no such job"))?;
-    match job.snapshot.attempt(who.attempt) {
-        Some(a) if a.state.is_live() => Ok(job),
+        .ok_or_else(|| Refusal::new(codes::NOT_FOUND, "no such job"))
+}
+
+/// The attempt's job, if the attempt is live now (a lapse not swept yet counts as one).
+async fn live_job(app: &Shared, who: &AttemptCaller) -> Result<StoredJob, Refusal> {
+    let job = load(app, who).await?;
+    let access = job
+        .snapshot
+        .attempt_access(who.attempt, &app.step_settings(), now_ms() as u64);
+    match access {
+        Ok(Access::Live) => Ok(job),
         _ => Err(Refusal::new(
             codes::LEASE_LOST,
             format!("attempt {} is no longer live", who.attempt),
@@ -363,14 +506,12 @@ pub async fn append_log(
                 format!("a console piece is at most {LOG_PIECE_LIMIT} bytes"),
             )
         })?;
+    // The cap keeps the console's head and a rolling tail (ConsoleCap): a piece may land in
+    // both, and push the tail's oldest bytes out.
+    let cap = construir_api::log::ConsoleCap::new(job.facts.limits.console_cap);
     for _ in 0..10 {
         let received = app.db.console_size(who.attempt).await?;
-        let plan = plan_append(
-            received,
-            q.offset,
-            piece.len() as u64,
-            job.facts.limits.console_cap,
-        );
+        let plan = cap.plan(received, q.offset, piece.len() as u64);
         let answer = |status: u16, next: u64| {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             (status, Json(LogOffsetResponse { next_offset: next })).into_response()
@@ -378,14 +519,24 @@ pub async fn append_log(
         if plan.kind != AppendKind::Appended {
             return Ok(answer(plan.kind.http_status(), plan.next_offset));
         }
-        let keep = &piece[plan.skip as usize..(plan.skip + plan.keep) as usize];
-        if app
+        match app
             .db
-            .append_log(who.attempt, received, plan.write_at, keep, plan.next_offset)
+            .append_log(who.attempt, cap, received, &plan, &piece)
             .await?
         {
-            app.changed.notify_waiters();
-            return Ok(answer(plan.kind.http_status(), plan.next_offset));
+            crate::logs::Appended::Stored => {
+                app.watchers
+                    .wake(crate::service::Topic::Console(who.attempt));
+                return Ok(answer(plan.kind.http_status(), plan.next_offset));
+            }
+            crate::logs::Appended::Raced => continue,
+            // The attempt ended while this piece was on its way, and its console is closed.
+            crate::logs::Appended::Closed => {
+                return Err(Refusal::new(
+                    codes::LEASE_LOST,
+                    format!("attempt {} is no longer live", who.attempt),
+                ));
+            }
         }
     }
     Err(Refusal::new(
@@ -396,19 +547,30 @@ pub async fn append_log(
 
 #[utoipa::path(put, path = "/api/v1/runner/attempts/{id}/output", tag = "attempts", params(("id" = u64, Path, description = "the attempt")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the output archive, cut at its end"),
-    responses((status = 201, description = "stored; the server's own hash", body = Uploaded), (status = 413, description = "past the job's output limit", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    responses((status = 201, description = "stored; the server's own hash", body = Uploaded), (status = 413, description = "past the job's output limit", body = ApiError), (status = 409, description = "the attempt has its output already, or may no longer deliver one", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
     security(("attempt_token" = [])))]
 pub async fn upload_output(
     State(app): State<Shared>,
     who: AttemptCaller,
     body: Body,
 ) -> Result<Response, Refusal> {
-    let job = live_job(&app, &who).await?;
     let attempt = who.attempt;
-    if job
+    let settings = app.step_settings();
+    let job = load(&app, &who).await?;
+    // A live attempt, or one that lapsed within its late window (kept aside, never the
+    // result); nothing once it has reported, was given up or canceled.
+    let access = job
         .snapshot
-        .attempt(attempt)
-        .is_some_and(|a| a.state == construir_api::types::AttemptState::Running)
+        .attempt_access(attempt, &settings, now_ms() as u64)
+        .map_err(step_refusal)?;
+    if let Some((sha, size)) = app.db.attempt_output(attempt).await? {
+        return Err(already_uploaded(attempt, &sha, size));
+    }
+    if access == Access::Live
+        && job
+            .snapshot
+            .attempt(attempt)
+            .is_some_and(|a| a.state == construir_api::types::AttemptState::Running)
     {
         app.apply(who.job, |_| Event::UploadBegun { attempt })
             .await?;
@@ -418,14 +580,54 @@ pub async fn upload_output(
         .receive(body, job.facts.limits.output_size)
         .await?;
     app.blobs.publish(&received).await?;
-    app.db
-        .set_output(attempt, &received.sha256, received.size)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::json!({"sha256": received.sha256, "size": received.size})),
+    // The upload took time: whether the attempt may still deliver is judged again now, and the
+    // record is made only for the job as judged.
+    for _ in 0..10 {
+        let job = load(&app, &who).await?;
+        job.snapshot
+            .attempt_access(attempt, &settings, now_ms() as u64)
+            .map_err(step_refusal)?;
+        match app
+            .db
+            .set_output(
+                attempt,
+                who.job,
+                job.version,
+                &received.sha256,
+                received.size,
+            )
+            .await?
+        {
+            SetOutput::Stored => {
+                return Ok((
+                    StatusCode::CREATED,
+                    Json(Uploaded {
+                        sha256: received.sha256,
+                        size: received.size,
+                    }),
+                )
+                    .into_response());
+            }
+            SetOutput::AlreadySet(sha, size) => return Err(already_uploaded(attempt, &sha, size)),
+            SetOutput::JobChanged => continue,
+        }
+    }
+    Err(Refusal::new(
+        codes::TOO_MANY_REQUESTS,
+        "the job kept changing under this upload; send it again",
+    ))
+}
+
+/// One output per attempt: a second upload is refused, saying what the first one was (a
+/// runner whose first answer was lost compares it with its own).
+fn already_uploaded(attempt: AttemptId, sha256: &str, size: u64) -> Refusal {
+    Refusal::new(
+        codes::WRONG_STATE,
+        format!(
+            "attempt {attempt} has uploaded its output already (sha256 {sha256}, {size} bytes): \
+             one output per attempt"
+        ),
     )
-        .into_response())
 }
 
 /// What the server stored of an upload (its own hash of it).
@@ -436,7 +638,7 @@ pub struct Uploaded {
 }
 
 #[utoipa::path(post, path = "/api/v1/runner/attempts/{id}/report", tag = "attempts", params(("id" = u64, Path, description = "the attempt")), request_body = ReportRequest,
-    responses((status = 200, description = "taken (late if the lease had lapsed)", body = AttemptView), (status = 409, description = "already reported", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    responses((status = 200, description = "taken (late if the lease had lapsed)", body = AttemptView), (status = 409, description = "already reported, or past the late window", body = ApiError), (status = 422, description = "output_sha256 is not the output the server received", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
     security(("attempt_token" = [])))]
 pub async fn report(
     State(app): State<Shared>,
@@ -447,6 +649,27 @@ pub async fn report(
         .validate()
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
     let attempt = who.attempt;
+    if let Some(theirs) = &report.output_sha256 {
+        // An output is set once, so what is read here cannot change under the report.
+        let why = match app.db.attempt_output(attempt).await? {
+            Some((ours, _)) if ours == *theirs => None,
+            Some((ours, size)) => Some(format!(
+                "the server received and hashed {ours} ({size} bytes) for attempt {attempt}"
+            )),
+            None => Some(format!(
+                "the server has received no output for attempt {attempt}"
+            )),
+        };
+        if let Some(why) = why {
+            return Err(Refusal::new(
+                codes::INVALID_PARAMS,
+                format!(
+                    "output_sha256: the report names the output {theirs}, but {why}; nothing \
+                     was recorded"
+                ),
+            ));
+        }
+    }
     let (job, _) = app
         .apply(who.job, |_| Event::Report {
             attempt,

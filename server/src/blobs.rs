@@ -1,8 +1,12 @@
-//! Blobs — job files, outputs — content-addressed (`sha256/ab/abcdef…`) in an object store:
-//! object_store's local file system under `DATA/blobs` by default (S3 later, the same code).
-//! An upload is streamed into a private temporary file under `DATA/tmp` while it is hashed and
-//! counted (cut off past its limit), then published under its hash: a blob is visible whole or
-//! not at all, and equal blobs are stored once. The server computes every digest itself.
+//! Blobs — job files, outputs, finished consoles — content-addressed (`sha256/ab/abcdef…`) in an
+//! object store: object_store's local file system under `DATA/blobs` by default (S3 later, the
+//! same code). An upload is streamed into a private temporary file under `DATA/tmp` while it is
+//! hashed and counted (cut off past its limit), then published under its hash: a blob is visible
+//! whole or not at all, and equal blobs are stored once. The server computes every digest itself.
+//!
+//! Several servers may share one data directory, so temporary files are named by their owner
+//! (`PID-RANDOM.…`), and each owner holds a lock file `DATA/tmp-owners/PID-RANDOM.lock` while it
+//! lives: at start a server removes only the temporary files of owners whose lock nobody holds.
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -11,15 +15,38 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone)]
 pub struct Blobs {
     store: Arc<dyn ObjectStore>,
+    root: PathBuf,
     tmp: PathBuf,
+    owner: Arc<TmpOwner>,
 }
+
+/// This process's claim on its temporary files: the lock is held as long as the file is open
+/// (the kernel drops it when the process dies, even by `kill -9`).
+struct TmpOwner {
+    name: String,
+    lock_path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Drop for TmpOwner {
+    fn drop(&mut self) {
+        // The last handle of this store went away: its owner name is not needed any more.
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// A temporary file not written to for this long, and named by no owner, is a leftover (of a
+/// server from before owner names); an upload in flight writes far more often.
+const UNOWNED_TMP_AGE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -40,25 +67,70 @@ pub struct Received {
     pub size: u64,
 }
 
+/// A blob being written into a temporary file, hashed and counted on the way.
+pub struct BlobWriter {
+    file: tokio::fs::File,
+    path: tempfile::TempPath,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), BlobError> {
+        self.hasher.update(bytes);
+        self.size += bytes.len() as u64;
+        self.file.write_all(bytes).await?;
+        Ok(())
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// On disk and hashed: ready to publish.
+    pub async fn finish(mut self) -> Result<Received, BlobError> {
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        Ok(Received {
+            file: self.path,
+            sha256: crate::tokens::hex(&self.hasher.finalize()),
+            size: self.size,
+        })
+    }
+}
+
+/// A stored blob as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub sha256: String,
+    pub size: u64,
+    /// When it was last published (written, or found there already by an equal upload).
+    pub modified_ms: i64,
+}
+
 impl Blobs {
     /// The local store under `data`.
     pub fn open_local(data: &Path) -> Result<Blobs, BlobError> {
         let root = data.join("blobs");
         let tmp = data.join("tmp");
+        let owners = data.join("tmp-owners");
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
-        // Whatever a dead server left half received.
-        if let Ok(entries) = std::fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        std::fs::create_dir_all(&owners)?;
+        let owner = claim_tmp(&tmp, &owners)?;
         // fsync on publish: an acknowledged blob survives a power loss like its database row.
         let store = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
         Ok(Blobs {
             store: Arc::new(store),
+            root,
             tmp,
+            owner: Arc::new(owner),
         })
+    }
+
+    /// The name this process's temporary files start with.
+    pub fn tmp_owner(&self) -> &str {
+        &self.owner.name
     }
 
     fn key(sha256: &str) -> StorePath {
@@ -68,39 +140,47 @@ impl Blobs {
         ))
     }
 
-    /// Streams `body` into a temporary file, hashing it, refusing it once past `limit` bytes.
-    pub async fn receive(&self, body: Body, limit: u64) -> Result<Received, BlobError> {
+    /// A new temporary blob file of this process's.
+    pub async fn writer(&self) -> Result<BlobWriter, BlobError> {
         let named = tempfile::Builder::new()
-            .prefix("upload-")
+            .prefix(&format!("{}.upload-", self.owner.name))
             .tempfile_in(&self.tmp)?;
         let (std_file, path) = named.into_parts();
-        let mut file = tokio::fs::File::from_std(std_file);
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
+        Ok(BlobWriter {
+            file: tokio::fs::File::from_std(std_file),
+            path,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Streams `body` into a temporary file, hashing it, refusing it once past `limit` bytes.
+    pub async fn receive(&self, body: Body, limit: u64) -> Result<Received, BlobError> {
+        let mut writer = self.writer().await?;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| BlobError::Body(e.to_string()))?;
-            size += chunk.len() as u64;
-            if size > limit {
+            if writer.size() + chunk.len() as u64 > limit {
                 return Err(BlobError::TooBig { limit });
             }
-            hasher.update(&chunk);
-            file.write_all(&chunk).await?;
+            writer.write(&chunk).await?;
         }
-        file.flush().await?;
-        file.sync_all().await?;
-        Ok(Received {
-            file: path,
-            sha256: crate::tokens::hex(&hasher.finalize()),
-            size,
-        })
+        writer.finish().await
     }
 
     /// Publishes a received upload under its hash (once: an equal blob is already there).
     pub async fn publish(&self, received: &Received) -> Result<(), BlobError> {
         let key = Self::key(&received.sha256);
         if self.store.head(&key).await.is_ok() {
-            return Ok(());
+            // Equal bytes are there already: mark them as just published, so the orphan
+            // collector's grace (blobs no row names yet) counts from now, not from the first
+            // upload; the caller's row is written right after this. Gone meanwhile (collected
+            // as an orphan): written again below.
+            match self.touch(&received.sha256) {
+                Ok(()) => return Ok(()),
+                Err(BlobError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         let upload = self.store.put_multipart(&key).await?;
         let mut writer = WriteMultipart::new(upload);
@@ -119,6 +199,18 @@ impl Blobs {
         Ok(())
     }
 
+    fn local_path(&self, sha256: &str) -> PathBuf {
+        self.root.join(Self::key(sha256).as_ref())
+    }
+
+    fn touch(&self, sha256: &str) -> Result<(), BlobError> {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(self.local_path(sha256))?;
+        file.set_modified(SystemTime::now())?;
+        Ok(())
+    }
+
     /// The blob's bytes, streamed.
     pub async fn read(
         &self,
@@ -127,6 +219,141 @@ impl Blobs {
         let result = self.store.get(&Self::key(sha256)).await?;
         Ok(result.into_stream().map_err(|e| e))
     }
+
+    /// Bytes `range` of the blob (cut at its end).
+    pub async fn read_range(&self, sha256: &str, range: Range<u64>) -> Result<Bytes, BlobError> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        Ok(self.store.get_range(&Self::key(sha256), range).await?)
+    }
+
+    /// The blob as stored, if it is.
+    pub async fn info(&self, sha256: &str) -> Result<Option<BlobInfo>, BlobError> {
+        match self.store.head(&Self::key(sha256)).await {
+            Ok(meta) => Ok(Some(BlobInfo {
+                sha256: sha256.to_string(),
+                size: meta.size,
+                modified_ms: meta.last_modified.timestamp_millis(),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every stored blob.
+    pub async fn list(&self) -> Result<Vec<BlobInfo>, BlobError> {
+        let mut out = Vec::new();
+        let mut listing = self.store.list(Some(&StorePath::from("sha256")));
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            // Only names this store gives: anything else (a staging file) is not a blob.
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                out.push(BlobInfo {
+                    sha256: name.to_string(),
+                    size: meta.size,
+                    modified_ms: meta.last_modified.timestamp_millis(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the blob unless it was published at or after `published_before_ms` (someone may
+    /// be about to write the row naming it). Whether any row names it is the caller's check.
+    /// True if it is gone.
+    pub async fn remove_unless_fresh(
+        &self,
+        sha256: &str,
+        published_before_ms: i64,
+    ) -> Result<bool, BlobError> {
+        match self.info(sha256).await? {
+            None => Ok(true),
+            Some(b) if b.modified_ms >= published_before_ms => Ok(false),
+            Some(_) => match self.store.delete(&Self::key(sha256)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Makes this process an owner of temporary files, and removes those of owners that are gone.
+/// Both under `owners/.scan.lock`, so no scan sees an owner between its lock file's creation and
+/// its lock.
+fn claim_tmp(tmp: &Path, owners: &Path) -> Result<TmpOwner, BlobError> {
+    let scan = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(owners.join(".scan.lock"))?;
+    scan.lock()?;
+    let random = crate::tokens::generate()?;
+    let name = format!(
+        "{}-{}",
+        std::process::id(),
+        &random[crate::tokens::PREFIX.len()..][..12]
+    );
+    let lock_path = owners.join(format!("{name}.lock"));
+    let lock = std::fs::File::options()
+        .create_new(true)
+        .write(true)
+        .open(&lock_path)?;
+    lock.lock()?;
+    let live = live_owners(owners, &name)?;
+    for e in std::fs::read_dir(tmp)?.flatten() {
+        let file_name = e.file_name();
+        let file_name = file_name.to_string_lossy();
+        let stale = match file_name.split_once('.') {
+            Some((owner, _)) if owner.contains('-') => !live.iter().any(|l| l == owner),
+            // A file of a server from before owner names: a leftover once it is not written.
+            _ => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > UNOWNED_TMP_AGE),
+        };
+        if stale {
+            tracing::info!(
+                "removing {file_name}, left in the temporary directory by a dead server"
+            );
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(TmpOwner {
+        name,
+        lock_path,
+        _lock: lock,
+    })
+}
+
+/// The owners whose lock is held (by a live process); the lock files of the others are removed.
+fn live_owners(owners: &Path, me: &str) -> Result<Vec<String>, BlobError> {
+    let mut live = vec![me.to_string()];
+    for e in std::fs::read_dir(owners)?.flatten() {
+        let file_name = e.file_name();
+        let Some(owner) = file_name.to_str().and_then(|n| n.strip_suffix(".lock")) else {
+            continue;
+        };
+        if owner == me || owner.starts_with('.') {
+            continue;
+        }
+        let Ok(file) = std::fs::File::options().write(true).open(e.path()) else {
+            continue;
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                // Nobody holds it: its owner is gone.
+                let _ = std::fs::remove_file(e.path());
+            }
+            Err(_) => live.push(owner.to_string()),
+        }
+    }
+    Ok(live)
 }
 
 #[cfg(test)]
@@ -165,5 +392,100 @@ mod tests {
             0,
             "no temporary file is left"
         );
+    }
+
+    #[tokio::test]
+    async fn two_servers_on_one_data_dir_keep_each_others_temporary_files() {
+        let d = tempfile::tempdir().unwrap();
+        let first = Blobs::open_local(d.path()).unwrap();
+        let mut in_flight = first.writer().await.unwrap();
+        in_flight.write(b"half an upload").await.unwrap();
+        // A dead server's leftovers: its lock file, nobody holding it, and its upload.
+        let owners = d.path().join("tmp-owners");
+        std::fs::write(owners.join("999999-deadbeef0000.lock"), b"").unwrap();
+        let dead = d.path().join("tmp/999999-deadbeef0000.upload-x");
+        std::fs::write(&dead, b"lost").unwrap();
+        // One of a server from before owner names: kept while fresh, removed once old.
+        let fresh = d.path().join("tmp/upload-fresh");
+        let old = d.path().join("tmp/upload-old");
+        std::fs::write(&fresh, b"?").unwrap();
+        std::fs::write(&old, b"?").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+
+        let second = Blobs::open_local(d.path()).unwrap();
+        assert_ne!(first.tmp_owner(), second.tmp_owner());
+        assert!(!dead.exists(), "a dead owner's upload is removed");
+        assert!(!owners.join("999999-deadbeef0000.lock").exists());
+        assert!(!old.exists() && fresh.exists());
+        let r = in_flight.finish().await.unwrap();
+        assert!(
+            r.file.exists(),
+            "the live server's upload survives the other's start"
+        );
+        first.publish(&r).await.unwrap();
+        assert_eq!(
+            second.read_range(&r.sha256, 5..8).await.unwrap(),
+            Bytes::from_static(b"an ")
+        );
+        // The first server gone (its lock released), the next start takes its files.
+        let leftover = first.writer().await.unwrap().finish().await.unwrap();
+        let leftover_path = leftover.file.to_path_buf();
+        std::mem::forget(leftover);
+        drop(r);
+        drop(first);
+        let _third = Blobs::open_local(d.path()).unwrap();
+        assert!(!leftover_path.exists());
+    }
+
+    #[tokio::test]
+    async fn blobs_are_listed_and_removed_only_when_not_freshly_published() {
+        let d = tempfile::tempdir().unwrap();
+        let blobs = Blobs::open_local(d.path()).unwrap();
+        let mut w = blobs.writer().await.unwrap();
+        w.write(b"console").await.unwrap();
+        let r = w.finish().await.unwrap();
+        blobs.publish(&r).await.unwrap();
+        let listed = blobs.list().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].sha256.as_str(), listed[0].size),
+            (r.sha256.as_str(), 7)
+        );
+        let published = listed[0].modified_ms;
+        assert!(
+            !blobs
+                .remove_unless_fresh(&r.sha256, published)
+                .await
+                .unwrap(),
+            "published at the cutoff: kept"
+        );
+        // Made old, then published again by an equal upload: fresh again.
+        std::fs::File::options()
+            .write(true)
+            .open(blobs.local_path(&r.sha256))
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        let hour_ago = crate::db::now_ms() - 3_600_000;
+        blobs.publish(&r).await.unwrap();
+        assert!(
+            !blobs
+                .remove_unless_fresh(&r.sha256, hour_ago)
+                .await
+                .unwrap()
+        );
+        assert!(
+            blobs
+                .remove_unless_fresh(&r.sha256, crate::db::now_ms() + 1000)
+                .await
+                .unwrap()
+        );
+        assert_eq!(blobs.info(&r.sha256).await.unwrap(), None);
+        assert!(blobs.list().await.unwrap().is_empty());
     }
 }

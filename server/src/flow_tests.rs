@@ -638,3 +638,37 @@ async fn default_limits_follow_a_lowered_server_maximum() {
     );
     assert_eq!(a.json()["limits"]["output_size"], 64 << 20);
 }
+
+#[tokio::test]
+async fn one_user_gets_no_more_jobs_queued_than_the_server_takes_and_others_still_do() {
+    let d = tempfile::tempdir().unwrap();
+    let settings = crate::settings::SettingArgs {
+        data: Some(d.path().to_path_buf()),
+        max_queued_per_user: Some(2),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let db = crate::db::Db::open_embedded(d.path()).await.unwrap();
+    let blobs = crate::blobs::Blobs::open_local(d.path()).unwrap();
+    let app = crate::service::App::new(settings, db, blobs);
+    let alice = token(&app, "alice", "submitter").await;
+    let bob = token(&app, "bob", "submitter").await;
+    for n in 0..2 {
+        let a = submit(&app, &alice, &format!("a{n}_t0.tar.xz"), job("a")).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.json());
+    }
+    let refused = submit(&app, &alice, "a2_t0.tar.xz", job("a")).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.json()["error"], "too-many-requests");
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 jobs queued"),
+        "{:?}",
+        refused.json()
+    );
+    let b = submit(&app, &bob, "b0_t0.tar.xz", job("b")).await;
+    assert_eq!(b.status, StatusCode::CREATED, "another user is not held up");
+}

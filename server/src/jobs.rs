@@ -31,7 +31,17 @@ pub struct NewJob {
 }
 
 /// The columns derived from a snapshot: what queries select and sort on.
-fn derived(s: &JobSnapshot) -> (&'static str, i64, Option<i64>) {
+struct Derived {
+    state: &'static str,
+    claimable: i64,
+    deadline: Option<i64>,
+    /// The runner of the live attempt, and whether it has started (1) or not (0): what a claim
+    /// counts a runner's attempts by.
+    live_runner: Option<i64>,
+    live_started: Option<i64>,
+}
+
+fn derived(s: &JobSnapshot) -> Derived {
     let claimable = s.retry_not_before_ms.unwrap_or(0) as i64;
     let deadline = if s.state.is_terminal() {
         None
@@ -50,7 +60,43 @@ fn derived(s: &JobSnapshot) -> (&'static str, i64, Option<i64>) {
         }
         times.into_iter().min().map(|t| t as i64)
     };
-    (s.state.as_str(), claimable, deadline)
+    let live = s.live_attempt();
+    Derived {
+        state: s.state.as_str(),
+        claimable,
+        deadline,
+        live_runner: live.map(|a| a.runner.0 as i64),
+        live_started: live.map(|a| i64::from(a.started_ms.is_some())),
+    }
+}
+
+/// How many attempts a runner may hold at once, checked in the same statement that stores its
+/// claim (so that concurrent claims of one runner cannot all slip under it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunnerCap {
+    pub runner: RunnerId,
+    /// Live attempts (leased, running, uploading) in all.
+    pub live: u32,
+    /// Live attempts not started yet.
+    pub unstarted: u32,
+}
+
+/// A runner's live attempts, as the jobs' derived columns say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunnerLoad {
+    pub live: u32,
+    pub unstarted: u32,
+}
+
+/// What became of an output upload's record ([`Db::set_output`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOutput {
+    Stored,
+    /// The attempt has an output already (one per attempt): its sha256 and size.
+    AlreadySet(String, u64),
+    /// The job changed since `version` was read: look again whether the attempt may still
+    /// deliver.
+    JobChanged,
 }
 
 fn json_err(e: serde_json::Error) -> DbError {
@@ -85,11 +131,11 @@ macro_rules! job_columns {
 
 impl Db {
     pub async fn insert_job(&self, job: &NewJob, snapshot: &JobSnapshot) -> Result<JobId, DbError> {
-        let (state, claimable, deadline) = derived(snapshot);
+        let d = derived(snapshot);
         let row = sqlx::query(
             "INSERT INTO jobs (owner, name, image, sha256, size, limits, priority, state, created_ms, \
-             claimable_ms, next_deadline_ms, snapshot, version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1) RETURNING id",
+             claimable_ms, next_deadline_ms, snapshot, live_runner, live_started, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1) RETURNING id",
         )
         .bind(job.owner.0 as i64)
         .bind(&job.name)
@@ -98,11 +144,13 @@ impl Db {
         .bind(job.size as i64)
         .bind(serde_json::to_string(&job.limits).map_err(json_err)?)
         .bind(i64::from(job.priority))
-        .bind(state)
+        .bind(d.state)
         .bind(snapshot.created_ms as i64)
-        .bind(claimable)
-        .bind(deadline)
+        .bind(d.claimable)
+        .bind(d.deadline)
         .bind(serde_json::to_string(snapshot).map_err(json_err)?)
+        .bind(d.live_runner)
+        .bind(d.live_started)
         .fetch_one(self.pool())
         .await?;
         Ok(JobId(row.try_get::<i64, _>(0)? as u64))
@@ -128,20 +176,78 @@ impl Db {
         version: i64,
         snapshot: &JobSnapshot,
     ) -> Result<bool, DbError> {
-        let (state, claimable, deadline) = derived(snapshot);
-        let done = sqlx::query(
-            "UPDATE jobs SET state = $1, claimable_ms = $2, next_deadline_ms = $3, snapshot = $4, \
-             version = version + 1 WHERE id = $5 AND version = $6",
-        )
-        .bind(state)
-        .bind(claimable)
-        .bind(deadline)
-        .bind(serde_json::to_string(snapshot).map_err(json_err)?)
-        .bind(id.0 as i64)
-        .bind(version)
-        .execute(self.pool())
-        .await?;
+        self.store_job_within(id, version, snapshot, None).await
+    }
+
+    /// [`Db::store_job`], and, with a `cap`, only if that runner holds fewer live and fewer
+    /// unstarted attempts than it allows (the claim's check and its write are one statement;
+    /// SQLite runs one writer at a time). False if either condition failed.
+    pub async fn store_job_within(
+        &self,
+        id: JobId,
+        version: i64,
+        snapshot: &JobSnapshot,
+        cap: Option<RunnerCap>,
+    ) -> Result<bool, DbError> {
+        let d = derived(snapshot);
+        let query = match cap {
+            None => sqlx::query(
+                "UPDATE jobs SET state = $1, claimable_ms = $2, next_deadline_ms = $3, \
+                 snapshot = $4, live_runner = $5, live_started = $6, version = version + 1 \
+                 WHERE id = $7 AND version = $8",
+            ),
+            Some(_) => sqlx::query(
+                "UPDATE jobs SET state = $1, claimable_ms = $2, next_deadline_ms = $3, \
+                 snapshot = $4, live_runner = $5, live_started = $6, version = version + 1 \
+                 WHERE id = $7 AND version = $8 \
+                 AND (SELECT COUNT(*) FROM jobs WHERE live_runner = $9) < $10 \
+                 AND (SELECT COUNT(*) FROM jobs WHERE live_runner = $9 AND live_started = 0) < $11",
+            ),
+        };
+        let mut query = query
+            .bind(d.state)
+            .bind(d.claimable)
+            .bind(d.deadline)
+            .bind(serde_json::to_string(snapshot).map_err(json_err)?)
+            .bind(d.live_runner)
+            .bind(d.live_started)
+            .bind(id.0 as i64)
+            .bind(version);
+        if let Some(c) = cap {
+            query = query
+                .bind(c.runner.0 as i64)
+                .bind(i64::from(c.live))
+                .bind(i64::from(c.unstarted));
+        }
+        let done = query.execute(self.pool()).await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The jobs whose live attempt `runner` claimed and has not started.
+    pub async fn unstarted_jobs(&self, runner: RunnerId) -> Result<Vec<JobId>, DbError> {
+        let rows = sqlx::query("SELECT id FROM jobs WHERE live_runner = $1 AND live_started = 0")
+            .bind(runner.0 as i64)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok(JobId(r.try_get::<i64, _>(0)? as u64)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
+    /// The live attempts `runner` holds now.
+    pub async fn runner_load(&self, runner: RunnerId) -> Result<RunnerLoad, DbError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN live_started = 0 THEN 1 ELSE 0 END), 0) \
+             FROM jobs WHERE live_runner = $1",
+        )
+        .bind(runner.0 as i64)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(RunnerLoad {
+            live: row.try_get::<i64, _>(0)? as u32,
+            unstarted: row.try_get::<i64, _>(1)? as u32,
+        })
     }
 
     /// Jobs, newest first: one owner's, or everyone's.
@@ -202,6 +308,15 @@ impl Db {
             .map_err(DbError::from)
     }
 
+    /// How many jobs `owner` has waiting in the queue (the per-user cap at submission).
+    pub async fn queued_of(&self, owner: UserId) -> Result<u64, DbError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM jobs WHERE owner = $1 AND state = 'queued'")
+            .bind(owner.0 as i64)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+
     /// How many jobs each owner has running (the fair-share key).
     pub async fn running_per_owner(&self) -> Result<HashMap<UserId, u64>, DbError> {
         let rows =
@@ -238,8 +353,9 @@ impl Db {
     pub async fn register_runner(&self, user: i64, name: &str) -> Result<RunnerId, DbError> {
         let now = now_ms();
         sqlx::query(
+            // A registration is a runner (re)starting: what it declared before is forgotten.
             "INSERT INTO runners (user_id, name, registered_ms, last_seen_ms) VALUES ($1, $2, $3, $3) \
-             ON CONFLICT (user_id, name) DO UPDATE SET last_seen_ms = $3",
+             ON CONFLICT (user_id, name) DO UPDATE SET last_seen_ms = $3, slots = NULL",
         )
         .bind(user)
         .bind(name)
@@ -254,40 +370,50 @@ impl Db {
         Ok(RunnerId(row.try_get::<i64, _>(0)? as u64))
     }
 
-    /// Notes that `user`'s runner was seen, with its capabilities; `None` if it is not `user`'s.
+    /// Notes that `user`'s runner was seen, with its capabilities, and raises its declared
+    /// slots to `free_slots` if that is more; returns those slots, or `None` if the runner is not
+    /// `user`'s.
     pub async fn runner_seen(
         &self,
         runner: RunnerId,
         user: i64,
         caps: &str,
-    ) -> Result<Option<i64>, DbError> {
+        free_slots: u32,
+    ) -> Result<Option<u32>, DbError> {
         let row = sqlx::query(
-            "UPDATE runners SET last_seen_ms = $1, capabilities = $2 WHERE id = $3 AND user_id = $4 \
-             RETURNING user_id",
+            "UPDATE runners SET last_seen_ms = $1, capabilities = $2, \
+             slots = CASE WHEN slots IS NULL OR slots < $5 THEN $5 ELSE slots END \
+             WHERE id = $3 AND user_id = $4 RETURNING slots",
         )
         .bind(now_ms())
         .bind(caps)
         .bind(runner.0 as i64)
         .bind(user)
+        .bind(i64::from(free_slots))
         .fetch_optional(self.pool())
         .await?;
-        row.map(|r| r.try_get::<i64, _>(0))
+        row.map(|r| r.try_get::<i64, _>(0).map(|n| n as u32))
             .transpose()
             .map_err(DbError::from)
     }
 
+    /// A new attempt row for `job` on `runner`, claimed with the runner token `claim_token` and
+    /// reached with the attempt token whose digest is `token_sha256`.
     pub async fn insert_attempt(
         &self,
         job: JobId,
         runner: RunnerId,
         token_sha256: &str,
+        claim_token: i64,
     ) -> Result<AttemptId, DbError> {
         let row = sqlx::query(
-            "INSERT INTO attempts (job_id, runner_id, token_sha256) VALUES ($1, $2, $3) RETURNING id",
+            "INSERT INTO attempts (job_id, runner_id, token_sha256, claim_token_id) \
+             VALUES ($1, $2, $3, $4) RETURNING id",
         )
         .bind(job.0 as i64)
         .bind(runner.0 as i64)
         .bind(token_sha256)
+        .bind(claim_token)
         .fetch_one(self.pool())
         .await?;
         Ok(AttemptId(row.try_get::<i64, _>(0)? as u64))
@@ -302,19 +428,45 @@ impl Db {
         Ok(())
     }
 
-    /// The attempt (and its job) an attempt token belongs to.
+    /// The attempt (and its job) an attempt token belongs to, unless the runner token it was
+    /// claimed with has been revoked since: an attempt token lives no longer than its runner's.
     pub async fn attempt_by_token(
         &self,
         token_sha256: &str,
     ) -> Result<Option<(AttemptId, JobId)>, DbError> {
-        let row = sqlx::query("SELECT id, job_id FROM attempts WHERE token_sha256 = $1")
-            .bind(token_sha256)
-            .fetch_optional(self.pool())
-            .await?;
+        let row = sqlx::query(
+            "SELECT a.id, a.job_id FROM attempts a LEFT JOIN tokens t ON t.id = a.claim_token_id \
+             WHERE a.token_sha256 = $1 AND (a.claim_token_id IS NULL OR t.revoked_ms IS NULL)",
+        )
+        .bind(token_sha256)
+        .fetch_optional(self.pool())
+        .await?;
         row.map(|r| {
             Ok((
                 AttemptId(r.try_get::<i64, _>(0)? as u64),
                 JobId(r.try_get::<i64, _>(1)? as u64),
+            ))
+        })
+        .transpose()
+        .map_err(|e: sqlx::Error| DbError::from(e))
+    }
+
+    /// The output an attempt uploaded (sha256, size), if any.
+    pub async fn attempt_output(
+        &self,
+        attempt: AttemptId,
+    ) -> Result<Option<(String, u64)>, DbError> {
+        let row = sqlx::query(
+            "SELECT output_sha256, output_size FROM attempts WHERE id = $1 \
+             AND output_sha256 IS NOT NULL",
+        )
+        .bind(attempt.0 as i64)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok((
+                r.try_get::<String, _>(0)?,
+                r.try_get::<Option<i64>, _>(1)?.unwrap_or(0) as u64,
             ))
         })
         .transpose()
@@ -347,100 +499,36 @@ impl Db {
             .map_err(DbError::from)
     }
 
-    /// Console bytes received so far for an attempt (all of them, kept or not).
-    pub async fn console_size(&self, attempt: AttemptId) -> Result<u64, DbError> {
-        let row = sqlx::query("SELECT console_size FROM attempts WHERE id = $1")
-            .bind(attempt.0 as i64)
-            .fetch_one(self.pool())
-            .await?;
-        Ok(row.try_get::<i64, _>(0)? as u64)
-    }
-
-    /// Appends console bytes: `keep` is stored at `offset` (if not empty) and the attempt's size
-    /// becomes `new_size`, only if it still is `expected` (one writer wins; the other retries).
-    pub async fn append_log(
-        &self,
-        attempt: AttemptId,
-        expected: u64,
-        offset: u64,
-        keep: &[u8],
-        new_size: u64,
-    ) -> Result<bool, DbError> {
-        let mut tx = self.pool().begin().await?;
-        let done = sqlx::query(
-            "UPDATE attempts SET console_size = $1 WHERE id = $2 AND console_size = $3",
-        )
-        .bind(new_size as i64)
-        .bind(attempt.0 as i64)
-        .bind(expected as i64)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        if !keep.is_empty() {
-            sqlx::query(
-                "INSERT INTO log_pieces (attempt_id, start_offset, bytes) VALUES ($1, $2, $3)",
-            )
-            .bind(attempt.0 as i64)
-            .bind(offset as i64)
-            .bind(keep.to_vec())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    /// Kept console bytes of an attempt from `from`, at most `max` of them.
-    pub async fn read_log(
-        &self,
-        attempt: AttemptId,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<u8>, DbError> {
-        let rows = sqlx::query(
-            "SELECT start_offset, bytes FROM log_pieces WHERE attempt_id = $1 \
-             AND start_offset + LENGTH(bytes) > $2 AND start_offset < $3 ORDER BY start_offset",
-        )
-        .bind(attempt.0 as i64)
-        .bind(from as i64)
-        .bind(from.saturating_add(max as u64) as i64)
-        .fetch_all(self.pool())
-        .await?;
-        let mut out = Vec::new();
-        let mut at = from;
-        for r in rows {
-            let start = r.try_get::<i64, _>(0)? as u64;
-            let bytes: Vec<u8> = r.try_get(1)?;
-            if start > at {
-                break; // bytes past the console cap were not kept
-            }
-            let skip = (at - start) as usize;
-            let piece = &bytes[skip.min(bytes.len())..];
-            let take = piece.len().min(max - out.len());
-            out.extend_from_slice(&piece[..take]);
-            at += take as u64;
-            if out.len() >= max {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
+    /// Records attempt `attempt`'s output, once: only if it has none yet and its job is still
+    /// at `version` (the version whose snapshot said the attempt may deliver), in one
+    /// statement, so that an attempt that ended meanwhile, or a second upload, sets nothing.
     pub async fn set_output(
         &self,
         attempt: AttemptId,
+        job: JobId,
+        version: i64,
         sha256: &str,
         size: u64,
-    ) -> Result<(), DbError> {
-        sqlx::query("UPDATE attempts SET output_sha256 = $1, output_size = $2 WHERE id = $3")
-            .bind(sha256)
-            .bind(size as i64)
-            .bind(attempt.0 as i64)
-            .execute(self.pool())
-            .await?;
-        Ok(())
+    ) -> Result<SetOutput, DbError> {
+        let done = sqlx::query(
+            "UPDATE attempts SET output_sha256 = $1, output_size = $2 \
+             WHERE id = $3 AND job_id = $4 AND output_sha256 IS NULL \
+             AND EXISTS (SELECT 1 FROM jobs WHERE id = $4 AND version = $5)",
+        )
+        .bind(sha256)
+        .bind(size as i64)
+        .bind(attempt.0 as i64)
+        .bind(job.0 as i64)
+        .bind(version)
+        .execute(self.pool())
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(SetOutput::Stored);
+        }
+        Ok(match self.attempt_output(attempt).await? {
+            Some((sha, size)) => SetOutput::AlreadySet(sha, size),
+            None => SetOutput::JobChanged,
+        })
     }
 }
 

@@ -7,10 +7,19 @@ pub mod blobs;
 pub mod db;
 pub mod http;
 pub mod jobs;
+pub mod logs;
 pub mod openapi;
+pub mod polls;
+pub mod retention;
 pub mod service;
 pub mod settings;
 pub mod tokens;
 
 #[cfg(test)]
 mod flow_tests;
+#[cfg(test)]
+mod lease_tests;
+#[cfg(test)]
+mod log_tests;
+#[cfg(test)]
+mod retention_tests;

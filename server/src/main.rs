@@ -21,6 +21,8 @@ construir-server --data DIR token list"
 struct Cli {
     #[command(flatten)]
     settings: SettingArgs,
+    #[command(flatten)]
+    serve: http::ServeArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -81,7 +83,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("open the database in {}", settings.data.display()))?;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => http::serve(settings, db).await,
+        Command::Serve => http::serve(settings, cli.serve.resolve(), db).await,
         Command::Token(TokenCommand::Create { name, role }) => {
             anyhow::ensure!(
                 ["submitter", "runner", "admin"].contains(&role.as_str()),

@@ -1,15 +1,19 @@
 //! Applying the state machine: read a job, compute the step (construir_api::state::step, pure),
 //! write the new snapshot only if nobody wrote the job meanwhile, then carry out the effects
-//! (wake the runners' long polls, answer waiting clients). Commit, then acknowledge: a caller
-//! hears of a step only once it is stored. The sweeper ticks jobs whose deadlines passed.
+//! (wake the runners' long polls, answer waiting clients, compact an ended attempt's console).
+//! Commit, then acknowledge: a caller hears of a step only once it is stored. The sweeper ticks
+//! jobs whose deadlines passed; housekeeping finishes what a dead server left (consoles not yet
+//! compacted), applies retention and collects orphan blobs.
 
 use crate::blobs::Blobs;
 use crate::db::{Db, DbError, now_ms};
 use crate::jobs::StoredJob;
 use crate::settings::Settings;
+use construir_api::log::ConsoleCap;
 use construir_api::state::{Effect, Event, Refusal as StepRefusal, Settings as StepSettings, step};
-use construir_api::types::JobId;
-use std::sync::Arc;
+use construir_api::types::{AttemptId, JobId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -20,11 +24,97 @@ pub struct App {
     pub blobs: Blobs,
     /// Woken when a job may have become claimable.
     pub work: Notify,
-    /// Woken when any job or console changed (waiting clients look again).
-    pub changed: Notify,
+    /// Woken per job (a step was stored) and per attempt (a console piece came): a waiting
+    /// client wakes for what it follows, not for every change in the server.
+    pub watchers: Watchers,
+}
+
+/// What a client can wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// A step of this job was stored.
+    Job(JobId),
+    /// Console bytes of this attempt were stored.
+    Console(AttemptId),
+}
+
+/// One [`Notify`] per topic somebody waits for; a topic's entry goes when its last watcher
+/// does, so the map holds only what is followed right now.
+#[derive(Default)]
+pub struct Watchers {
+    map: Arc<Mutex<HashMap<Topic, Weak<Notify>>>>,
+}
+
+/// A watcher's hold on a topic.
+pub struct Watch {
+    topic: Topic,
+    notify: Arc<Notify>,
+    map: Arc<Mutex<HashMap<Topic, Weak<Notify>>>>,
+}
+
+impl Watchers {
+    pub fn watch(&self, topic: Topic) -> Watch {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let notify = match map.get(&topic).and_then(Weak::upgrade) {
+            Some(n) => n,
+            None => {
+                let n = Arc::new(Notify::new());
+                map.insert(topic, Arc::downgrade(&n));
+                n
+            }
+        };
+        Watch {
+            topic,
+            notify,
+            map: self.map.clone(),
+        }
+    }
+
+    /// Wakes everyone waiting on `topic` (nobody: nothing to do).
+    pub fn wake(&self, topic: Topic) {
+        let notify = {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(&topic).and_then(Weak::upgrade)
+        };
+        if let Some(n) = notify {
+            n.notify_waiters();
+        }
+    }
+
+    /// Topics somebody waits for.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Watch {
+    /// A future woken by the next [`Watchers::wake`] of this topic, even one that comes before
+    /// it is first polled (take it before looking, then wait on it).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // Under the map's lock, so nobody takes this Notify again while the entry goes.
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&self.notify) == 1 {
+            map.remove(&self.topic);
+        }
+    }
 }
 
 pub type Shared = Arc<App>;
+
+/// How often housekeeping runs (leftover consoles, retention).
+pub const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+/// Orphan blobs are looked for every this many housekeeping rounds.
+const ORPHAN_ROUNDS: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -45,7 +135,7 @@ impl App {
             db,
             blobs,
             work: Notify::new(),
-            changed: Notify::new(),
+            watchers: Watchers::default(),
         })
     }
 
@@ -80,19 +170,96 @@ impl App {
             if self.db.store_job(id, job.version, &t.job).await? {
                 job.snapshot = t.job;
                 job.version += 1;
-                self.carry_out(&t.effects);
+                self.stored(&job, &t.effects);
                 return Ok((job, t.effects));
             }
         }
         Err(ApplyError::Contended)
     }
 
-    /// The effects that are not stores (those are the snapshot write itself).
+    /// Everything that follows a stored step of `job` (as now stored): its effects, its
+    /// waiters woken, the consoles of the attempts it ended compacted. Whoever stores a step
+    /// without [`App::apply`] calls this after the write.
+    pub fn stored(&self, job: &StoredJob, effects: &[Effect]) {
+        self.carry_out(effects);
+        self.watchers.wake(Topic::Job(job.facts.id));
+        self.compact_ended(job, effects);
+    }
+
+    /// The effects that are not stores (those are the snapshot write itself) and need no more
+    /// than the effects: the runners' long polls. (The job's waiters and its consoles need the
+    /// job: [`App::stored`].)
     pub fn carry_out(&self, effects: &[Effect]) {
         if effects.iter().any(|e| matches!(e, Effect::WakeRunners)) {
             self.work.notify_waiters();
         }
-        self.changed.notify_waiters();
+    }
+
+    /// Compacts the console of every attempt this step ended, in the background (a report is
+    /// not held up by it); one a dead server never compacted is the housekeeping's.
+    fn compact_ended(&self, job: &StoredJob, effects: &[Effect]) {
+        let cap = ConsoleCap::new(job.facts.limits.console_cap);
+        for e in effects {
+            if let Effect::AttemptEnded(attempt, _) = e {
+                let (db, blobs, attempt) = (self.db.clone(), self.blobs.clone(), *attempt);
+                tokio::spawn(async move {
+                    if let Err(e) = crate::logs::compact(&db, &blobs, attempt, cap).await {
+                        tracing::warn!("compacting the console of attempt {attempt}: {e}");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Compacts the consoles of ended attempts still in pieces: what a server killed between
+    /// ending an attempt and compacting it left. Returns how many were compacted.
+    pub async fn compact_leftovers(&self) -> Result<usize, crate::logs::LogError> {
+        let mut done = 0;
+        for u in self.db.uncompacted(500).await? {
+            let Some(job) = self.db.load_job(u.job).await? else {
+                continue;
+            };
+            let ended = match job.snapshot.attempt(u.attempt) {
+                Some(a) => !a.state.is_live(),
+                // An attempt row its job never took: a claim under way (the job is queued),
+                // or one a dead server left (the job went on): empty either way.
+                None => !matches!(job.snapshot.state, construir_api::types::JobState::Queued),
+            };
+            if !ended {
+                continue;
+            }
+            let cap = ConsoleCap::new(job.facts.limits.console_cap);
+            match crate::logs::compact(&self.db, &self.blobs, u.attempt, cap).await {
+                Ok(_) => done += 1,
+                // One attempt's trouble must not stop the others'.
+                Err(e) => tracing::warn!("compacting the console of attempt {}: {e}", u.attempt),
+            }
+        }
+        Ok(done)
+    }
+
+    /// What the sweeper does besides ticks, less often: leftovers first (so retention finds
+    /// consoles in their final place), then retention, then, when `collect` says so, orphan
+    /// blobs.
+    pub async fn housekeep(&self, collect: bool) {
+        if let Err(e) = self.compact_leftovers().await {
+            tracing::warn!("compacting leftover consoles: {e}");
+        }
+        let now = now_ms();
+        if let Some(keep) = self.settings.retention {
+            match crate::retention::apply_retention(self, now, keep).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("retention: outputs and consoles of {n} jobs deleted"),
+                Err(e) => tracing::warn!("retention: {e}"),
+            }
+        }
+        if collect {
+            match crate::retention::collect_orphans(self, now).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("{n} orphan blobs removed"),
+                Err(e) => tracing::warn!("collecting orphan blobs: {e}"),
+            }
+        }
     }
 
     /// Ticks every job whose deadline has passed: leases lapse, accept windows close, back-offs
@@ -110,7 +277,8 @@ impl App {
         Ok(changed)
     }
 
-    /// Sweeps every second, and at once when a runner long-polls an empty queue.
+    /// Sweeps every second; housekeeps at start (what a dead server left) and every minute,
+    /// on a task of its own so a long retention pass never delays a lease's lapse.
     pub fn spawn_sweeper(self: &Shared) {
         let app = self.clone();
         tokio::spawn(async move {
@@ -120,6 +288,17 @@ impl App {
                 if let Err(e) = app.sweep().await {
                     tracing::warn!("sweep: {e}");
                 }
+            }
+        });
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HOUSEKEEPING_EVERY);
+            let mut round = 0u64;
+            loop {
+                every.tick().await;
+                // Listing every blob is the costly part: every tenth round.
+                app.housekeep(round.is_multiple_of(ORPHAN_ROUNDS)).await;
+                round += 1;
             }
         });
     }

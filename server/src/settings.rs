@@ -42,6 +42,10 @@ pub struct SettingArgs {
     /// How long outputs and logs are kept (default 30d; 0: forever).
     #[arg(long, env = "CONSTRUIR_SERVER_RETENTION", value_parser = parse_secs)]
     pub retention: Option<u64>,
+    /// Jobs one user may have waiting in the queue; a submission past it is refused with 429
+    /// (default 10000).
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_QUEUED_PER_USER")]
+    pub max_queued_per_user: Option<u64>,
 }
 
 /// The same settings in a config file.
@@ -57,6 +61,7 @@ struct FileSettings {
     job_ttl: Option<String>,
     max_tries: Option<u32>,
     retention: Option<String>,
+    max_queued_per_user: Option<u64>,
 }
 
 /// The settings in force.
@@ -71,6 +76,7 @@ pub struct Settings {
     pub job_ttl: Duration,
     pub max_tries: u32,
     pub retention: Option<Duration>,
+    pub max_queued_per_user: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +165,10 @@ impl SettingArgs {
             ),
             max_tries: self.max_tries.or(file.max_tries).unwrap_or(3).max(1),
             retention: (retention > 0).then(|| Duration::from_secs(retention)),
+            max_queued_per_user: self
+                .max_queued_per_user
+                .or(file.max_queued_per_user)
+                .unwrap_or(10_000),
         })
     }
 }
@@ -174,21 +184,9 @@ fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
     })
 }
 
-/// `90s`, `30m`, `2h`, `7d`, or seconds.
+/// `90s`, `30m`, `2h`, `7d`, or seconds (the launchers' rule), as whole seconds.
 pub fn parse_secs(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('s') => (&t[..t.len() - 1], 1),
-        Some('m') => (&t[..t.len() - 1], 60),
-        Some('h') => (&t[..t.len() - 1], 3600),
-        Some('d') => (&t[..t.len() - 1], 86400),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (examples: 90s, 30m, 2h, 7d)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{text}: too long"))
+    construir_launcher::duration::parse_span(text).map(|d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -215,6 +213,7 @@ mod tests {
         assert_eq!(s.max_job_size, 64 << 20);
         assert_eq!(s.accept_window, Duration::from_secs(30), "the default");
         assert_eq!(s.retention, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(s.max_queued_per_user, 10_000);
 
         std::fs::write(&cfg, "lease = \"soon\"\n").unwrap();
         let e = args_with(&cfg).resolve().unwrap_err().to_string();

@@ -164,6 +164,9 @@ impl Run<'_> {
         }
         let a = &mut self.job.attempts[index];
         if !a.state.is_live() {
+            // Only a lapsed attempt that had started is heard, and only within its late window:
+            // its token dies with it after that.
+            super::late_window(a, self.settings, self.now)?;
             a.report = Some(report.clone());
             a.late = true;
             self.effects.push(Effect::KeepLate(attempt));

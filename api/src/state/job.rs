@@ -55,9 +55,10 @@ impl Run<'_> {
         });
         self.job.state = JobState::Running;
         self.job.retry_not_before_ms = None;
+        // The try it becomes if it starts (one that never starts is not a try).
         self.job.reason = format!(
             "attempt {attempt} on runner {runner} (try {} of {})",
-            self.job.attempts.len(),
+            self.job.tries() + 1,
             self.job.policy.max_tries
         );
         Ok(())
@@ -130,13 +131,17 @@ impl Run<'_> {
     }
 
     /// After the attempt at `index` ended without a job outcome and without a cancel: another
-    /// try after a back-off, or `errored` when the tries are used up.
+    /// try after a back-off, or `errored` when the tries are used up. An attempt that never
+    /// started was no try: the job is claimable again at once, unless too many never started.
     pub(super) fn retry_or_error(&mut self, index: usize) {
         let a = &self.job.attempts[index];
         let (id, why) = (a.id, a.why.clone());
-        // Every attempt so far ended this way (a job outcome or a cancel ends the job), so each
-        // is a failed try.
-        let tries = u32::try_from(self.job.attempts.len()).unwrap_or(u32::MAX);
+        if a.started_ms.is_none() {
+            return self.requeue_unstarted(id, &why);
+        }
+        // Every started attempt so far ended this way (a job outcome or a cancel ends the job),
+        // so each is a failed try.
+        let tries = self.job.tries();
         let max = self.job.policy.max_tries;
         if tries >= max {
             self.end_job(
@@ -163,6 +168,32 @@ impl Run<'_> {
         } else {
             self.effects.push(Effect::WakeRunners);
         }
+    }
+
+    /// After attempt `id` ended before it started: nothing ran, so the job is not blamed, keeps
+    /// its tries and is claimable at once; past the cap on unstarted attempts it is `errored`,
+    /// so that runners that claim and never start cannot hold it for ever.
+    fn requeue_unstarted(&mut self, id: AttemptId, why: &str) {
+        let unstarted = self.job.unstarted();
+        let cap = self.settings.unstarted_cap();
+        if unstarted >= cap {
+            self.end_job(
+                JobState::Errored,
+                format!(
+                    "runners kept not starting it: {unstarted} attempts were claimed and never \
+                     started; the last, attempt {id}: {why}"
+                ),
+            );
+            return;
+        }
+        self.job.state = JobState::Queued;
+        self.job.retry_not_before_ms = None;
+        self.job.expires_at_ms = self.now.saturating_add(self.job.policy.ttl_ms);
+        self.job.reason = format!(
+            "attempt {id} ended before it started ({why}); queued again, not counted as a try \
+             ({unstarted} of {cap} unstarted)"
+        );
+        self.effects.push(Effect::WakeRunners);
     }
 
     pub(super) fn end_job(&mut self, state: JobState, reason: String) {

@@ -86,6 +86,7 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
                     job_exit_status,
                     reason: "r".into(),
                     times: PhaseTimes::default(),
+                    output_sha256: None,
                 },
             }
         }
@@ -125,7 +126,7 @@ fn check_step(
     now: u64,
 ) -> Result<(), String> {
     let after = &t.job;
-    if let Some(broken) = after.invariant_violation() {
+    if let Some(broken) = after.invariant_violation(settings) {
         return Err(broken);
     }
     if before.state.is_terminal()
@@ -177,7 +178,11 @@ fn check_step(
                 outcome.is_some_and(|s| s.is_job_outcome() && s != ReportStatus::Success)
             }
             JobState::Canceled => before.cancel_requested || *event == Event::Cancel,
-            JobState::Errored => after.attempts.len() == after.policy.max_tries as usize,
+            // The tries ran out, or runners kept not starting it.
+            JobState::Errored => {
+                after.tries() == after.policy.max_tries
+                    || after.unstarted() == settings.unstarted_cap()
+            }
             JobState::Expired => *event == Event::Tick && before.state == JobState::Queued,
             JobState::Queued | JobState::Running => false,
         };
@@ -187,6 +192,18 @@ fn check_step(
                 before.state, after.state
             ));
         }
+    }
+    // An attempt that ended before it started costs no try and no back-off.
+    let ended_unstarted = after.attempts.iter().any(|a| {
+        a.started_ms.is_none()
+            && !a.state.is_live()
+            && before.attempt(a.id).is_some_and(|b| b.state.is_live())
+    });
+    if ended_unstarted
+        && after.state == JobState::Queued
+        && (after.retry_not_before_ms.is_some() || after.tries() != before.tries())
+    {
+        return Err("an unstarted attempt cost the job a try or a back-off".into());
     }
     if before.cancel_requested && !ended && after.state != JobState::Running {
         return Err("a canceling job went back to the queue".into());
@@ -234,8 +251,16 @@ fn check_step(
                     return Err(format!("TakeResult({id}) of an attempt past its lease"));
                 }
             }
-            Effect::KeepLate(id) if !after.attempt(*id).is_some_and(|a| a.late) => {
-                return Err(format!("KeepLate({id}) of an attempt not late"));
+            // Only a lapsed attempt that had started, within its late window from its end.
+            Effect::KeepLate(id)
+                if !after.attempt(*id).is_some_and(|a| {
+                    a.late
+                        && a.state == AttemptState::Expired
+                        && a.started_ms.is_some()
+                        && now < a.ended_ms.unwrap_or(0) + settings.late_window_ms()
+                }) =>
+            {
+                return Err(format!("KeepLate({id}) of an attempt not late or too late"));
             }
             Effect::CancelRunner(id)
                 if !after
@@ -282,6 +307,7 @@ fn random_event_sequences_keep_the_invariants() {
                 backoff_base_ms: rng.below(60_000),
                 backoff_factor: rng.below(5) as u32,
                 backoff_cap_ms: rng.below(600_000),
+                max_unstarted: rng.below(5) as u32,
             }
         };
         let policy = JobPolicy {

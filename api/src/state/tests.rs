@@ -29,7 +29,7 @@ fn submitted() -> JobSnapshot {
 fn ok(job: &JobSnapshot, now: u64, event: Event) -> Transition {
     let t = step(job, &SETTINGS, now, &event)
         .unwrap_or_else(|e| panic!("{event:?} at {now} refused: {e}\n{job:#?}"));
-    if let Some(broken) = t.job.invariant_violation() {
+    if let Some(broken) = t.job.invariant_violation(&SETTINGS) {
         panic!("{event:?} broke an invariant: {broken}\n{:#?}", t.job);
     }
     t
@@ -72,6 +72,7 @@ fn report(attempt: AttemptId, status: ReportStatus, job_exit_status: Option<u16>
             job_exit_status,
             reason: String::new(),
             times: PhaseTimes::default(),
+            output_sha256: None,
         },
     }
 }
@@ -282,7 +283,8 @@ fn a_report_after_the_lease_is_late_even_before_the_sweeper_ran() {
 #[test]
 fn a_late_report_after_the_job_ended_leaves_the_job_as_it_was() {
     let job = running(&submitted(), A1, R1, T0);
-    let job = ok(&job, T0 + 2 * S, abort(A1, "shutting down")).job;
+    let lease_end = job.attempts[0].lease_until_ms;
+    let job = ok(&job, lease_end, Event::Tick).job;
     let at = job.retry_not_before_ms.unwrap();
     let job = running(&job, A2, R2, at);
     let job = ok(
@@ -297,7 +299,104 @@ fn a_late_report_after_the_job_ended_leaves_the_job_as_it_was() {
         (job.state, Some(A2), job.ended_ms)
     );
     assert!(t.job.attempts[0].late);
-    assert_eq!(t.job.attempts[0].state, AttemptState::Aborted);
+    assert_eq!(t.job.attempts[0].state, AttemptState::Expired);
+}
+
+#[test]
+fn a_late_report_is_taken_only_within_the_late_window() {
+    let job = running(&submitted(), A1, R1, T0);
+    let lease_end = job.attempts[0].lease_until_ms;
+    let job = ok(&job, lease_end, Event::Tick).job;
+    let window = SETTINGS.late_window_ms();
+    assert_eq!(window, SETTINGS.lease_ms, "one lease");
+    let closes = lease_end + window;
+    assert_eq!(
+        job.attempt_access(A1, &SETTINGS, closes - 1),
+        Ok(Access::Late)
+    );
+    let t = ok(&job, closes - 1, report(A1, ReportStatus::Success, Some(0)));
+    assert!(t.job.attempts[0].late);
+    let e = refused(&job, closes, report(A1, ReportStatus::Success, Some(0)));
+    assert_eq!(
+        e,
+        Refusal::LateWindowClosed {
+            attempt: A1,
+            ended_ms: lease_end
+        }
+    );
+    assert_eq!(e.code(), crate::codes::LEASE_LOST);
+    assert_eq!(job.attempt_access(A1, &SETTINGS, closes), Err(e));
+    // The window counts from the lapse even when the sweeper has not stored it: the report
+    // of an attempt whose lease ended an hour ago is judged at its own late window.
+    let unswept = running(&submitted(), A1, R1, T0);
+    assert_eq!(
+        unswept.attempt_access(A1, &SETTINGS, lease_end + 3600 * S),
+        Ok(Access::Late),
+        "the tick it would get first ends it now"
+    );
+    assert_eq!(
+        unswept.attempt_access(A1, &SETTINGS, lease_end - 1),
+        Ok(Access::Live)
+    );
+}
+
+#[test]
+fn an_attempt_that_was_given_up_canceled_or_never_started_has_nothing_to_report_late() {
+    let job = running(&submitted(), A1, R1, T0);
+    let aborted = ok(&job, T0 + 2 * S, abort(A1, "shutting down")).job;
+    let e = refused(
+        &aborted,
+        T0 + 3 * S,
+        report(A1, ReportStatus::Success, Some(0)),
+    );
+    assert_eq!(
+        e,
+        Refusal::AttemptNotLive {
+            attempt: A1,
+            state: AttemptState::Aborted
+        }
+    );
+    assert_eq!(e.code(), crate::codes::LEASE_LOST);
+    assert_eq!(aborted.attempt_access(A1, &SETTINGS, T0 + 3 * S), Err(e));
+
+    let canceling = ok(&job, T0 + 2 * S, Event::Cancel).job;
+    let lease_end = canceling.attempts[0].lease_until_ms;
+    let canceled = ok(&canceling, lease_end, Event::Tick).job;
+    assert_eq!(canceled.attempts[0].state, AttemptState::Canceled);
+    let e = refused(
+        &canceled,
+        lease_end + S,
+        report(A1, ReportStatus::Success, Some(0)),
+    );
+    assert_eq!(e.code(), crate::codes::LEASE_LOST);
+
+    // Claimed, never started, past its accept window (swept or not): it never ran.
+    let leased = ok(&submitted(), T0, claim(A1, R1, T0)).job;
+    let accept_by = leased.attempts[0].accept_by_ms;
+    let e = refused(
+        &leased,
+        accept_by + S,
+        report(A1, ReportStatus::Success, Some(0)),
+    );
+    assert_eq!(e.code(), crate::codes::LEASE_LOST, "{e}");
+    let swept = ok(&leased, accept_by, Event::Tick).job;
+    assert!(swept.attempt_access(A1, &SETTINGS, accept_by + S).is_err());
+    // A reported attempt says so to every later call.
+    let done = running(&submitted(), A1, R1, T0);
+    let done = ok(
+        &done,
+        T0 + 5 * S,
+        report(A1, ReportStatus::Success, Some(0)),
+    )
+    .job;
+    assert_eq!(
+        done.attempt_access(A1, &SETTINGS, T0 + 6 * S),
+        Err(Refusal::AlreadyReported(A1))
+    );
+    assert_eq!(
+        done.attempt_access(A2, &SETTINGS, T0 + 6 * S),
+        Err(Refusal::UnknownAttempt(A2))
+    );
 }
 
 #[test]
@@ -315,6 +414,17 @@ fn an_attempt_not_started_within_the_accept_window_expires() {
         "not started within the accept window"
     );
     assert_eq!(t.job.state, JobState::Queued);
+    // Nothing ran: no try used, no back-off, claimable again at once.
+    assert_eq!(semantic(&t.effects)[1..], [Effect::WakeRunners]);
+    assert_eq!(t.job.retry_not_before_ms, None);
+    assert_eq!(t.job.tries(), 0);
+    assert!(
+        t.job
+            .reason
+            .contains("not counted as a try (1 of 10 unstarted)"),
+        "{}",
+        t.job.reason
+    );
     let e = refused(&t.job, accept_by + S, Event::Start { attempt: A1 });
     assert_eq!(
         e,
@@ -397,4 +507,107 @@ fn a_runner_stopped_by_a_signal_is_not_the_jobs_failure() {
     assert_eq!(t.job.attempts[0].why, "runner stopped (interrupted)");
     assert_eq!(t.job.attempts[0].state, AttemptState::Aborted);
     assert!(!t.job.attempts[0].late);
+}
+
+#[test]
+fn runners_that_claim_and_never_start_cost_the_job_no_tries() {
+    // A bad runner claims the job again and again and never starts it (or gives it up before
+    // the start): the job keeps all its tries and waits no back-off.
+    let mut job = submitted();
+    let mut now = T0;
+    for n in 1..SETTINGS.max_unstarted as u64 {
+        let id = AttemptId(100 + n);
+        job = ok(&job, now, claim(id, R1, now)).job;
+        if n % 2 == 0 {
+            job = ok(&job, now + S, abort(id, "never meant to")).job;
+            now += S;
+        } else {
+            now = job.attempts.last().unwrap().accept_by_ms;
+            job = ok(&job, now, Event::Tick).job;
+        }
+        assert_eq!(job.state, JobState::Queued, "after {n}");
+        assert_eq!(job.retry_not_before_ms, None, "no back-off after {n}");
+    }
+    assert_eq!(job.tries(), 0);
+    // A good runner then gets all three tries.
+    let t = ok(&job, now, claim(A1, R2, now));
+    assert!(t.job.reason.contains("(try 1 of 3)"), "{}", t.job.reason);
+    let job = ok(&t.job, now + S, Event::Start { attempt: A1 }).job;
+    let job = ok(&job, now + 2 * S, abort(A1, "disk full")).job;
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(
+        job.retry_not_before_ms,
+        Some(now + 12 * S),
+        "the first back-off"
+    );
+    assert!(job.reason.contains("try 2 of 3"), "{}", job.reason);
+}
+
+#[test]
+fn past_the_unstarted_cap_the_job_is_errored_saying_why() {
+    let mut job = submitted();
+    let mut now = T0;
+    for n in 1..=SETTINGS.max_unstarted as u64 {
+        job = ok(&job, now, claim(AttemptId(n), R1, now)).job;
+        now = job.attempts.last().unwrap().accept_by_ms;
+        let t = ok(&job, now, Event::Tick);
+        job = t.job;
+        if n < SETTINGS.max_unstarted as u64 {
+            assert_eq!(job.state, JobState::Queued);
+        } else {
+            assert_eq!(
+                semantic(&t.effects),
+                [
+                    Effect::AttemptEnded(AttemptId(n), AttemptState::Expired),
+                    Effect::JobEnded(JobState::Errored)
+                ]
+            );
+        }
+    }
+    assert_eq!(job.state, JobState::Errored);
+    assert_eq!(
+        job.reason,
+        "runners kept not starting it: 10 attempts were claimed and never started; the last, \
+         attempt 10: not started within the accept window"
+    );
+    assert_eq!(job.attempts.len(), 10);
+    // The cap is a setting.
+    let strict = Settings {
+        max_unstarted: 1,
+        ..SETTINGS
+    };
+    let leased = ok(&submitted(), T0, claim(A1, R1, T0)).job;
+    let t = step(&leased, &strict, T0 + S, &abort(A1, "no room")).unwrap();
+    assert_eq!(t.job.state, JobState::Errored);
+    assert_eq!(t.job.invariant_violation(&strict), None);
+}
+
+#[test]
+fn the_invariant_bounds_tries_and_unstarted_attempts_apart() {
+    let job = running(&submitted(), A1, R1, T0);
+    let mut too_many = job.clone();
+    for n in 0..3 {
+        let mut a = job.attempts[0].clone();
+        a.id = AttemptId(50 + n);
+        a.state = AttemptState::Aborted;
+        a.ended_ms = Some(T0 + 2 * S);
+        too_many.attempts.insert(0, a);
+    }
+    assert_eq!(
+        too_many.invariant_violation(&SETTINGS).as_deref(),
+        Some("4 tries of 3")
+    );
+    let mut unstarted = submitted();
+    for n in 0..11 {
+        let mut a = job.attempts[0].clone();
+        a.id = AttemptId(60 + n);
+        a.state = AttemptState::Expired;
+        a.started_ms = None;
+        a.ended_ms = Some(T0 + 2 * S);
+        unstarted.attempts.push(a);
+    }
+    assert_eq!(
+        unstarted.invariant_violation(&SETTINGS).as_deref(),
+        Some("11 unstarted attempts of 10")
+    );
 }

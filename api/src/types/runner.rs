@@ -264,12 +264,29 @@ pub struct ReportRequest {
     pub reason: String,
     #[serde(default)]
     pub times: PhaseTimes,
+    /// The sha256 of the output the runner uploaded, as the runner computed it (64 lower-case
+    /// hex digits), or none if it uploaded none. The server refuses a report whose output is
+    /// not the one it received and hashed itself, so a result never stands on an output its
+    /// runner did not send. Optional so that runners from before it are still understood.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_sha256: Option<String>,
 }
 
 impl ReportRequest {
-    /// Checks the sizes and that the status and the job's exit status agree.
+    /// Checks the sizes, the output's digest, and that the status and the job's exit status
+    /// agree.
     pub fn validate(&self) -> Result<(), InvalidField> {
         check_reason("reason", &self.reason, true)?;
+        if let Some(sha) = &self.output_sha256 {
+            let hex =
+                sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !hex {
+                return Err(InvalidField::new(
+                    "output_sha256",
+                    "expected 64 lower-case hex digits",
+                ));
+            }
+        }
         if let Some(code) = self.exit_code.filter(|c| !(0..=255).contains(c)) {
             return Err(InvalidField::new(
                 "exit_code",
@@ -406,6 +423,20 @@ mod tests {
             assert_eq!(r.status.as_str(), s);
         }
         assert!(serde_json::from_str::<ReportRequest>(r#"{"status": "too-big"}"#).is_err());
+        // The output's digest is optional (older runners), and sent as given.
+        assert_eq!(r.output_sha256, None);
+        let sha = "0f".repeat(32);
+        let r: ReportRequest = serde_json::from_str(&format!(
+            r#"{{"status": "success", "output_sha256": "{sha}"}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.output_sha256.as_deref(), Some(sha.as_str()));
+        let text = serde_json::to_string(&ReportRequest {
+            output_sha256: None,
+            ..r
+        })
+        .unwrap();
+        assert!(!text.contains("output_sha256"), "{text}");
         assert!(ReportStatus::GuestFailed.is_job_outcome());
         assert!(!ReportStatus::VmmFault.is_job_outcome());
         assert!(!ReportStatus::Interrupted.is_job_outcome());
@@ -419,8 +450,16 @@ mod tests {
             job_exit_status: Some(0),
             reason: String::new(),
             times: PhaseTimes::default(),
+            output_sha256: Some("ab".repeat(32)),
         };
         ok.validate().unwrap();
+        for bad in ["AB".repeat(32), "ab".repeat(31), "zz".repeat(32)] {
+            let r = ReportRequest {
+                output_sha256: Some(bad),
+                ..ok.clone()
+            };
+            assert_eq!(r.validate().unwrap_err().field, "output_sha256");
+        }
         let bad_status = ReportRequest {
             job_exit_status: Some(1),
             ..ok.clone()

@@ -21,6 +21,7 @@ use construir_api::types::{
 };
 use construir_contract::jobname::parse_job_name;
 use construir_contract::manifest::Image;
+use construir_contract::text::printable;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
@@ -65,6 +66,7 @@ pub fn report_of(outcome: &Outcome, note: Option<&str>, times: PhaseTimes) -> Re
         job_exit_status: outcome.job_exit_status,
         reason,
         times,
+        output_sha256: None,
     };
     if report.validate().is_err() {
         report.job_exit_status = None;
@@ -108,8 +110,8 @@ pub fn handle(ctx: &Ctx, offer: ClaimResponse, admitted: Result<Reserved<'_>, St
     tracing::info!(
         "attempt {key}: job {} ({}, image {}, {} bytes, {} MiB, {} vCPU, {} s)",
         offer.job_id,
-        offer.job_name,
-        offer.image,
+        printable(&offer.job_name),
+        printable(&offer.image),
         offer.size,
         offer.limits.memory_mib,
         offer.limits.vcpus,
@@ -283,8 +285,8 @@ fn run_and_deliver(
     tracing::info!(
         "attempt {}: {} ({}) in {:.1} s",
         live.key,
-        outcome.status,
-        outcome.reason,
+        printable(&outcome.status),
+        printable(&outcome.reason),
         outcome.vm_ms.unwrap_or(0) as f64 / 1000.0
     );
     let status = report_status(&outcome.status);
@@ -298,10 +300,16 @@ fn run_and_deliver(
     }
     live.set_phase(Phase::Uploading);
     let uploading = Instant::now();
-    let note = if status.is_job_outcome() && status != ReportStatus::InvalidJob {
-        upload_output(ctx, api, live, &job, offer.limits.output_size)
+    let (note, output_sha256) = if status.is_job_outcome() && status != ReportStatus::InvalidJob {
+        match upload_output(ctx, api, live, &job, offer.limits.output_size) {
+            Ok(delivered) => delivered,
+            // The job did its part; the runner could not deliver it. Not the job's outcome:
+            // aborted, so the server queues it again instead of taking it without its output.
+            Err(why) if !live.lost() => return give_up(ctx, api, &why),
+            Err(_) => return,
+        }
     } else {
-        None
+        (None, None)
     };
     if live.lost() {
         return;
@@ -312,7 +320,10 @@ fn run_and_deliver(
         run_ms: outcome.vm_ms,
         upload_ms: Some(uploading.elapsed().as_millis() as u64),
     };
-    deliver_report(ctx, api, live, &report_of(&outcome, note.as_deref(), times));
+    let mut report = report_of(&outcome, note.as_deref(), times);
+    // The server refuses a report whose output is not the one it received and hashed.
+    report.output_sha256 = output_sha256;
+    deliver_report(ctx, api, live, &report);
 }
 
 /// The last `max` bytes of a log, as text.
@@ -325,7 +336,16 @@ fn log_tail(path: &Path, max: u64) -> String {
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
     let mut text = Vec::new();
     let _ = f.take(max).read_to_end(&mut text);
-    String::from_utf8_lossy(&text).into_owned()
+    quoted(&String::from_utf8_lossy(&text))
+}
+
+/// Lines of someone else's text for the runner's log: each escaped and indented, so none can
+/// pass for a line of the runner's own.
+fn quoted(text: &str) -> String {
+    text.lines()
+        .map(|line| format!("    | {}", printable(line)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Downloads the job, trying again (from the start) while the lease may hold.
@@ -351,32 +371,36 @@ fn download(
     }
 }
 
-/// Uploads the output; returns a note for the report when there is none to upload or it
-/// could not be delivered.
+/// Uploads the output; returns a note for the report when the job left none to upload, and
+/// the sha256 of the output the server has, for the report; or, when this runner could not
+/// read or deliver it (its own failure, not the job's), why.
 fn upload_output(
     ctx: &Ctx,
     api: &AttemptApi,
     live: &Live,
     job: &Path,
     output_size: u64,
-) -> Option<String> {
+) -> Result<(Option<String>, Option<String>), String> {
     let (len, sha256) = match transfer::find_output(job, output_size) {
         Ok(Output::Archive { len, sha256 }) => (len, sha256),
-        Ok(Output::None(why)) => return Some(why),
-        Err(e) => return Some(format!("cannot read the job's disk: {e}: no output")),
+        Ok(Output::None(why)) => return Ok((Some(why), None)),
+        Err(e) => return Err(format!("cannot read the job's disk for its output: {e}")),
     };
     match retrying(ctx, live, "output", || {
         transfer::upload(api, job, len, &sha256)
     }) {
         Ok(()) => {
             tracing::info!("attempt {}: output uploaded ({len} bytes)", live.key);
-            None
+            Ok((None, Some(sha256)))
         }
         Err(e) if e.is_lease_lost() => {
             live.stop_vm(StopWhy::LeaseLost, &ctx.children);
-            None
+            Ok((None, None))
         }
-        Err(e) => Some(format!("the output was not delivered: {e}")),
+        // One output per attempt: an earlier try got through and its answer was lost. The
+        // report names ours, and the server refuses it if what it got was not this.
+        Err(e) if e.code() == Some(construir_api::codes::WRONG_STATE) => Ok((None, Some(sha256))),
+        Err(e) => Err(format!("the output was not delivered: {e}")),
     }
 }
 
@@ -411,7 +435,7 @@ fn retrying<T>(
 
 /// Aborts the attempt (the job goes back to the queue, not blamed), trying a few times.
 pub fn give_up(ctx: &Ctx, api: &AttemptApi, reason: &str) {
-    tracing::info!("attempt {}: aborting: {reason}", api.id);
+    tracing::info!("attempt {}: aborting: {}", api.id, printable(reason));
     let mut backoff = Backoff::default();
     for tries in 0..5 {
         match api.abort(reason) {
@@ -470,6 +494,18 @@ mod tests {
             assert!(local_name(&offer(hostile, "i0")).is_err(), "{hostile:?}");
         }
         assert!(local_name(&offer("hello_i0.tar.xz", "../../etc")).is_err());
+    }
+
+    #[test]
+    fn someone_elses_lines_are_quoted_escaped() {
+        let tail =
+            "vmm: guest said \x1b[2Jhi\n2026-01-01T00:00:00Z INFO attempt 9: reported success\n";
+        let q = quoted(tail);
+        assert_eq!(
+            q,
+            "    | vmm: guest said \\x1b[2Jhi\n    | 2026-01-01T00:00:00Z INFO attempt 9: reported success"
+        );
+        assert!(q.lines().all(|l| l.starts_with("    | ")));
     }
 
     #[test]

@@ -167,8 +167,11 @@ pub fn run(cfg: RemoteConfig) -> anyhow::Result<()> {
         return Ok(());
     };
     eprintln!(
-        "construir-runner: registered at {} as {:?} (runner {runner}); {} job(s) at a time",
+        "construir-runner: registered at {}{} as {:?} (runner {runner}); {} job(s) at a time",
         client.base(),
+        client::proxy_note(client.base())
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default(),
         cfg.name,
         cfg.lent.jobs
     );

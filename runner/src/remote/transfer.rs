@@ -18,7 +18,11 @@ pub enum DownloadError {
     Api(#[from] ApiFailure),
     #[error("cannot write the job file: {0}")]
     Disk(#[source] io::Error),
-    #[error("the job file is not what the claim said: {0}")]
+    /// Its text quotes the claim (the server's): shown escaped.
+    #[error(
+        "the job file is not what the claim said: {}",
+        construir_contract::text::printable(.0)
+    )]
     Mismatch(String),
     #[error("the download was stopped")]
     Stopped,

@@ -172,6 +172,7 @@ fn events_that_do_not_apply_are_refused_and_change_nothing() {
             job_exit_status: Some(3),
             reason: String::new(),
             times: PhaseTimes::default(),
+            output_sha256: None,
         },
     };
     let cases: Vec<(&JobSnapshot, u64, Event, &str)> = vec![
