@@ -13,19 +13,19 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-struct Answer {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: axum::http::HeaderMap,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Answer {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 }
 
-async fn send(
+pub(crate) async fn send(
     app: &Shared,
     method: Method,
     path: &str,
@@ -61,7 +61,7 @@ async fn send(
     }
 }
 
-async fn json_call(
+pub(crate) async fn json_call(
     app: &Shared,
     method: Method,
     path: &str,
@@ -74,7 +74,7 @@ async fn json_call(
     send(app, method, path, token, Body::from(v.to_string()), &extra).await
 }
 
-async fn token(app: &Shared, user: &str, role: &str) -> String {
+pub(crate) async fn token(app: &Shared, user: &str, role: &str) -> String {
     let id = app.db.ensure_user(user).await.unwrap();
     let t = tokens::generate().unwrap();
     app.db
@@ -84,14 +84,14 @@ async fn token(app: &Shared, user: &str, role: &str) -> String {
     t
 }
 
-fn job(text: &str) -> Vec<u8> {
+pub(crate) fn job(text: &str) -> Vec<u8> {
     use construir_tools::pack::{JobFile, job_archive};
     let mut bytes = job_archive(&[JobFile::script(&format!("#!/bin/sh\necho {text}\n"))]).unwrap();
     bytes.resize(64 << 10, 0);
     bytes
 }
 
-fn caps() -> Value {
+pub(crate) fn caps() -> Value {
     json!({
         "arch": "x86_64", "backend": "qemu", "host_kind": "emulated", "images": ["t0"],
         "max_memory_mib": 4096, "max_vcpus": 4, "max_timeout_s": 7200,
@@ -100,7 +100,7 @@ fn caps() -> Value {
     })
 }
 
-async fn submit(app: &Shared, token: &str, name: &str, bytes: Vec<u8>) -> Answer {
+pub(crate) async fn submit(app: &Shared, token: &str, name: &str, bytes: Vec<u8>) -> Answer {
     send(
         app,
         Method::POST,

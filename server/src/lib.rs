@@ -22,4 +22,6 @@ mod lease_tests;
 #[cfg(test)]
 mod log_tests;
 #[cfg(test)]
+mod matching_tests;
+#[cfg(test)]
 mod retention_tests;
