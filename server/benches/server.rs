@@ -1,0 +1,1240 @@
+//! construir-server's figures (issue 11), measured side by side in one run, each against a
+//! baseline measured in the same run on the same host, and labelled with the host kind:
+//!
+//! - **latency**: submit → attempt start with an idle runner parked in a long poll (target under
+//!   50 ms), against the same claim and start with the job already queued (no wake-up). Measured
+//!   with an emulated runner in this process (claim → start as the runner makes them), and with a
+//!   real `construir-runner --server` if one is built (`target/release/construir-runner`) and
+//!   image t0 is there, from the server's own times (the job's `created_ms` → the attempt's
+//!   `started_ms`).
+//! - **claims**: claims per second through the HTTP API against the same SQL statements a claim
+//!   runs (the token lookup, `runners`, the claimable window, the running counts, the job read,
+//!   the attempt insert, the conditional job write), run bare through sqlx on the same database
+//!   file while the server is idle (target: at least half). Interleaved in rounds.
+//! - **polls**: 1,000 runners (1,000 tokens) each holding a claim long poll open on its own
+//!   connection: the server's RSS (target under 100 MiB) against the same server idle.
+//! - **upload**: an output PUT (streamed, hashed, fsynced, published) against writing the same
+//!   bytes to a file in the data directory and fsyncing it.
+//!
+//! `cargo bench -p construir-server --bench server [-- --only latency,claims,polls,upload]`, or
+//! `tools/bench-server` (builds the runner and image t0 first). Prints Markdown tables.
+
+use construir_api::types::{ClaimRequest, ClaimResponse, RunnerCapabilities};
+use construir_server::db::Db;
+use construir_server::tokens;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Executor, Row};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
+use tokio::net::TcpStream;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client (keep-alive, Content-Length or chunked answers): a thousand of them
+// must be cheap, and what is measured is the server, not a client library.
+
+struct Http {
+    s: BufStream<TcpStream>,
+}
+
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json<T: serde::de::DeserializeOwned>(&self) -> Res<T> {
+        Ok(serde_json::from_slice(&self.body).map_err(|e| {
+            format!(
+                "HTTP {}: {e}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body[..self.body.len().min(300)])
+            )
+        })?)
+    }
+
+    fn expect(self, status: u16, what: &str) -> Res<Answer> {
+        if self.status != status {
+            return Err(format!(
+                "{what}: HTTP {} (want {status}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body[..self.body.len().min(300)])
+            )
+            .into());
+        }
+        Ok(self)
+    }
+}
+
+impl Http {
+    async fn connect(addr: SocketAddr) -> Res<Http> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Http {
+            s: BufStream::with_capacity(16 << 10, 16 << 10, s),
+        })
+    }
+
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: &str,
+        runner: Option<u64>,
+        body: &[u8],
+    ) -> Res<Answer> {
+        self.send(method, path, token, runner, body).await?;
+        self.answer().await
+    }
+
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: &str,
+        runner: Option<u64>,
+        body: &[u8],
+    ) -> Res<()> {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConstruir-Protocol: 1\r\n\
+             Authorization: Bearer {token}\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(r) = runner {
+            head.push_str(&format!("Construir-Runner: {r}\r\n"));
+        }
+        if !body.is_empty() {
+            let json = body.first() == Some(&b'{');
+            head.push_str(if json {
+                "Content-Type: application/json\r\n"
+            } else {
+                "Content-Type: application/octet-stream\r\n"
+            });
+        }
+        head.push_str("\r\n");
+        self.s.write_all(head.as_bytes()).await?;
+        self.s.write_all(body).await?;
+        self.s.flush().await?;
+        Ok(())
+    }
+
+    async fn answer(&mut self) -> Res<Answer> {
+        let mut line = String::new();
+        if self.s.read_line(&mut line).await? == 0 {
+            return Err("the server closed the connection".into());
+        }
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("not an HTTP status line: {line:?}"))?;
+        let (mut len, mut chunked) = (0usize, false);
+        loop {
+            line.clear();
+            self.s.read_line(&mut line).await?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                let k = k.trim().to_ascii_lowercase();
+                if k == "content-length" {
+                    len = v.trim().parse()?;
+                } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
+                    chunked = true;
+                }
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                self.s.read_line(&mut line).await?;
+                let n = usize::from_str_radix(line.trim().split(';').next().unwrap_or("0"), 16)?;
+                if n == 0 {
+                    loop {
+                        line.clear();
+                        if self.s.read_line(&mut line).await? == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let at = body.len();
+                body.resize(at + n, 0);
+                self.s.read_exact(&mut body[at..]).await?;
+                let mut crlf = [0u8; 2];
+                self.s.read_exact(&mut crlf).await?;
+            }
+        } else {
+            body.resize(len, 0);
+            self.s.read_exact(&mut body).await?;
+        }
+        Ok(Answer { status, body })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server under test, as a child process.
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    data: PathBuf,
+}
+
+impl Server {
+    fn start(data: &Path, args: &[&str]) -> Res<Server> {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_construir-server"))
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("CONSTRUIR_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("the server printed {line:?}"))?
+            .parse()?;
+        Ok(Server {
+            child,
+            addr,
+            data: data.to_path_buf(),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// (VmRSS, VmHWM) in KiB, threads, open descriptors.
+    fn footprint(&self) -> (u64, u64, u64, usize) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        (field("VmRSS:"), field("VmHWM:"), field("Threads:"), fds)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A ustar archive of one file `out.bin` holding `data` (an output as a job writes one).
+fn tar_of(data: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..7].copy_from_slice(b"out.bin");
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = Vec::with_capacity(data.len() + 2048);
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+    out
+}
+
+/// A trivial t0 job (`true`), padded to 1 MiB, as a submit body.
+fn trivial_job() -> Vec<u8> {
+    use construir_tools::pack::{JobFile, job_archive};
+    let mut job = job_archive(&[JobFile::script("#!/bin/sh\ntrue\n")]).expect("pack a job");
+    job.resize(1 << 20, 0);
+    job
+}
+
+fn caps(images: &[&str], free_slots: u32) -> RunnerCapabilities {
+    RunnerCapabilities {
+        arch: std::env::consts::ARCH.into(),
+        backend: "qemu".into(),
+        host_kind: "none".into(),
+        images: images.iter().map(|s| s.to_string()).collect(),
+        max_memory_mib: 4096,
+        max_vcpus: 2,
+        max_timeout_s: 7200,
+        max_job_size: 1 << 30,
+        max_output_size: 4 << 30,
+        free_slots,
+        free_memory_mib: 4096,
+    }
+}
+
+fn claim_body(wait_s: u32, images: &[&str]) -> Vec<u8> {
+    claim_body_with(wait_s, images, 1)
+}
+
+fn claim_body_with(wait_s: u32, images: &[&str], free_slots: u32) -> Vec<u8> {
+    serde_json::to_vec(&ClaimRequest {
+        capabilities: caps(images, free_slots),
+        wait_s,
+    })
+    .expect("claim JSON")
+}
+
+const REPORT: &[u8] = br#"{"status":"success","exit_code":0,"job_exit_status":0,"reason":"bench"}"#;
+
+/// Users with one token each of `role`, written straight into the database (before the server
+/// starts: a thousand `token create` processes would take longer than the benchmark).
+async fn make_tokens(data: &Path, prefix: &str, role: &str, n: usize) -> Res<Vec<String>> {
+    std::fs::create_dir_all(data)?;
+    let db = Db::open_embedded(data).await?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let user = db.ensure_user(&format!("{prefix}{i:04}")).await?;
+        let token = tokens::generate()?;
+        db.add_token(user, role, &tokens::digest(&token)).await?;
+        out.push(token);
+    }
+    db.pool().close().await;
+    Ok(out)
+}
+
+async fn register(addr: SocketAddr, token: &str, name: &str) -> Res<u64> {
+    let mut c = Http::connect(addr).await?;
+    let a = c
+        .call(
+            "POST",
+            "/api/v1/runner/register",
+            token,
+            None,
+            format!("{{\"name\":\"{name}\"}}").as_bytes(),
+        )
+        .await?
+        .expect(200, "register")?;
+    let v: serde_json::Value = a.json()?;
+    Ok(v["runner_id"].as_u64().ok_or("no runner_id")?)
+}
+
+async fn submit(c: &mut Http, token: &str, job: &[u8], extra: &str) -> Res<u64> {
+    let a = c
+        .call(
+            "POST",
+            &format!("/api/v1/jobs?name=bench_t0.tar.xz&memory_mib=256&timeout_s=600{extra}"),
+            token,
+            None,
+            job,
+        )
+        .await?
+        .expect(201, "submit")?;
+    let v: serde_json::Value = a.json()?;
+    Ok(v["id"].as_u64().ok_or("no job id")?)
+}
+
+async fn job_view(c: &mut Http, token: &str, id: u64) -> Res<serde_json::Value> {
+    c.call("GET", &format!("/api/v1/jobs/{id}"), token, None, b"")
+        .await?
+        .expect(200, "show")?
+        .json()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn spread(v: &mut [f64]) -> String {
+    let m = median(v);
+    match (v.first().copied(), v.last().copied()) {
+        (Some(a), Some(b)) => format!("{} ({}–{})", fmt_ms(m), fmt_ms(a), fmt_ms(b)),
+        _ => "–".into(),
+    }
+}
+
+fn fmt_ms(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
+/// `PATH (FSTYPE)`: the file system a path is on, from /proc/self/mountinfo.
+fn fs_of(path: &Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let (Some(mount), Some(fstype)) = (f.get(4), f.get(sep + 1)) else {
+            continue;
+        };
+        if path.starts_with(mount) && best.as_ref().is_none_or(|b| mount.len() >= b.0) {
+            best = Some((mount.len(), fstype.to_string()));
+        }
+    }
+    format!(
+        "{} ({})",
+        path.display(),
+        best.map(|b| b.1).unwrap_or_else(|| "?".into())
+    )
+}
+
+fn host_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let disk = format!("data directories under {}", fs_of(&std::env::temp_dir()));
+    format!(
+        "host kind **{}**, {cores} cores ({cpu}), {disk}",
+        construir_contract::host::detect().as_str()
+    )
+}
+
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (i) submit → start.
+
+async fn bench_latency(root: &Path, rounds: usize) -> Res<()> {
+    let data = root.join("latency");
+    let sub = make_tokens(&data, "submitter", "submitter", 1)
+        .await?
+        .remove(0);
+    let mut run = make_tokens(&data, "runner", "runner", 2).await?;
+    let real_token = run.pop().ok_or("token")?;
+    let run = run.remove(0);
+    let server = Server::start(&data, &[])?;
+    let addr = server.addr;
+    let runner = register(addr, &run, "emulated").await?;
+    let job = trivial_job();
+    let mut c = Http::connect(addr).await?;
+    let claim = claim_body(30, &["t0"]);
+    let (mut woken, mut woken_server, mut direct) = (Vec::new(), Vec::new(), Vec::new());
+    // Warm-up: one of each, not counted.
+    for round in 0..=rounds {
+        // Parked: the runner's long poll is open before the job exists.
+        let mut r = Http::connect(addr).await?;
+        r.send("POST", "/api/v1/runner/claim", &run, Some(runner), &claim)
+            .await?;
+        let parked = tokio::spawn(async move {
+            let a = r.answer().await?.expect(200, "claim")?;
+            let offer: ClaimResponse = a.json()?;
+            r.call(
+                "POST",
+                &format!("/api/v1/runner/attempts/{}/start", offer.attempt_id),
+                &offer.attempt_token,
+                None,
+                b"",
+            )
+            .await?
+            .expect(200, "start")?;
+            let started = Instant::now();
+            r.call(
+                "POST",
+                &format!("/api/v1/runner/attempts/{}/report", offer.attempt_id),
+                &offer.attempt_token,
+                None,
+                REPORT,
+            )
+            .await?
+            .expect(200, "report")?;
+            Res::Ok(started)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let id = submit(&mut c, &sub, &job, "").await?;
+        let acked = Instant::now();
+        let started = parked.await??;
+        let view = job_view(&mut c, &sub, id).await?;
+        let server_ms = view["attempts"][0]["started_ms"].as_u64().unwrap_or(0) as f64
+            - view["created_ms"].as_u64().unwrap_or(0) as f64;
+        // Direct: the job is queued first, then claimed and started (nothing to wake).
+        let id2 = submit(&mut c, &sub, &job, "").await?;
+        let t = Instant::now();
+        let a = c
+            .call(
+                "POST",
+                "/api/v1/runner/claim",
+                &run,
+                Some(runner),
+                &claim_body(0, &["t0"]),
+            )
+            .await?
+            .expect(200, "claim")?;
+        let offer: ClaimResponse = a.json()?;
+        c.call(
+            "POST",
+            &format!("/api/v1/runner/attempts/{}/start", offer.attempt_id),
+            &offer.attempt_token,
+            None,
+            b"",
+        )
+        .await?
+        .expect(200, "start")?;
+        let d = t.elapsed();
+        c.call(
+            "POST",
+            &format!("/api/v1/runner/attempts/{}/report", offer.attempt_id),
+            &offer.attempt_token,
+            None,
+            REPORT,
+        )
+        .await?
+        .expect(200, "report")?;
+        assert_eq!(
+            offer.job_id.0, id2,
+            "the direct claim took the job just queued"
+        );
+        if round > 0 {
+            // Signed: the wake-up runs before the submit's answer is written, so the start
+            // can be answered first.
+            woken.push(
+                started.saturating_duration_since(acked).as_secs_f64() * 1e3
+                    - acked.saturating_duration_since(started).as_secs_f64() * 1e3,
+            );
+            woken_server.push(server_ms);
+            direct.push(d.as_secs_f64() * 1e3);
+        }
+    }
+    let base = median(&mut direct.clone());
+    println!("\n### Submit → start, idle runner ({rounds} rounds each, median (min–max))");
+    println!("| what | runner | time | ÷ baseline |");
+    println!("|---|---|---|---|");
+    println!(
+        "| baseline: claim + start of a job already queued (no wake-up), client clock | emulated | {} | 1.0 |",
+        spread(&mut direct)
+    );
+    println!(
+        "| submit answered → start answered, runner parked in a long poll, client clock | emulated | {} | {:.2} |",
+        spread(&mut woken.clone()),
+        median(&mut woken) / base
+    );
+    println!(
+        "| job created → attempt started, server clock (1 ms steps) | emulated | {} | {:.2} |",
+        spread(&mut woken_server.clone()),
+        median(&mut woken_server) / base
+    );
+    bench_latency_real(&server, &sub, &real_token, root, base).await
+}
+
+/// The same with a real construir-runner, if one is built and can run a job here.
+async fn bench_latency_real(
+    server: &Server,
+    sub: &str,
+    token: &str,
+    root: &Path,
+    base: f64,
+) -> Res<()> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("construir-runner"))
+        .ok_or("no target dir")?;
+    let images = construir_contract::manifest::default_images_dir();
+    if !bin.exists() || !images.join("t0.json").exists() {
+        println!(
+            "| job created → attempt started, server clock | construir-runner | NOT RUN: needs {} and image t0 in {} (tools/bench-server builds both) | |",
+            bin.display(),
+            images.display()
+        );
+        return Ok(());
+    }
+    let token_file = root.join("runner.token");
+    std::fs::write(&token_file, format!("{token}\n"))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+    let log = std::fs::File::create(root.join("runner.log"))?;
+    let mut runner = Command::new(&bin)
+        .args([
+            "--server",
+            &server.url(),
+            "--name",
+            "bench-real",
+            "--jobs",
+            "1",
+        ])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--dir")
+        .arg(root.join("runner"))
+        .arg("--images-dir")
+        .arg(&images)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let mut c = Http::connect(server.addr).await?;
+    let job = trivial_job();
+    let (mut created, mut submitted, mut claimed) = (Vec::new(), Vec::new(), Vec::new());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let samples = 8;
+    for i in 0..=samples {
+        let id = submit(&mut c, sub, &job, "").await?;
+        let acked = now_ms() as f64;
+        let start = Instant::now();
+        let view = loop {
+            let v = job_view(&mut c, sub, id).await?;
+            if !matches!(v["state"].as_str(), Some("queued" | "running")) {
+                break v;
+            }
+            if start.elapsed() > Duration::from_secs(300) {
+                let _ = runner.kill();
+                return Err(format!("job {id} did not end in 300 s: {v}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let a = &view["attempts"][0];
+        if view["state"] != "succeeded" {
+            let _ = runner.kill();
+            return Err(
+                format!("the real runner's job {id} ended {}: {view}", view["state"]).into(),
+            );
+        }
+        if i > 0 {
+            let c0 = view["created_ms"].as_u64().unwrap_or(0) as f64;
+            created.push(a["started_ms"].as_u64().unwrap_or(0) as f64 - c0);
+            submitted.push(a["started_ms"].as_u64().unwrap_or(0) as f64 - acked);
+            claimed.push(a["claimed_ms"].as_u64().unwrap_or(0) as f64 - c0);
+        }
+        // The runner parks its next long poll once the job is done.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = runner.kill();
+    let _ = runner.wait();
+    println!(
+        "| job created → claimed, server clock (1 ms steps) | construir-runner ({samples} jobs, its own backend pick) | {} | {:.2} |",
+        spread(&mut claimed.clone()),
+        median(&mut claimed) / base
+    );
+    println!(
+        "| job created → attempt started, server clock (1 ms steps) | construir-runner | {} | {:.2} |",
+        spread(&mut created.clone()),
+        median(&mut created) / base
+    );
+    println!(
+        "| submit answered (client's wall clock) → attempt started (server's) | construir-runner | {} | {:.2} |",
+        spread(&mut submitted.clone()),
+        median(&mut submitted) / base
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// (ii) claims per second: HTTP against the same SQL bare.
+
+/// The SQL a claim runs, in the order it runs it, bare: the token lookup (http.rs `Caller`), the
+/// runner's row and slots, its live and unstarted attempts, the claimable window, the running
+/// counts, the job, the attempt row, the job again, and the conditional write within the
+/// runner's cap (api_runner.rs `claim`, `try_claim`, `claim_job`; jobs.rs). The statements as of
+/// this bench's writing: keep them in step with jobs.rs.
+async fn bare_claim(
+    pool: &AnyPool,
+    token_digest: &str,
+    runner: i64,
+    caps_json: &str,
+    free_slots: i64,
+) -> Res<bool> {
+    let now = now_ms() as i64;
+    let who = sqlx::query(
+        "SELECT u.id, u.name, t.role, t.id FROM tokens t JOIN users u ON u.id = t.user_id \
+         WHERE t.sha256 = $1 AND t.revoked_ms IS NULL",
+    )
+    .bind(token_digest)
+    .fetch_one(pool)
+    .await?;
+    let (user, token_id): (i64, i64) = (who.try_get(0)?, who.try_get(3)?);
+    let slots: i64 = sqlx::query(
+        "UPDATE runners SET last_seen_ms = $1, capabilities = $2, \
+         slots = CASE WHEN slots IS NULL OR slots < $5 THEN $5 ELSE slots END \
+         WHERE id = $3 AND user_id = $4 RETURNING slots",
+    )
+    .bind(now)
+    .bind(caps_json)
+    .bind(runner)
+    .bind(user)
+    .bind(free_slots)
+    .fetch_one(pool)
+    .await?
+    .try_get(0)?;
+    let (live_cap, unstarted_cap) = (slots, slots.clamp(1, 4));
+    let load = sqlx::query(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN live_started = 0 THEN 1 ELSE 0 END), 0) \
+         FROM jobs WHERE live_runner = $1",
+    )
+    .bind(runner)
+    .fetch_one(pool)
+    .await?;
+    let (live, unstarted): (i64, i64) = (load.try_get(0)?, load.try_get(1)?);
+    if live >= live_cap || unstarted >= unstarted_cap {
+        return Err(format!("bare claim: runner {runner} at its cap").into());
+    }
+    let candidates = sqlx::query(
+        "SELECT id, owner, priority FROM (SELECT id, owner, priority, ROW_NUMBER() OVER \
+         (PARTITION BY owner ORDER BY priority DESC, id ASC) AS rank FROM jobs \
+         WHERE state = 'queued' AND claimable_ms <= $1) AS ranked \
+         WHERE rank <= $2 ORDER BY rank, id LIMIT 2000",
+    )
+    .bind(now)
+    .bind(50i64)
+    .fetch_all(pool)
+    .await?;
+    sqlx::query("SELECT owner, COUNT(*) FROM jobs WHERE state = 'running' GROUP BY owner")
+        .fetch_all(pool)
+        .await?;
+    const JOB: &str = "SELECT id, owner, name, image, sha256, size, limits, priority, snapshot, \
+                       version FROM jobs WHERE id = $1";
+    for row in candidates {
+        let id: i64 = row.try_get(0)?;
+        let Some(job) = sqlx::query(JOB).bind(id).fetch_optional(pool).await? else {
+            continue;
+        };
+        let limits: String = job.try_get("limits")?;
+        let _: serde_json::Value = serde_json::from_str(&limits)?;
+        let token = tokens::generate()?;
+        let attempt: i64 = sqlx::query(
+            "INSERT INTO attempts (job_id, runner_id, token_sha256, claim_token_id) \
+             VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(id)
+        .bind(runner)
+        .bind(tokens::digest(&token))
+        .bind(token_id)
+        .fetch_one(pool)
+        .await?
+        .try_get(0)?;
+        let job = sqlx::query(JOB).bind(id).fetch_one(pool).await?;
+        let version: i64 = job.try_get("version")?;
+        let snapshot: String = job.try_get("snapshot")?;
+        let mut snap: serde_json::Value = serde_json::from_str(&snapshot)?;
+        // The claimed snapshot: running, one attempt more (about the size of the real one).
+        snap["state"] = "running".into();
+        snap["bench_attempt"] = serde_json::json!({"id": attempt, "runner": runner,
+            "state": "leased", "why": "claimed", "late": false, "claimed_ms": now,
+            "accept_by_ms": now + 3_600_000, "lease_until_ms": now + 3_600_000, "started_ms": null,
+            "ended_ms": null, "cancel_requested": false, "phase": null, "console_bytes": 0,
+            "report": null});
+        let stored = sqlx::query(
+            "UPDATE jobs SET state = $1, claimable_ms = $2, next_deadline_ms = $3, \
+             snapshot = $4, live_runner = $5, live_started = $6, version = version + 1 \
+             WHERE id = $7 AND version = $8 \
+             AND (SELECT COUNT(*) FROM jobs WHERE live_runner = $9) < $10 \
+             AND (SELECT COUNT(*) FROM jobs WHERE live_runner = $9 AND live_started = 0) < $11",
+        )
+        .bind("running")
+        .bind(0i64)
+        .bind(now + 3_600_000)
+        .bind(serde_json::to_string(&snap)?)
+        .bind(runner)
+        .bind(0i64)
+        .bind(id)
+        .bind(version)
+        .bind(runner)
+        .bind(live_cap)
+        .bind(unstarted_cap)
+        .execute(pool)
+        .await?;
+        if stored.rows_affected() == 1 {
+            return Ok(true);
+        }
+        sqlx::query("DELETE FROM attempts WHERE id = $1")
+            .bind(attempt)
+            .execute(pool)
+            .await?;
+    }
+    Ok(false)
+}
+
+/// The server's own pool settings (db.rs), on the same file.
+async fn bare_pool(data: &Path) -> Res<AnyPool> {
+    sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}?mode=rw", data.join("construir.db").display());
+    Ok(AnyPoolOptions::new()
+        .max_connections(8)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("PRAGMA journal_mode = WAL").await?;
+                conn.execute("PRAGMA synchronous = FULL").await?;
+                conn.execute("PRAGMA busy_timeout = 10000").await?;
+                conn.execute("PRAGMA foreign_keys = ON").await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await?)
+}
+
+/// Claims a runner makes before the next one takes over: a runner holds at most 4 claimed,
+/// unstarted attempts (and no more live ones than its slots), and these are never started.
+const CLAIMS_PER_RUNNER: usize = 4;
+
+/// One row of the claims table: claimers at once, HTTP and bare rates, empty answers of each.
+type ClaimCell = (usize, Vec<f64>, Vec<f64>, usize, usize);
+
+async fn bench_claims(root: &Path, per_cell: usize, rounds: usize) -> Res<()> {
+    let data = root.join("claims");
+    let sub = make_tokens(&data, "submitter", "submitter", 1)
+        .await?
+        .remove(0);
+    let concurrency = [1usize, 4];
+    let claimers = *concurrency.iter().max().unwrap_or(&1);
+    let run_tokens = make_tokens(&data, "claimer", "runner", claimers).await?;
+    // Claimed attempts are never started: windows and leases long enough not to end in the run.
+    let server = Server::start(&data, &["--accept-window", "3600s", "--lease", "3600s"])?;
+    let addr = server.addr;
+    // Each claimer's runners, used CLAIMS_PER_RUNNER claims each, in turn.
+    let most = rounds * 2 * (per_cell + per_cell / 4 + 2);
+    let mut runners: Vec<Vec<u64>> = Vec::new();
+    for (k, t) in run_tokens.iter().enumerate() {
+        let mut ids = Vec::new();
+        for i in 0..most.div_ceil(CLAIMS_PER_RUNNER) {
+            ids.push(register(addr, t, &format!("c{k}-r{i}")).await?);
+        }
+        runners.push(ids);
+    }
+    let mut next = vec![0usize; claimers];
+    let total = per_cell * rounds * concurrency.len() * 2;
+    let job = std::sync::Arc::new(trivial_job());
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..4 {
+        let (job, sub) = (job.clone(), sub.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Http::connect(addr).await?;
+            for _ in (k..total + 8).step_by(4) {
+                submit(&mut c, &sub, &job, "").await?;
+            }
+            Res::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    eprintln!(
+        "claims: {} jobs queued, {} runners registered, in {:.1} s",
+        total + 8,
+        runners.iter().map(Vec::len).sum::<usize>(),
+        t.elapsed().as_secs_f64()
+    );
+    let pool = bare_pool(&data).await?;
+    let slots = CLAIMS_PER_RUNNER as u32;
+    let caps_json = serde_json::to_string(&caps(&["t0"], slots))?;
+    let body = std::sync::Arc::new(claim_body_with(0, &["t0"], slots));
+    let mut results: Vec<ClaimCell> = Vec::new();
+    for &n in &concurrency {
+        let (mut http, mut bare) = (Vec::new(), Vec::new());
+        let (mut empty_http, mut empty_bare) = (0, 0);
+        for _ in 0..rounds {
+            for mode in ["http", "bare"] {
+                let t = Instant::now();
+                let mut tasks = Vec::new();
+                for k in 0..n {
+                    let share = per_cell / n + usize::from(k < per_cell % n);
+                    let used = share.div_ceil(CLAIMS_PER_RUNNER);
+                    let ids: Vec<u64> = runners[k][next[k]..next[k] + used].to_vec();
+                    next[k] += used;
+                    let (tok, body, pool, caps_json) = (
+                        run_tokens[k].clone(),
+                        body.clone(),
+                        pool.clone(),
+                        caps_json.clone(),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        if mode == "http" {
+                            // Through HTTP, each claimer on its own connection.
+                            let mut c = Http::connect(addr).await?;
+                            let mut empty = 0usize;
+                            for i in 0..share {
+                                let rid = ids[i / CLAIMS_PER_RUNNER];
+                                // A 204 with jobs queued: the claim lost every job of its
+                                // window to concurrent claims (counted, and claimed again).
+                                loop {
+                                    let a = c
+                                        .call(
+                                            "POST",
+                                            "/api/v1/runner/claim",
+                                            &tok,
+                                            Some(rid),
+                                            &body,
+                                        )
+                                        .await?;
+                                    if a.status == 204 && empty < 10 * share {
+                                        empty += 1;
+                                        continue;
+                                    }
+                                    a.expect(200, &format!("claim {i} of {share} (runner {rid})"))?;
+                                    break;
+                                }
+                            }
+                            Res::Ok(empty)
+                        } else {
+                            // Bare: the same statements on the same database file.
+                            let digest = tokens::digest(&tok);
+                            let mut empty = 0usize;
+                            for i in 0..share {
+                                let rid = ids[i / CLAIMS_PER_RUNNER] as i64;
+                                while !bare_claim(&pool, &digest, rid, &caps_json, i64::from(slots))
+                                    .await?
+                                {
+                                    empty += 1;
+                                    if empty > 10 * share {
+                                        return Err("bare claim: no job left".into());
+                                    }
+                                }
+                            }
+                            Res::Ok(empty)
+                        }
+                    }));
+                }
+                for task in tasks {
+                    let e = task.await??;
+                    if mode == "http" {
+                        empty_http += e;
+                    } else {
+                        empty_bare += e;
+                    }
+                }
+                let rate = per_cell as f64 / t.elapsed().as_secs_f64();
+                if mode == "http" {
+                    http.push(rate);
+                } else {
+                    bare.push(rate);
+                }
+            }
+        }
+        results.push((n, http, bare, empty_http, empty_bare));
+    }
+    pool.close().await;
+    println!(
+        "\n### Claims per second ({rounds} interleaved rounds of {per_cell} claims per cell, median (min–max); wait_s 0, a job always there)"
+    );
+    println!(
+        "| claimers at once | bare SQL (baseline) | HTTP API | HTTP ÷ bare | empty answers with jobs queued (HTTP / bare) |"
+    );
+    println!("|---|---|---|---|---|");
+    for (n, mut http, mut bare, eh, eb) in results {
+        let (h, b) = (median(&mut http), median(&mut bare));
+        let range = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            format!(
+                "{:.0} ({:.0}–{:.0})",
+                median(v),
+                v.first().copied().unwrap_or(0.0),
+                v.last().copied().unwrap_or(0.0)
+            )
+        };
+        println!(
+            "| {n} | {} /s | {} /s | {:.2} | {eh} / {eb} |",
+            range(&mut bare),
+            range(&mut http),
+            h / b
+        );
+    }
+    drop(server);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// (iii) 1,000 idle long polls.
+
+async fn bench_polls(root: &Path, n: usize) -> Res<()> {
+    let data = root.join("polls");
+    let tokens = make_tokens(&data, "volunteer", "runner", n).await?;
+    let server = Server::start(&data, &[])?;
+    let addr = server.addr;
+    // Registered first, a few at a time, so that what is measured below is the polls alone.
+    let mut ids = Vec::with_capacity(n);
+    for chunk in tokens.chunks(32) {
+        let mut tasks = Vec::new();
+        for (i, t) in chunk.iter().enumerate() {
+            let t = t.clone();
+            tasks.push(tokio::spawn(async move {
+                register(addr, &t, &format!("home{i}")).await
+            }));
+        }
+        for task in tasks {
+            ids.push(task.await??);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = server.footprint();
+    let body = std::sync::Arc::new(claim_body(30, &["t0"]));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (tok, id) in tokens.iter().zip(&ids) {
+        let (tok, id, body) = (tok.clone(), *id, body.clone());
+        let (answered, refused, sent) = (answered.clone(), refused.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Http::connect(addr).await?;
+            c.send("POST", "/api/v1/runner/claim", &tok, Some(id), &body)
+                .await?;
+            sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let a = c.answer().await?;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if a.status != 204 {
+                refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Res::Ok(c)
+        }));
+    }
+    while sent.load(std::sync::atomic::Ordering::SeqCst) < n {
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err(format!(
+                "only {} of {n} polls sent in 20 s",
+                sent.load(std::sync::atomic::Ordering::SeqCst)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let opened = t.elapsed();
+    // Sampled while every poll is open (they wait 30 s).
+    let mut peak = (0, 0, 0, 0);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let f = server.footprint();
+        if f.0 > peak.0 {
+            peak = f;
+        }
+    }
+    let early = answered.load(std::sync::atomic::Ordering::SeqCst);
+    let refused_n = refused.load(std::sync::atomic::Ordering::SeqCst);
+    let held = n - early;
+    println!("\n### {n} idle long-polling runners ({n} tokens, one connection each, wait_s 30)");
+    println!("| server state | RSS | ÷ idle | peak RSS (VmHWM) | threads | open fds |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| idle (baseline; {n} runners registered, nothing open) | {:.1} MiB | 1.0 | {:.1} MiB | {} | {} |",
+        idle.0 as f64 / 1024.0,
+        idle.1 as f64 / 1024.0,
+        idle.2,
+        idle.3
+    );
+    println!(
+        "| {held} polls held open (answered early: {early}, refused: {refused_n}; all sent in {:.2} s) | **{:.1} MiB** | {:.2} | {:.1} MiB | {} | {} |",
+        opened.as_secs_f64(),
+        peak.0 as f64 / 1024.0,
+        peak.0 as f64 / idle.0.max(1) as f64,
+        peak.1 as f64 / 1024.0,
+        peak.2,
+        peak.3
+    );
+    for task in tasks {
+        task.abort();
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// (iv) upload throughput.
+
+async fn bench_upload(root: &Path, mib: usize, runs: usize) -> Res<()> {
+    let data = root.join("upload");
+    let sub = make_tokens(&data, "submitter", "submitter", 1)
+        .await?
+        .remove(0);
+    let run = make_tokens(&data, "uploader", "runner", 1).await?.remove(0);
+    let server = Server::start(&data, &[])?;
+    let addr = server.addr;
+    let runner = register(addr, &run, "uploader").await?;
+    let job = trivial_job();
+    let mut c = Http::connect(addr).await?;
+    let (mut put, mut disk) = (Vec::new(), Vec::new());
+    let size = mib << 20;
+    for i in 0..runs {
+        // Other bytes each run: equal blobs are stored once, and that is not what is measured.
+        let output = tar_of(&random_bytes(size, 1000 + i as u64));
+        // The disk: the same bytes into a file beside the server's blobs, then fsync.
+        let t = Instant::now();
+        {
+            let path = server.data.join("disk-baseline");
+            let mut f = tokio::fs::File::create(&path).await?;
+            f.write_all(&output).await?;
+            f.sync_all().await?;
+            drop(f);
+            tokio::fs::remove_file(&path).await?;
+        }
+        disk.push(output.len() as f64 / t.elapsed().as_secs_f64() / 1e6);
+        submit(
+            &mut c,
+            &sub,
+            &job,
+            &format!("&output_size={}", output.len() + (1 << 20)),
+        )
+        .await?;
+        let offer: ClaimResponse = c
+            .call(
+                "POST",
+                "/api/v1/runner/claim",
+                &run,
+                Some(runner),
+                &claim_body(0, &["t0"]),
+            )
+            .await?
+            .expect(200, "claim")?
+            .json()?;
+        c.call(
+            "POST",
+            &format!("/api/v1/runner/attempts/{}/start", offer.attempt_id),
+            &offer.attempt_token,
+            None,
+            b"",
+        )
+        .await?
+        .expect(200, "start")?;
+        let t = Instant::now();
+        let a = c
+            .call(
+                "PUT",
+                &format!("/api/v1/runner/attempts/{}/output", offer.attempt_id),
+                &offer.attempt_token,
+                None,
+                &output,
+            )
+            .await?
+            .expect(201, "upload")?;
+        put.push(output.len() as f64 / t.elapsed().as_secs_f64() / 1e6);
+        let v: serde_json::Value = a.json()?;
+        assert_eq!(v["size"].as_u64(), Some(output.len() as u64));
+        c.call(
+            "POST",
+            &format!("/api/v1/runner/attempts/{}/report", offer.attempt_id),
+            &offer.attempt_token,
+            None,
+            REPORT,
+        )
+        .await?
+        .expect(200, "report")?;
+    }
+    let (p, d) = (median(&mut put.clone()), median(&mut disk.clone()));
+    let range = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        format!(
+            "{:.0} MB/s ({:.0}–{:.0})",
+            median(v),
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0)
+        )
+    };
+    println!("\n### Upload throughput, {mib} MiB output ({runs} runs, median (min–max))");
+    println!("| what | throughput | ÷ disk |");
+    println!("|---|---|---|");
+    println!(
+        "| baseline: write the bytes to a file in the data directory + fsync | {} | 1.0 |",
+        range(&mut disk)
+    );
+    println!(
+        "| output PUT over loopback HTTP (streamed to a temporary file, hashed, fsynced, published into the blob store, fsynced) | {} | {:.2} |",
+        range(&mut put),
+        p / d
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    let fds = raise_fd_limit();
+    let root = tempfile::tempdir().expect("a temporary directory");
+    println!("## construir-server benchmarks");
+    println!("{}; descriptor limit {fds}", host_line());
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let result: Res<()> = rt.block_on(async {
+        if want("latency") {
+            bench_latency(root.path(), 20).await?;
+        }
+        if want("claims") {
+            bench_claims(root.path(), 200, 3).await?;
+        }
+        if want("polls") {
+            bench_polls(root.path(), 1000).await?;
+        }
+        if want("upload") {
+            bench_upload(root.path(), 128, 5).await?;
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("bench: error: {e}");
+        std::process::exit(1);
+    }
+}
