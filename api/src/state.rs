@@ -49,8 +49,10 @@ pub struct Settings {
     /// How many attempts of one job may end without having been started (not started within
     /// the accept window, or given up by the runner before its start) before the job is
     /// `errored`. Such an attempt is not a try: nothing ran, so it neither uses one of the
-    /// job's `max_tries` nor delays its next claim; this cap is what keeps a runner that claims
-    /// and never starts from cycling a job for ever.
+    /// job's `max_tries` nor delays its next claim. Its runner is not given the job again
+    /// ([`Refusal::RunnerDidNotStart`]), so each of these attempts is a different runner's: a
+    /// job is errored this way only when this many runners each claimed it and did not start
+    /// it, never by one runner that claims and gives up in a loop.
     pub max_unstarted: u32,
 }
 
@@ -225,7 +227,8 @@ impl JobSnapshot {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// Attempts that were claimed and never started (live or ended).
+    /// Attempts that were claimed and never started (live or ended): each a different
+    /// runner's.
     pub fn unstarted(&self) -> u32 {
         let n = self
             .attempts
@@ -297,6 +300,14 @@ impl JobSnapshot {
         for (i, a) in self.attempts.iter().enumerate() {
             if self.attempts[..i].iter().any(|b| b.id == a.id) {
                 return Some(format!("attempt {} twice", a.id));
+            }
+            // A runner that did not start the job is not given it again.
+            let unstarted_of = |b: &AttemptSnapshot| b.runner == a.runner && b.started_ms.is_none();
+            if let Some(b) = self.attempts[..i].iter().find(|b| unstarted_of(b)) {
+                return Some(format!(
+                    "runner {} claimed the job again after not starting attempt {}",
+                    a.runner, b.id
+                ));
             }
             if a.state.is_live() == a.ended_ms.is_some() {
                 return Some(format!(
@@ -446,6 +457,14 @@ pub enum Refusal {
     DeadlineInPast,
     #[error("attempt {0} exists already")]
     DuplicateAttempt(AttemptId),
+    #[error(
+        "runner {runner} claimed this job as attempt {attempt} and did not start it: the job is \
+         left to other runners"
+    )]
+    RunnerDidNotStart {
+        runner: RunnerId,
+        attempt: AttemptId,
+    },
     #[error("no attempt {0} of this job")]
     UnknownAttempt(AttemptId),
     #[error("attempt {attempt} is {state}, no longer live")]
@@ -493,6 +512,7 @@ impl Refusal {
             | Refusal::TtlPassed
             | Refusal::DeadlineInPast
             | Refusal::DuplicateAttempt(_)
+            | Refusal::RunnerDidNotStart { .. }
             | Refusal::WrongAttemptState { .. }
             | Refusal::AlreadyCanceling => codes::WRONG_STATE,
         }

@@ -159,6 +159,8 @@ pub async fn claim(
             )
         })?;
     let cap = runner_cap(runner, slots);
+    // Once per claim: the jobs one of these claimed and did not start are not handed to any.
+    let own = app.db.runners_of(caller.0.user_id).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(req.wait_s));
     loop {
         // Registered before looking, so a submission between the look and the wait still wakes.
@@ -170,7 +172,8 @@ pub async fn claim(
                 codes::TOO_MANY_REQUESTS,
                 format!(
                     "runner {runner} holds {} live attempts, as many as the {} job slots it \
-                     declared: finish, report or abort one before claiming another",
+                     declared: finish, report or abort one before claiming another (a runner \
+                     restarted under the same name waits for its old attempts to lapse)",
                     load.live, cap.live
                 ),
             ));
@@ -178,7 +181,7 @@ pub async fn claim(
         let claimed = if load.unstarted >= cap.unstarted {
             Claimed::AtCap
         } else {
-            try_claim(&app, runner, caller.0.token_id, &req, cap).await?
+            try_claim(&app, runner, caller.0.token_id, &req, cap, &own).await?
         };
         let more = match claimed {
             Claimed::Got(resp) => return Ok(Json(*resp).into_response()),
@@ -233,13 +236,18 @@ pub enum Claimed {
 /// One pass over the claimable jobs, fairly across owners: the owner with the fewest jobs
 /// running goes first (one owner's thousand queued jobs do not starve another's one), then
 /// priority and age within an owner. Jobs this runner cannot take are skipped; one no runner
-/// could take says why. The claim is stored only while the runner is within `cap`.
+/// could take says why. So is a job that one of `own` (the runners of this runner's user, all
+/// its names) claimed and did not start: it went back to the queue at once and costs no try,
+/// so handing it to the same user again would let one user cycle it into `errored` (the state
+/// machine bars the same runner; this bars the user's other names too). The claim is stored
+/// only while the runner is within `cap`.
 pub async fn try_claim(
     app: &Shared,
     runner: RunnerId,
     claim_token: i64,
     req: &ClaimRequest,
     cap: RunnerCap,
+    own: &HashSet<RunnerId>,
 ) -> Result<Claimed, Refusal> {
     if req.capabilities.free_slots == 0 {
         return Ok(Claimed::Nothing);
@@ -262,6 +270,13 @@ pub async fn try_claim(
         let Some(job) = app.db.load_job(id).await? else {
             continue;
         };
+        // (A live one, if the job was claimed since it was listed, fails the claim anyway.)
+        let not_started_by_own = |a: &construir_api::state::AttemptSnapshot| {
+            a.started_ms.is_none() && own.contains(&a.runner)
+        };
+        if job.snapshot.attempts.iter().any(not_started_by_own) {
+            continue;
+        }
         if let Err(misfit) = fits(
             &job.facts.image,
             job.facts.size,
@@ -500,11 +515,13 @@ pub async fn append_log(
     let job = live_job(&app, &who).await?;
     let piece = axum::body::to_bytes(body, LOG_PIECE_LIMIT)
         .await
-        .map_err(|_| {
-            Refusal::new(
-                codes::BAD_REQUEST,
-                format!("a console piece is at most {LOG_PIECE_LIMIT} bytes"),
-            )
+        .map_err(|e| {
+            let why = if crate::http::past_limit(&e) {
+                format!("a console piece is at most {LOG_PIECE_LIMIT} bytes")
+            } else {
+                format!("the console piece was cut short: {e}")
+            };
+            Refusal::new(codes::BAD_REQUEST, why)
         })?;
     // The cap keeps the console's head and a rolling tail (ConsoleCap): a piece may land in
     // both, and push the tail's oldest bytes out.
@@ -547,7 +564,7 @@ pub async fn append_log(
 
 #[utoipa::path(put, path = "/api/v1/runner/attempts/{id}/output", tag = "attempts", params(("id" = u64, Path, description = "the attempt")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the output archive, cut at its end"),
-    responses((status = 201, description = "stored; the server's own hash", body = Uploaded), (status = 413, description = "past the job's output limit", body = ApiError), (status = 409, description = "the attempt has its output already, or may no longer deliver one", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    responses((status = 201, description = "stored; the server's own hash", body = Uploaded), (status = 413, description = "past the job's output limit", body = ApiError), (status = 409, description = "the attempt has its output already, another upload of it is under way, or it may no longer deliver one", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
     security(("attempt_token" = [])))]
 pub async fn upload_output(
     State(app): State<Shared>,
@@ -555,6 +572,9 @@ pub async fn upload_output(
     body: Body,
 ) -> Result<Response, Refusal> {
     let attempt = who.attempt;
+    // Before the body is read: one upload of an attempt at a time, each streaming up to the
+    // job's output_size into this server's temporary files.
+    let _upload = UploadInFlight::begin(&app, attempt)?;
     let settings = app.step_settings();
     let job = load(&app, &who).await?;
     // A live attempt, or one that lapsed within its late window (kept aside, never the
@@ -616,6 +636,42 @@ pub async fn upload_output(
         codes::TOO_MANY_REQUESTS,
         "the job kept changing under this upload; send it again",
     ))
+}
+
+/// The output uploads in flight in this server process, by app and attempt (an app is one
+/// server; tests run many in one process, each numbering its attempts from 1). In process only:
+/// several server processes on one database would need a marker in the database (an
+/// `upload_started_ms` on the attempt, set only where it is NULL or stale) to hold the same rule
+/// across them.
+static UPLOADS: std::sync::Mutex<std::collections::BTreeSet<(usize, u64)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The one upload under way of an attempt; the attempt is free for another when this drops,
+/// however the upload ended (taken, refused, cut off, its request dropped).
+struct UploadInFlight((usize, u64));
+
+impl UploadInFlight {
+    fn begin(app: &Shared, attempt: AttemptId) -> Result<UploadInFlight, Refusal> {
+        let key = (std::sync::Arc::as_ptr(app) as usize, attempt.0);
+        let mut uploads = UPLOADS.lock().unwrap_or_else(|p| p.into_inner());
+        if !uploads.insert(key) {
+            return Err(Refusal::new(
+                codes::WRONG_STATE,
+                format!(
+                    "an upload of this attempt is under way (attempt {attempt}): one at a time; \
+                     wait for its answer"
+                ),
+            ));
+        }
+        Ok(UploadInFlight(key))
+    }
+}
+
+impl Drop for UploadInFlight {
+    fn drop(&mut self) {
+        let mut uploads = UPLOADS.lock().unwrap_or_else(|p| p.into_inner());
+        uploads.remove(&self.0);
+    }
 }
 
 /// One output per attempt: a second upload is refused, saying what the first one was (a

@@ -7,6 +7,14 @@
 //! Several servers may share one data directory, so temporary files are named by their owner
 //! (`PID-RANDOM.…`), and each owner holds a lock file `DATA/tmp-owners/PID-RANDOM.lock` while it
 //! lives: at start a server removes only the temporary files of owners whose lock nobody holds.
+//!
+//! Publishing and removing a blob are serialised per name (striped locks, [`NameLocks`]): an
+//! upload that finds its bytes there already marks them as just published under the lock, and
+//! the collector looks at a blob's rows and time and removes it under the same lock, so an
+//! upload either sees the blob fresh-marked before the collector's look (kept), or finds it gone
+//! and writes it anew. The locks are this process's: several servers sharing one data directory
+//! are not coordinated by them (an upload of bytes equal to an old orphan, in one server, while
+//! another removes it, can still lose it; the hour of grace makes that rare, not impossible).
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -27,6 +35,27 @@ pub struct Blobs {
     root: PathBuf,
     tmp: PathBuf,
     owner: Arc<TmpOwner>,
+    names: Arc<NameLocks>,
+}
+
+/// Locks on blob names, striped by the digest's first byte: held by [`Blobs::publish`] around
+/// its look for an equal blob and its mark, and by [`Blobs::remove_unless_fresh_or_named`]
+/// around its look at the rows, the blob's time and the removal. Never held while writing a new
+/// blob (one not there yet is not the collector's) or across anything that waits on a client.
+struct NameLocks(Vec<tokio::sync::Mutex<()>>);
+
+impl NameLocks {
+    fn new() -> NameLocks {
+        NameLocks((0..256).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+
+    fn of(&self, sha256: &str) -> &tokio::sync::Mutex<()> {
+        let stripe = sha256
+            .get(..2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+        &self.0[stripe as usize]
+    }
 }
 
 /// This process's claim on its temporary files: the lock is held as long as the file is open
@@ -47,6 +76,10 @@ impl Drop for TmpOwner {
 /// A temporary file not written to for this long, and named by no owner, is a leftover (of a
 /// server from before owner names); an upload in flight writes far more often.
 const UNOWNED_TMP_AGE: Duration = Duration::from_secs(3600);
+
+/// A staging file of the store's (`sha256/ab/<sha>#N`, renamed into place when its publication
+/// ends) not written to for this long is what a server killed during a publication left.
+pub const STAGING_AGE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -125,6 +158,7 @@ impl Blobs {
             root,
             tmp,
             owner: Arc::new(owner),
+            names: Arc::new(NameLocks::new()),
         })
     }
 
@@ -171,17 +205,24 @@ impl Blobs {
     /// Publishes a received upload under its hash (once: an equal blob is already there).
     pub async fn publish(&self, received: &Received) -> Result<(), BlobError> {
         let key = Self::key(&received.sha256);
-        if self.store.head(&key).await.is_ok() {
-            // Equal bytes are there already: mark them as just published, so the orphan
-            // collector's grace (blobs no row names yet) counts from now, not from the first
-            // upload; the caller's row is written right after this. Gone meanwhile (collected
-            // as an orphan): written again below.
-            match self.touch(&received.sha256) {
-                Ok(()) => return Ok(()),
-                Err(BlobError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+        {
+            // Under the name's lock: the collector removes it before this look (written anew
+            // below) or sees it marked (kept), never in between.
+            let _name = self.names.of(&received.sha256).lock().await;
+            if self.store.head(&key).await.is_ok() {
+                // Equal bytes are there already: mark them as just published, so the orphan
+                // collector's grace (blobs no row names yet) counts from now, not from the
+                // first upload; the caller's row is written right after this. Gone meanwhile
+                // (another server's collector): written again below.
+                match self.touch(&received.sha256) {
+                    Ok(()) => return Ok(()),
+                    Err(BlobError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
+        // Not there: written without the lock (a blob not there is nobody's to remove, and
+        // once renamed into place its time is its writing's: fresh).
         let upload = self.store.put_multipart(&key).await?;
         let mut writer = WriteMultipart::new(upload);
         let mut file = tokio::fs::File::open(&received.file).await?;
@@ -270,14 +311,72 @@ impl Blobs {
         sha256: &str,
         published_before_ms: i64,
     ) -> Result<bool, BlobError> {
+        self.remove_unless_fresh_or_named(sha256, published_before_ms, async { Ok(false) })
+            .await
+    }
+
+    /// Removes the blob unless `named` (awaited under the name's lock) says a row names it, or
+    /// it was published at or after `published_before_ms`. The time is looked at after the
+    /// rows: an upload marks the blob as published before it commits the row naming it, so one
+    /// whose row the look missed shows a fresh time here (or waits for the lock, and finds the
+    /// blob gone and writes it anew). True if it is gone.
+    pub async fn remove_unless_fresh_or_named<E: From<BlobError>>(
+        &self,
+        sha256: &str,
+        published_before_ms: i64,
+        named: impl Future<Output = Result<bool, E>>,
+    ) -> Result<bool, E> {
+        let _name = self.names.of(sha256).lock().await;
+        if named.await? {
+            return Ok(false);
+        }
         match self.info(sha256).await? {
             None => Ok(true),
             Some(b) if b.modified_ms >= published_before_ms => Ok(false),
             Some(_) => match self.store.delete(&Self::key(sha256)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(BlobError::from(e).into()),
             },
         }
+    }
+
+    /// Removes the store's staging files (`sha256/ab/<sha>#N`) not written to for `age`: what
+    /// publications cut short by a kill left (a live one writes far more often; one of another
+    /// server on this data directory too). Returns how many.
+    pub async fn remove_stale_staging(&self, age: Duration) -> Result<usize, BlobError> {
+        let root = self.root.join("sha256");
+        let removed = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
+            let mut removed = 0;
+            let Ok(dirs) = std::fs::read_dir(&root) else {
+                return Ok(0);
+            };
+            for dir in dirs.flatten() {
+                let Ok(files) = std::fs::read_dir(dir.path()) else {
+                    continue;
+                };
+                for f in files.flatten() {
+                    let name = f.file_name();
+                    let name = name.to_string_lossy();
+                    let staging = name.split_once('#').is_some_and(|(sha, n)| {
+                        sha.len() == 64 && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                    });
+                    let old = f
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|t| t > age);
+                    if staging && old && std::fs::remove_file(f.path()).is_ok() {
+                        tracing::info!("removed {name}, a publication cut short");
+                        removed += 1;
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(removed)
     }
 }
 
@@ -440,6 +539,125 @@ mod tests {
         drop(first);
         let _third = Blobs::open_local(d.path()).unwrap();
         assert!(!leftover_path.exists());
+    }
+
+    fn age(blobs: &Blobs, sha256: &str, secs: u64) {
+        std::fs::File::options()
+            .write(true)
+            .open(blobs.local_path(sha256))
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    async fn received(blobs: &Blobs, bytes: &[u8]) -> Received {
+        let mut w = blobs.writer().await.unwrap();
+        w.write(bytes).await.unwrap();
+        w.finish().await.unwrap()
+    }
+
+    /// An equal upload while the collector removes an old unnamed blob: whichever goes first,
+    /// once the upload is acknowledged its blob is there.
+    #[tokio::test]
+    async fn an_equal_upload_racing_a_removal_always_leaves_its_blob() {
+        let d = tempfile::tempdir().unwrap();
+        let blobs = Blobs::open_local(d.path()).unwrap();
+        let r = received(&blobs, b"every empty console").await;
+        let sha = r.sha256.clone();
+        blobs.publish(&r).await.unwrap();
+        age(&blobs, &sha, 7200);
+        let hour_ago = crate::db::now_ms() - 3_600_000;
+        // The upload comes while the collector is in its look (no row names it yet): it waits,
+        // the old blob goes, and the upload writes it anew.
+        let mut upload = None;
+        let named = async {
+            let b = blobs.clone();
+            upload = Some(tokio::spawn(async move {
+                b.publish(&r).await.unwrap();
+                r
+            }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, BlobError>(false)
+        };
+        assert!(
+            blobs
+                .remove_unless_fresh_or_named(&sha, hour_ago, named)
+                .await
+                .unwrap()
+        );
+        let r = upload.unwrap().await.unwrap();
+        let info = blobs.info(&sha).await.unwrap().expect("written anew");
+        assert!(info.modified_ms >= hour_ago);
+        // Made old again; the upload first: the collector's look comes after its mark.
+        age(&blobs, &sha, 7200);
+        blobs.publish(&r).await.unwrap();
+        assert!(
+            !blobs
+                .remove_unless_fresh_or_named(&sha, hour_ago, async { Ok::<_, BlobError>(false) })
+                .await
+                .unwrap()
+        );
+        // Old, and a row names it: kept.
+        age(&blobs, &sha, 7200);
+        assert!(
+            !blobs
+                .remove_unless_fresh_or_named(&sha, hour_ago, async { Ok::<_, BlobError>(true) })
+                .await
+                .unwrap()
+        );
+        assert!(blobs.info(&sha).await.unwrap().is_some());
+    }
+
+    /// Without the lock, a publication's head and mark can fall between the collector's look
+    /// at the time and its removal: many rounds of the two at once, on two threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acknowledged_publication_is_never_removed_under_it() {
+        let d = tempfile::tempdir().unwrap();
+        let blobs = Blobs::open_local(d.path()).unwrap();
+        let r = Arc::new(received(&blobs, b"reproducible").await);
+        blobs.publish(&r).await.unwrap();
+        for _ in 0..300 {
+            age(&blobs, &r.sha256, 7200);
+            let hour_ago = crate::db::now_ms() - 3_600_000;
+            let (b, rr) = (blobs.clone(), r.clone());
+            let upload = tokio::spawn(async move { b.publish(&rr).await });
+            let b = blobs.clone();
+            let sha = r.sha256.clone();
+            let gc = tokio::spawn(async move { b.remove_unless_fresh(&sha, hour_ago).await });
+            upload.await.unwrap().unwrap();
+            gc.await.unwrap().unwrap();
+            assert!(
+                blobs.info(&r.sha256).await.unwrap().is_some(),
+                "acknowledged, then removed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn staging_files_a_kill_left_are_removed_once_old() {
+        let d = tempfile::tempdir().unwrap();
+        let blobs = Blobs::open_local(d.path()).unwrap();
+        let r = received(&blobs, b"a blob").await;
+        blobs.publish(&r).await.unwrap();
+        let blob = blobs.local_path(&r.sha256);
+        let staging = |n: u32| PathBuf::from(format!("{}#{n}", blob.display()));
+        std::fs::write(staging(1), b"half").unwrap();
+        std::fs::write(staging(2), b"in flight").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(staging(1))
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        age(&blobs, &r.sha256, 7200);
+        assert_eq!(blobs.remove_stale_staging(STAGING_AGE).await.unwrap(), 1);
+        assert!(!staging(1).exists());
+        assert!(
+            staging(2).exists(),
+            "a fresh one may be a publication under way"
+        );
+        assert!(blob.exists(), "blobs are not staging files");
+        assert_eq!(blobs.list().await.unwrap().len(), 1);
     }
 
     #[tokio::test]

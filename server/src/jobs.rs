@@ -6,7 +6,7 @@ use crate::db::{Db, DbError, now_ms};
 use construir_api::state::{AttemptBlobs, JobFacts, JobSnapshot};
 use construir_api::types::{AttemptId, JobId, JobLimits, JobState, RunnerId, UserId};
 use sqlx::Row;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// How many of each owner's queued jobs a claim looks at.
 pub const PER_OWNER_WINDOW: i64 = 50;
@@ -368,6 +368,19 @@ impl Db {
             .fetch_one(self.pool())
             .await?;
         Ok(RunnerId(row.try_get::<i64, _>(0)? as u64))
+    }
+
+    /// Every runner of `user` (all its names): a claim hands none of them a job that one of
+    /// them claimed and did not start.
+    pub async fn runners_of(&self, user: i64) -> Result<HashSet<RunnerId>, DbError> {
+        let rows = sqlx::query("SELECT id FROM runners WHERE user_id = $1")
+            .bind(user)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok(RunnerId(r.try_get::<i64, _>(0)? as u64)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
     }
 
     /// Notes that `user`'s runner was seen, with its capabilities, and raises its declared

@@ -25,3 +25,5 @@ mod log_tests;
 mod matching_tests;
 #[cfg(test)]
 mod retention_tests;
+#[cfg(test)]
+mod unstarted_tests;

@@ -541,3 +541,145 @@ async fn a_console_piece_wakes_only_its_own_followers() {
     assert!(end.complete() && end.body.is_empty());
     assert!(app.watchers.is_empty());
 }
+
+/// A runner that sends its console a byte at a time: the pieces are merged into a few rows
+/// (head and tail apart), and every read is byte for byte what the pieces said.
+#[tokio::test]
+async fn a_console_sent_a_byte_at_a_time_is_kept_in_few_rows() {
+    let (_d, app) = test_app().await;
+    let cap = 8000;
+    let run = start_job(&app, "alice", "bytes", cap).await;
+    // Every byte value, NUL and invalid UTF-8 among them.
+    let sent: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    for (i, b) in sent.iter().enumerate() {
+        assert_eq!(
+            run.piece(&app, i as u64, std::slice::from_ref(b)).await,
+            (202, i as u64 + 1)
+        );
+        if i == 3000 {
+            let (rows, kept) = stored_piece_bytes(&app, run.attempt).await;
+            assert_eq!((rows, kept), (1, 3001), "one row while in the head");
+            assert_eq!(run.read(&app, 0, 0).await.body, &sent[..3001]);
+        }
+    }
+    let (rows, kept) = stored_piece_bytes(&app, run.attempt).await;
+    assert_eq!(kept, cap as i64);
+    assert_eq!(rows, 2, "the head's row and the tail's");
+    let all = run.read(&app, 0, 0).await;
+    assert_eq!(all.body, shown(&sent, cap));
+    assert_eq!(all.next(), 10_000);
+    for from in [0u64, 1, 3999, 4000, 5999, 6000, 6001, 9999] {
+        let a = run.read(&app, from, 0).await;
+        let l = ConsoleCap::new(cap).layout(10_000);
+        let mut want = Vec::new();
+        if from < l.head_end {
+            want.extend_from_slice(&sent[from as usize..l.head_end as usize]);
+        }
+        if from < l.tail_start {
+            want.extend_from_slice(dropped_marker(l.tail_start - from.max(l.head_end)).as_bytes());
+        }
+        want.extend_from_slice(&sent[from.max(l.tail_start) as usize..]);
+        assert_eq!(a.body, want, "from {from}");
+        assert_eq!(a.next(), 10_000);
+    }
+    run.succeed(&app).await;
+    let sha = compacted(&app, run.attempt).await;
+    assert_eq!(run.read(&app, 0, 0).await.body, all.body);
+    assert_eq!(app.blobs.info(&sha).await.unwrap().unwrap().size, cap);
+}
+
+/// Rows of a byte each (as a server before merging stored them): one read fetches a bounded
+/// number of rows, and the follower goes on from right after the last byte it got.
+#[tokio::test]
+async fn a_read_fetches_a_bounded_number_of_rows_and_goes_on_from_there() {
+    let (_d, app) = test_app().await;
+    let run = start_job(&app, "alice", "tiny", 1 << 20).await;
+    let n = 2000usize;
+    let sent = console_text(n);
+    let mut tx = app.db.pool().begin().await.unwrap();
+    for (i, b) in sent.iter().enumerate() {
+        sqlx::query("INSERT INTO log_pieces (attempt_id, start_offset, bytes) VALUES ($1, $2, $3)")
+            .bind(run.attempt as i64)
+            .bind(i as i64)
+            .bind(vec![*b])
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE attempts SET console_size = $1 WHERE id = $2")
+        .bind(n as i64)
+        .bind(run.attempt as i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let first = run.read(&app, 0, 0).await;
+    assert_eq!(first.body.len() as i64, crate::logs::READ_ROWS);
+    assert_eq!(first.next(), crate::logs::READ_ROWS as u64);
+    let mut got = Vec::new();
+    let mut at = 0;
+    while at < n as u64 {
+        let a = run.read(&app, at, 0).await;
+        assert!(a.next() > at, "a read always moves on");
+        got.extend_from_slice(&a.body);
+        at = a.next();
+    }
+    assert_eq!(got, sent);
+    // A piece after them is merged into nothing old (their rows are tiny, not its neighbour's
+    // size), and compaction pages through them all.
+    assert_eq!(run.piece(&app, n as u64, b"end").await, (202, n as u64 + 3));
+    run.succeed(&app).await;
+    let sha = compacted(&app, run.attempt).await;
+    let mut all = sent.clone();
+    all.extend_from_slice(b"end");
+    assert_eq!(
+        app.blobs
+            .read_range(&sha, 0..1 << 20)
+            .await
+            .unwrap()
+            .to_vec(),
+        all
+    );
+}
+
+/// Another runner's claim under way: its attempt row is there, its Claim step not yet stored
+/// (the job meanwhile held by another attempt). Housekeeping leaves its console open until the
+/// row is older than any claim takes.
+#[tokio::test]
+async fn an_attempt_row_of_a_claim_under_way_is_not_taken_for_dead() {
+    let (_d, app) = test_app().await;
+    let run = start_job(&app, "alice", "holder", 1000).await;
+    let r = sqlx::query("SELECT runner_id, claim_token_id FROM attempts WHERE id = $1")
+        .bind(run.attempt as i64)
+        .fetch_one(app.db.pool())
+        .await
+        .unwrap();
+    let (runner, claim): (i64, i64) = (r.try_get(0).unwrap(), r.try_get(1).unwrap());
+    let mut rows = Vec::new();
+    for i in 0..2 {
+        rows.push(
+            app.db
+                .insert_attempt(
+                    JobId(run.job),
+                    construir_api::types::RunnerId(runner as u64),
+                    &tokens::digest(&format!("claim under way {i}")),
+                    claim,
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let now = crate::db::now_ms();
+    assert_eq!(app.compact_leftovers_at(now).await.unwrap(), 0);
+    assert_eq!(console_blob(&app, rows[0].0).await, None, "still open");
+    assert_eq!(app.compact_leftovers_at(now + 10_000).await.unwrap(), 0);
+    // Past the grace: a claim that never stored its step is dead.
+    let later = now + crate::service::CLAIM_GRACE.as_millis() as i64 + 1;
+    assert_eq!(app.compact_leftovers_at(later).await.unwrap(), 1);
+    assert!(console_blob(&app, rows[0].0).await.is_some());
+    assert_eq!(
+        console_blob(&app, run.attempt).await,
+        None,
+        "the live one stays"
+    );
+}

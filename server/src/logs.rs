@@ -11,6 +11,15 @@ use construir_api::log::{ConsoleCap, ConsolePlan, ReadPart, dropped_marker};
 use construir_api::types::{AttemptId, JobId};
 use sqlx::Row;
 
+/// A piece that continues the row before it is merged into that row while the row stays within
+/// this many bytes: a runner sending its console a byte at a time makes rows of this size, not
+/// a row per byte.
+pub const PIECE_ROW_BYTES: usize = 64 << 10;
+
+/// The most rows one read fetches (a reader given fewer bytes than it asked for goes on from
+/// right after the last byte it got).
+pub const READ_ROWS: i64 = 256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error(transparent)]
@@ -155,21 +164,66 @@ impl Db {
         }
         for w in plan.writes.iter().filter(|w| w.len > 0) {
             let bytes = &piece[w.skip as usize..(w.skip + w.len) as usize];
-            sqlx::query(
-                "INSERT INTO log_pieces (attempt_id, start_offset, bytes) VALUES ($1, $2, $3)",
+            // Onto the row that ends where this starts, on the same side of the head's end
+            // (tail rows never reach into the head: the rolling tail forgets by rows from
+            // `cap.head` on), while that row stays small. In this transaction, whose first
+            // statement wrote: nobody changes the row between this read and the write.
+            let side = if w.at >= cap.head { cap.head } else { 0 };
+            let before = sqlx::query(
+                "SELECT start_offset, bytes FROM log_pieces WHERE attempt_id = $1 \
+                 AND start_offset < $2 AND start_offset >= $3 \
+                 ORDER BY start_offset DESC LIMIT 1",
             )
             .bind(a)
             .bind(w.at as i64)
-            .bind(bytes.to_vec())
-            .execute(&mut *tx)
+            .bind(side as i64)
+            .fetch_optional(&mut *tx)
             .await?;
+            let merge = match before {
+                Some(r) => {
+                    let start = r.try_get::<i64, _>(0)?;
+                    let mut row: Vec<u8> = r.try_get(1)?;
+                    (start as u64 + row.len() as u64 == w.at
+                        && row.len() + bytes.len() <= PIECE_ROW_BYTES)
+                        .then(|| {
+                            row.extend_from_slice(bytes);
+                            (start, row)
+                        })
+                }
+                None => None,
+            };
+            match merge {
+                Some((start, row)) => {
+                    sqlx::query(
+                        "UPDATE log_pieces SET bytes = $3 WHERE attempt_id = $1 \
+                         AND start_offset = $2",
+                    )
+                    .bind(a)
+                    .bind(start)
+                    .bind(row)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query(
+                        "INSERT INTO log_pieces (attempt_id, start_offset, bytes) \
+                         VALUES ($1, $2, $3)",
+                    )
+                    .bind(a)
+                    .bind(w.at as i64)
+                    .bind(bytes.to_vec())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
         }
         tx.commit().await?;
         Ok(Appended::Stored)
     }
 
-    /// Stored piece bytes `[from, to)` of an attempt, at most `max` of them, appended to `out`;
-    /// the offset reached.
+    /// Stored piece bytes `[from, to)` of an attempt, at most `max` of them from at most
+    /// [`READ_ROWS`] rows, appended to `out`; the offset reached (right after the last byte
+    /// appended: a reader stopped short by the row limit goes on from there).
     async fn read_pieces(
         conn: &mut sqlx::AnyConnection,
         attempt: AttemptId,
@@ -182,11 +236,13 @@ impl Db {
         let to = to.min(from.saturating_add(budget));
         let rows = sqlx::query(
             "SELECT start_offset, bytes FROM log_pieces WHERE attempt_id = $1 \
-             AND start_offset + LENGTH(bytes) > $2 AND start_offset < $3 ORDER BY start_offset",
+             AND start_offset + LENGTH(bytes) > $2 AND start_offset < $3 ORDER BY start_offset \
+             LIMIT $4",
         )
         .bind(attempt.0 as i64)
         .bind(from as i64)
         .bind(to as i64)
+        .bind(READ_ROWS)
         .fetch_all(&mut *conn)
         .await?;
         let mut at = from;
@@ -385,10 +441,11 @@ async fn write_pieces(
     let mut writer = blobs.writer().await?;
     let mut after = -1i64;
     loop {
-        // A page at a time: a console of tens of MiB is never held whole in memory.
+        // A page at a time: a console of tens of MiB is never held whole in memory (rows are
+        // at most a piece, or a merged row of PIECE_ROW_BYTES).
         let rows = sqlx::query(
             "SELECT start_offset, bytes FROM log_pieces WHERE attempt_id = $1 \
-             AND start_offset > $2 ORDER BY start_offset LIMIT 64",
+             AND start_offset > $2 ORDER BY start_offset LIMIT 16",
         )
         .bind(attempt.0 as i64)
         .bind(after)

@@ -1,9 +1,11 @@
-//! Retention and orphan blobs. Outputs and consoles of jobs that ended more than `retention`
-//! ago are deleted; the job's record stays (its attempts keep their sizes and the output's
-//! digest) and its reason says when they were deleted. Blobs no row names — one published by an
-//! upload whose row a dead server never wrote, a console compacted twice in a race — are removed
-//! once they are an hour old. Blobs are content-addressed and shared by equal uploads: one is
-//! removed only when no row of any job names it.
+//! Retention and orphan blobs. Outputs, consoles and job files of jobs that ended more than
+//! `retention` ago are deleted; the job's record stays (its attempts keep their sizes and the
+//! output's digest, the job its file's) and its reason says when they were deleted. Blobs no
+//! row names — one published by an upload whose row a dead server never wrote, a console
+//! compacted twice in a race — are removed once they are an hour old. Blobs are
+//! content-addressed and shared by equal uploads: one is removed only when no row of any job
+//! names it, looked at under the blob's name lock (`Blobs::remove_unless_fresh_or_named`; that
+//! lock is this process's: servers sharing a data directory are not coordinated by it).
 
 use crate::blobs::BlobError;
 use crate::db::DbError;
@@ -38,7 +40,7 @@ impl From<sqlx::Error> for RetentionError {
 /// left out would have its blobs collected under it.
 pub async fn referenced(app: &App, sha256: &str) -> Result<bool, DbError> {
     let row = sqlx::query(
-        "SELECT 1 FROM jobs WHERE sha256 = $1 UNION ALL \
+        "SELECT 1 FROM jobs WHERE sha256 = $1 AND file_deleted_ms IS NULL UNION ALL \
          SELECT 1 FROM attempts WHERE output_sha256 = $1 UNION ALL \
          SELECT 1 FROM attempts WHERE console_sha256 = $1 LIMIT 1",
     )
@@ -48,9 +50,23 @@ pub async fn referenced(app: &App, sha256: &str) -> Result<bool, DbError> {
     Ok(row.is_some())
 }
 
-/// Deletes the outputs and consoles of jobs that ended at or before `now_ms - keep`. Returns
-/// how many jobs it did. Safe to stop at any point: a job is marked in the same transaction
-/// that unnames its blobs, and a blob unnamed but not removed is an orphan, collected later.
+/// Removes `sha256` unless a row names it or it was published since the grace began, both
+/// looked at under its name's lock (an upload of equal bytes either marked it first, or waits
+/// and writes it anew). True if it is gone.
+async fn remove_unnamed(app: &App, sha256: &str, now_ms: i64) -> Result<bool, RetentionError> {
+    let fresh = now_ms - ORPHAN_GRACE.as_millis() as i64;
+    app.blobs
+        .remove_unless_fresh_or_named(sha256, fresh, async {
+            Ok::<_, RetentionError>(referenced(app, sha256).await?)
+        })
+        .await
+}
+
+/// Deletes the outputs, consoles and job files of jobs that ended at or before
+/// `now_ms - keep`. Returns how many jobs it did. Safe to stop at any point: a job is marked in
+/// the same transaction that unnames its blobs, its reason written after (a job marked and not
+/// noted is noted by the next pass), and a blob unnamed but not removed is an orphan, collected
+/// later.
 pub async fn apply_retention(
     app: &App,
     now_ms: i64,
@@ -63,7 +79,8 @@ pub async fn apply_retention(
         // Ended before the cutoff means created before it: a cheap filter; the snapshot's end
         // time decides.
         let rows = sqlx::query(
-            "SELECT id FROM jobs WHERE retention_ms IS NULL AND state NOT IN ('queued', 'running') \
+            "SELECT id FROM jobs WHERE retention_noted IS NULL \
+             AND state NOT IN ('queued', 'running') \
              AND created_ms <= $1 AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(cutoff)
@@ -87,83 +104,116 @@ pub async fn apply_retention(
     }
 }
 
-/// Retention of one job, if it ended at or before `cutoff`.
+/// What a job's reason says once retention has done it.
+const NOTE: &str = "output, console and job file deleted by retention at";
+
+/// Retention of one job, if it ended at or before `cutoff`: true if this call unnamed its
+/// blobs (a job done before and only noted now is not counted).
 async fn retire_job(
     app: &App,
     id: JobId,
     cutoff: i64,
     now_ms: i64,
 ) -> Result<bool, RetentionError> {
-    let note = format!("output and console deleted by retention at {}", utc(now_ms));
-    // The record first says so (a reader who finds nothing knows why); written only on the
-    // version read, as every snapshot write.
-    for _ in 0..5 {
-        let Some(job) = app.db.load_job(id).await? else {
-            return Ok(false);
-        };
-        let ended = job
-            .snapshot
-            .ended_ms
-            .filter(|_| job.snapshot.state.is_terminal());
-        if ended.is_none_or(|t| t as i64 > cutoff) {
-            return Ok(false);
-        }
-        if job.snapshot.reason.contains("deleted by retention") {
-            break;
-        }
-        let mut snapshot = job.snapshot.clone();
-        snapshot.reason = format!("{}; {note}", snapshot.reason);
-        if app.db.store_job(id, job.version, &snapshot).await? {
-            break;
-        }
+    let Some(job) = app.db.load_job(id).await? else {
+        return Ok(false);
+    };
+    let ended = job
+        .snapshot
+        .ended_ms
+        .filter(|_| job.snapshot.state.is_terminal());
+    if ended.is_none_or(|t| t as i64 > cutoff) {
+        return Ok(false);
     }
     let j = id.0 as i64;
     let mut tx = app.db.pool().begin().await?;
-    let rows = sqlx::query("SELECT output_sha256, console_sha256 FROM attempts WHERE job_id = $1")
-        .bind(j)
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut unnamed = Vec::new();
-    for r in &rows {
-        unnamed.extend(r.try_get::<Option<String>, _>(0)?);
-        unnamed.extend(r.try_get::<Option<String>, _>(1)?);
-    }
-    sqlx::query(
-        "DELETE FROM log_pieces WHERE attempt_id IN (SELECT id FROM attempts WHERE job_id = $1)",
-    )
-    .bind(j)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE attempts SET deleted_output_sha256 = COALESCE(output_sha256, deleted_output_sha256), \
-         output_sha256 = NULL, console_sha256 = NULL, console_deleted_ms = $2 WHERE job_id = $1",
+    // The first statement writes: SQLite takes the write lock here (waiting for another writer,
+    // as busy_timeout says) instead of at a later write after a read, where a write another
+    // connection committed since that read fails the transaction at once (SQLITE_BUSY_SNAPSHOT).
+    let marked = sqlx::query(
+        "UPDATE jobs SET retention_ms = COALESCE(retention_ms, $2), file_deleted_ms = $2 \
+         WHERE id = $1 AND file_deleted_ms IS NULL",
     )
     .bind(j)
     .bind(now_ms)
     .execute(&mut *tx)
     .await?;
-    let marked =
-        sqlx::query("UPDATE jobs SET retention_ms = $2 WHERE id = $1 AND retention_ms IS NULL")
+    let mut unnamed = Vec::new();
+    let did = marked.rows_affected() == 1;
+    if did {
+        let file = sqlx::query("SELECT sha256 FROM jobs WHERE id = $1")
             .bind(j)
-            .bind(now_ms)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-    if marked.rows_affected() != 1 {
-        // Another server did it meanwhile.
-        return Ok(false);
+        unnamed.push(file.try_get::<String, _>(0)?);
+        let rows =
+            sqlx::query("SELECT output_sha256, console_sha256 FROM attempts WHERE job_id = $1")
+                .bind(j)
+                .fetch_all(&mut *tx)
+                .await?;
+        for r in &rows {
+            unnamed.extend(r.try_get::<Option<String>, _>(0)?);
+            unnamed.extend(r.try_get::<Option<String>, _>(1)?);
+        }
+        sqlx::query(
+            "DELETE FROM log_pieces WHERE attempt_id IN \
+             (SELECT id FROM attempts WHERE job_id = $1)",
+        )
+        .bind(j)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE attempts SET \
+             deleted_output_sha256 = COALESCE(output_sha256, deleted_output_sha256), \
+             output_sha256 = NULL, console_sha256 = NULL, \
+             console_deleted_ms = COALESCE(console_deleted_ms, $2) WHERE job_id = $1",
+        )
+        .bind(j)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    } else {
+        // Done already (by another server, or a pass killed before its note).
+        tx.rollback().await?;
     }
-    tx.commit().await?;
-    unnamed.sort();
-    unnamed.dedup();
-    let fresh = now_ms - ORPHAN_GRACE.as_millis() as i64;
-    for sha in unnamed {
-        // An equal upload of another job keeps it.
-        if !referenced(app, &sha).await? {
-            app.blobs.remove_unless_fresh(&sha, fresh).await?;
+    // Only now, the deletion committed, the record says so (a reader who finds nothing knows
+    // why); by the time stored with the mark.
+    let at = sqlx::query("SELECT file_deleted_ms FROM jobs WHERE id = $1")
+        .bind(j)
+        .fetch_one(app.db.pool())
+        .await?
+        .try_get::<Option<i64>, _>(0)?
+        .unwrap_or(now_ms);
+    let note = format!("{NOTE} {}", utc(at));
+    for _ in 0..5 {
+        let Some(job) = app.db.load_job(id).await? else {
+            return Ok(did);
+        };
+        if job.snapshot.reason.contains(NOTE) {
+            break;
+        }
+        let mut snapshot = job.snapshot.clone();
+        snapshot.reason = format!("{}; {note}", snapshot.reason);
+        // Written only on the version read, as every snapshot write.
+        if app.db.store_job(id, job.version, &snapshot).await? {
+            break;
         }
     }
-    tracing::info!("job {id}: {note}");
-    Ok(true)
+    sqlx::query("UPDATE jobs SET retention_noted = 1 WHERE id = $1")
+        .bind(j)
+        .execute(app.db.pool())
+        .await?;
+    unnamed.sort();
+    unnamed.dedup();
+    for sha in unnamed {
+        // An equal upload of another job keeps it.
+        remove_unnamed(app, &sha, now_ms).await?;
+    }
+    if did {
+        tracing::info!("job {id}: {note}");
+    }
+    Ok(did)
 }
 
 /// Removes blobs that no row names and that were published before `now_ms` minus the grace.
@@ -175,12 +225,17 @@ pub async fn collect_orphans(app: &App, now_ms: i64) -> Result<usize, RetentionE
         if blob.modified_ms >= fresh || referenced(app, &blob.sha256).await? {
             continue;
         }
-        // Looked at again right before removing: an equal upload may have just published it.
-        if app.blobs.remove_unless_fresh(&blob.sha256, fresh).await? {
+        // Looked at again under the blob's lock right before removing: an equal upload may
+        // have just published it, and its row may be committed by now.
+        if remove_unnamed(app, &blob.sha256, now_ms).await? {
             tracing::info!("orphan blob {} ({} bytes) removed", blob.sha256, blob.size);
             removed += 1;
         }
     }
+    // What publications cut short by a kill left beside the blobs.
+    app.blobs
+        .remove_stale_staging(crate::blobs::STAGING_AGE)
+        .await?;
     Ok(removed)
 }
 

@@ -69,7 +69,15 @@ async fn the_sweeper_deletes_old_outputs_and_consoles_and_the_record_says_so() {
     let (new, new_out, _) = finished(&app, "bob", "new", b"same output", &console_text(70)).await;
     assert_eq!(out, new_out);
     age_job(&app, old.job, 31).await;
-    for sha in [&out, &old_console] {
+    let old_file = app
+        .db
+        .load_job(JobId(old.job))
+        .await
+        .unwrap()
+        .unwrap()
+        .facts
+        .sha256;
+    for sha in [&out, &old_console, &old_file] {
         age_blob(&app, sha, 31 * 86400);
     }
 
@@ -87,7 +95,7 @@ async fn the_sweeper_deletes_old_outputs_and_consoles_and_the_record_says_so() {
     assert_eq!(v["state"], "succeeded", "the record stays");
     let reason = v["reason"].as_str().unwrap();
     assert!(
-        reason.contains("output and console deleted by retention at 20"),
+        reason.contains("output, console and job file deleted by retention at 20"),
         "{reason}"
     );
     assert!(v["attempts"][0]["output_sha256"].is_null(), "{v}");
@@ -135,7 +143,24 @@ async fn the_sweeper_deletes_old_outputs_and_consoles_and_the_record_says_so() {
     .unwrap();
     assert_eq!(again, 0, "done once");
 
-    // Once the recent job is old too, the shared output goes.
+    // Its job file went too (no other row names it); the record keeps its digest.
+    let old_view = app.db.load_job(JobId(old.job)).await.unwrap().unwrap();
+    assert_eq!(app.blobs.info(&old_view.facts.sha256).await.unwrap(), None);
+    assert_eq!(v["sha256"].as_str(), Some(old_view.facts.sha256.as_str()));
+
+    // Once the recent job is old too, the shared output goes; its job file, which a queued job
+    // submitted again names, stays.
+    let again = send(
+        &app,
+        Method::POST,
+        "/api/v1/jobs?name=new_t0.tar.xz&memory_mib=256&vcpus=1&timeout_s=60&console_cap=1000",
+        &new.submitter,
+        Body::from(crate::log_tests::job_file("new")),
+    )
+    .await;
+    assert_eq!(again.status.as_u16(), 201);
+    let new_view = app.db.load_job(JobId(new.job)).await.unwrap().unwrap();
+    age_blob(&app, &new_view.facts.sha256, 31 * 86400);
     age_job(&app, new.job, 31).await;
     let done = crate::retention::apply_retention(
         &app,
@@ -146,15 +171,138 @@ async fn the_sweeper_deletes_old_outputs_and_consoles_and_the_record_says_so() {
     .unwrap();
     assert_eq!(done, 1);
     assert_eq!(app.blobs.info(&out).await.unwrap(), None);
-    // Job files are records: they stay.
-    let old_view = app.db.load_job(JobId(old.job)).await.unwrap().unwrap();
     assert!(
         app.blobs
-            .info(&old_view.facts.sha256)
+            .info(&new_view.facts.sha256)
             .await
             .unwrap()
-            .is_some()
+            .is_some(),
+        "a job file another job names stays"
     );
+}
+
+/// The job's reason says its blobs were deleted only once that is committed: a transaction
+/// that fails leaves the record as it was, and a server killed between the commit and the note
+/// has the next pass write it.
+#[tokio::test]
+async fn the_record_says_deleted_only_after_the_deletion_is_committed() {
+    let (_d, app) = test_app().await;
+    let (old, out, _) = finished(&app, "alice", "old", b"an output", &console_text(40)).await;
+    age_job(&app, old.job, 31).await;
+    let keep = Duration::from_secs(30 * 86400);
+    let reason = |app: Shared, job: u64| async move {
+        app.db
+            .load_job(JobId(job))
+            .await
+            .unwrap()
+            .unwrap()
+            .snapshot
+            .reason
+    };
+    // The deletion fails half-way (as a transaction cut short would).
+    sqlx::query(
+        "CREATE TRIGGER refuse_deletion BEFORE UPDATE OF console_deleted_ms ON attempts \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        crate::retention::apply_retention(&app, crate::db::now_ms(), keep)
+            .await
+            .unwrap(),
+        0
+    );
+    let said = reason(app.clone(), old.job).await;
+    assert!(!said.contains("retention"), "{said}");
+    assert!(app.blobs.info(&out).await.unwrap().is_some());
+    let fetched = send(
+        &app,
+        Method::GET,
+        &format!("/api/v1/jobs/{}/output", old.job),
+        &old.submitter,
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(fetched.body, b"an output", "nothing was deleted");
+    sqlx::query("DROP TRIGGER refuse_deletion")
+        .execute(app.db.pool())
+        .await
+        .unwrap();
+
+    // Committed, then the note cannot be written (the server dies there): the next pass does.
+    sqlx::query(
+        "CREATE TRIGGER refuse_note BEFORE UPDATE OF snapshot ON jobs \
+         WHEN NEW.snapshot LIKE '%deleted by retention%' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        crate::retention::apply_retention(&app, crate::db::now_ms(), keep)
+            .await
+            .unwrap(),
+        0,
+        "its trouble is logged, not counted"
+    );
+    assert_eq!(console_blob(&app, old.attempt).await, None, "committed");
+    assert!(!reason(app.clone(), old.job).await.contains("retention"));
+    sqlx::query("DROP TRIGGER refuse_note")
+        .execute(app.db.pool())
+        .await
+        .unwrap();
+    crate::retention::apply_retention(&app, crate::db::now_ms(), keep)
+        .await
+        .unwrap();
+    let said = reason(app.clone(), old.job).await;
+    assert_eq!(
+        said.matches("deleted by retention").count(),
+        1,
+        "noted once: {said}"
+    );
+    // Its blobs were unnamed; the ones not removed yet (the grace) are orphans.
+    assert!(!crate::retention::referenced(&app, &out).await.unwrap());
+}
+
+/// Retention while other writers commit all the time: its transaction's first statement takes
+/// the write lock (waiting its turn), so no job fails for a write between its read and its
+/// first write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_not_refused_by_concurrent_writers() {
+    let (_d, app) = test_app().await;
+    let mut jobs = Vec::new();
+    for i in 0..12 {
+        let (run, _, _) = finished(&app, "alice", &format!("r{i}"), b"out", b"con").await;
+        age_job(&app, run.job, 31).await;
+        jobs.push(run.job);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (app, stop) = (app.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    sqlx::query("UPDATE runners SET last_seen_ms = last_seen_ms + 1")
+                        .execute(app.db.pool())
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let done = crate::retention::apply_retention(
+        &app,
+        crate::db::now_ms(),
+        Duration::from_secs(30 * 86400),
+    )
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(done, jobs.len());
 }
 
 #[tokio::test]

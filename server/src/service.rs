@@ -27,6 +27,9 @@ pub struct App {
     /// Woken per job (a step was stored) and per attempt (a console piece came): a waiting
     /// client wakes for what it follows, not for every change in the server.
     pub watchers: Watchers,
+    /// Attempt rows not in their job's snapshot, by when housekeeping first saw them so: one is
+    /// taken as dead (and its console closed) only once older than a claim can take.
+    unclaimed_rows: Mutex<HashMap<AttemptId, i64>>,
 }
 
 /// What a client can wait for.
@@ -55,6 +58,11 @@ pub struct Watch {
 impl Watchers {
     pub fn watch(&self, topic: Topic) -> Watch {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Dead entries (none should be left: a drop or a release removes them) are swept when
+        // the map has doubled since the last sweep, so a watch costs O(1) amortised.
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
         let notify = match map.get(&topic).and_then(Weak::upgrade) {
             Some(n) => n,
             None => {
@@ -72,12 +80,25 @@ impl Watchers {
 
     /// Wakes everyone waiting on `topic` (nobody: nothing to do).
     pub fn wake(&self, topic: Topic) {
-        let notify = {
-            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(&topic).and_then(Weak::upgrade)
-        };
-        if let Some(n) = notify {
+        if let Some(n) = self.lookup(topic) {
             n.notify_waiters();
+            self.release(topic, n);
+        }
+    }
+
+    /// The topic's Notify, held outside the map's lock while it is woken.
+    fn lookup(&self, topic: Topic) -> Option<Arc<Notify>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&topic).and_then(Weak::upgrade)
+    }
+
+    /// Lets go of a Notify [`Watchers::lookup`] gave: if its last watcher went meanwhile (its
+    /// drop saw this hold and left the entry), the entry goes now.
+    fn release(&self, topic: Topic, notify: Arc<Notify>) {
+        drop(notify);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&topic).is_some_and(|w| w.strong_count() == 0) {
+            map.remove(&topic);
         }
     }
 
@@ -115,6 +136,9 @@ pub type Shared = Arc<App>;
 pub const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 /// Orphan blobs are looked for every this many housekeeping rounds.
 const ORPHAN_ROUNDS: u64 = 10;
+/// Far longer than a claim takes between its attempt row's insertion and its `Claim` step's
+/// store (or the row's removal when the claim is lost).
+pub const CLAIM_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -136,6 +160,7 @@ impl App {
             blobs,
             work: Notify::new(),
             watchers: Watchers::default(),
+            unclaimed_rows: Mutex::default(),
         })
     }
 
@@ -214,27 +239,54 @@ impl App {
     /// Compacts the consoles of ended attempts still in pieces: what a server killed between
     /// ending an attempt and compacting it left. Returns how many were compacted.
     pub async fn compact_leftovers(&self) -> Result<usize, crate::logs::LogError> {
+        self.compact_leftovers_at(now_ms()).await
+    }
+
+    /// [`App::compact_leftovers`] as at `now` (ms).
+    pub async fn compact_leftovers_at(&self, now: i64) -> Result<usize, crate::logs::LogError> {
         let mut done = 0;
+        let mut unclaimed = HashMap::new();
         for u in self.db.uncompacted(500).await? {
             let Some(job) = self.db.load_job(u.job).await? else {
                 continue;
             };
             let ended = match job.snapshot.attempt(u.attempt) {
                 Some(a) => !a.state.is_live(),
-                // An attempt row its job never took: a claim under way (the job is queued),
-                // or one a dead server left (the job went on): empty either way.
-                None => !matches!(job.snapshot.state, construir_api::types::JobState::Queued),
+                // An attempt row its job never took: a claim under way, or one a dead server
+                // left (empty either way). An ended job takes no claim any more; otherwise the
+                // row may be a claim between its row and its step (another runner's, the job
+                // queued again meanwhile): dead only once older than any claim takes.
+                None if job.snapshot.state.is_terminal() => true,
+                None => {
+                    let seen = self
+                        .unclaimed_rows
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&u.attempt)
+                        .copied()
+                        .unwrap_or(now);
+                    unclaimed.insert(u.attempt, seen);
+                    now - seen >= CLAIM_GRACE.as_millis() as i64
+                }
             };
             if !ended {
                 continue;
             }
             let cap = ConsoleCap::new(job.facts.limits.console_cap);
             match crate::logs::compact(&self.db, &self.blobs, u.attempt, cap).await {
-                Ok(_) => done += 1,
+                Ok(_) => {
+                    unclaimed.remove(&u.attempt);
+                    done += 1;
+                }
                 // One attempt's trouble must not stop the others'.
                 Err(e) => tracing::warn!("compacting the console of attempt {}: {e}", u.attempt),
             }
         }
+        // Only the rows still unclaimed now are remembered.
+        *self
+            .unclaimed_rows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = unclaimed;
         Ok(done)
     }
 
@@ -301,5 +353,55 @@ impl App {
                 round += 1;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wake holds the topic's Notify outside the map's lock; the last watcher dropped in
+    /// that moment leaves the entry to the wake, which removes it.
+    #[test]
+    fn a_watch_dropped_while_its_topic_is_woken_leaves_no_entry() {
+        let w = Watchers::default();
+        let t = Topic::Job(JobId(1));
+        let watch = w.watch(t);
+        let held = w.lookup(t).expect("watched");
+        drop(watch);
+        assert_eq!(w.len(), 1, "the drop saw the wake's hold");
+        held.notify_waiters();
+        w.release(t, held);
+        assert!(w.is_empty());
+        // Watched again meanwhile: the entry is the new watcher's, and stays.
+        let watch = w.watch(t);
+        let held = w.lookup(t).unwrap();
+        drop(watch);
+        let again = w.watch(t);
+        w.release(t, held);
+        assert_eq!(w.len(), 1);
+        drop(again);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn many_wakes_and_drops_at_once_leave_an_empty_map() {
+        let w = Arc::new(Watchers::default());
+        std::thread::scope(|s| {
+            for i in 0..4u64 {
+                let w = w.clone();
+                s.spawn(move || {
+                    for n in 0..5000u64 {
+                        let t = Topic::Console(AttemptId(n % 7 + i));
+                        if i % 2 == 0 {
+                            drop(w.watch(t));
+                        } else {
+                            w.wake(t);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(w.is_empty());
     }
 }

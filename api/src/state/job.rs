@@ -37,6 +37,17 @@ impl Run<'_> {
         if self.job.attempt(attempt).is_some() {
             return Err(Refusal::DuplicateAttempt(attempt));
         }
+        // A runner that once claimed the job and did not start it is not given it again: it
+        // would hand it straight back, and each such end brings the job nearer `errored`. It
+        // is left to other runners (and the unstarted cap needs that many different ones).
+        // (The job is queued: none of its attempts is live.)
+        let not_started = |a: &&AttemptSnapshot| a.runner == runner && a.started_ms.is_none();
+        if let Some(a) = self.job.attempts.iter().find(not_started) {
+            return Err(Refusal::RunnerDidNotStart {
+                runner,
+                attempt: a.id,
+            });
+        }
         self.job.attempts.push(AttemptSnapshot {
             id: attempt,
             runner,
@@ -171,17 +182,20 @@ impl Run<'_> {
     }
 
     /// After attempt `id` ended before it started: nothing ran, so the job is not blamed, keeps
-    /// its tries and is claimable at once; past the cap on unstarted attempts it is `errored`,
-    /// so that runners that claim and never start cannot hold it for ever.
+    /// its tries and is claimable at once, by other runners only (its runner is refused from
+    /// now on, see [`Run::claim`]). So every unstarted attempt is a different runner's, and
+    /// only when [`super::Settings::unstarted_cap`] different runners each did not start it
+    /// is it `errored`: one runner, however often it claims and gives up, cannot error a job.
     fn requeue_unstarted(&mut self, id: AttemptId, why: &str) {
         let unstarted = self.job.unstarted();
         let cap = self.settings.unstarted_cap();
+        let runner = self.job.attempt(id).map(|a| a.runner);
         if unstarted >= cap {
             self.end_job(
                 JobState::Errored,
                 format!(
-                    "runners kept not starting it: {unstarted} attempts were claimed and never \
-                     started; the last, attempt {id}: {why}"
+                    "runners kept not starting it: {unstarted} different runners each claimed \
+                     it and never started it; the last, attempt {id}: {why}"
                 ),
             );
             return;
@@ -189,9 +203,12 @@ impl Run<'_> {
         self.job.state = JobState::Queued;
         self.job.retry_not_before_ms = None;
         self.job.expires_at_ms = self.now.saturating_add(self.job.policy.ttl_ms);
+        let runner = runner
+            .map(|r| format!(", not runner {r}"))
+            .unwrap_or_default();
         self.job.reason = format!(
-            "attempt {id} ended before it started ({why}); queued again, not counted as a try \
-             ({unstarted} of {cap} unstarted)"
+            "attempt {id} ended before it started ({why}); queued again for other runners\
+             {runner}, not counted as a try ({unstarted} of {cap} runners did not start it)"
         );
         self.effects.push(Effect::WakeRunners);
     }

@@ -52,7 +52,12 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
             Event::Claim {
                 // Mostly new ids, sometimes a reused one.
                 attempt: AttemptId(rng.below(8)),
-                runner: RunnerId(rng.below(3)),
+                // Mostly a runner that had the job before (one that did not start it is
+                // refused), sometimes a new one, so that the unstarted cap is reached too.
+                runner: RunnerId(match rng.below(4) {
+                    0 => 3 + rng.below(12),
+                    _ => rng.below(3),
+                }),
                 lease_until_ms,
                 accept_by_ms,
             }
@@ -178,10 +183,17 @@ fn check_step(
                 outcome.is_some_and(|s| s.is_job_outcome() && s != ReportStatus::Success)
             }
             JobState::Canceled => before.cancel_requested || *event == Event::Cancel,
-            // The tries ran out, or runners kept not starting it.
+            // The tries ran out, or that many different runners each did not start it.
             JobState::Errored => {
+                let runners: std::collections::HashSet<_> = after
+                    .attempts
+                    .iter()
+                    .filter(|a| a.started_ms.is_none())
+                    .map(|a| a.runner)
+                    .collect();
                 after.tries() == after.policy.max_tries
-                    || after.unstarted() == settings.unstarted_cap()
+                    || (after.unstarted() == settings.unstarted_cap()
+                        && runners.len() as u32 == after.unstarted())
             }
             JobState::Expired => *event == Event::Tick && before.state == JobState::Queued,
             JobState::Queued | JobState::Running => false,
@@ -204,6 +216,17 @@ fn check_step(
         && (after.retry_not_before_ms.is_some() || after.tries() != before.tries())
     {
         return Err("an unstarted attempt cost the job a try or a back-off".into());
+    }
+    // A runner that did not start the job never gets it again.
+    if let Event::Claim { runner, .. } = event
+        && before
+            .attempts
+            .iter()
+            .any(|a| a.runner == *runner && a.started_ms.is_none())
+    {
+        return Err(format!(
+            "runner {runner} got the job again after not starting it"
+        ));
     }
     if before.cancel_requested && !ended && after.state != JobState::Running {
         return Err("a canceling job went back to the queue".into());
@@ -295,6 +318,7 @@ fn check_step(
 fn random_event_sequences_keep_the_invariants() {
     let mut rng = Prng(0x636f_6e73_7472_7569);
     let (mut taken, mut refusals, mut ended) = (0u32, 0u32, 0u32);
+    let (mut not_started, mut barred) = (0u32, 0u32);
     for sequence in 0..3000 {
         // Short timings half of the time, so that caps and back-offs are reached often.
         let settings = if rng.below(2) == 0 {
@@ -338,6 +362,7 @@ fn random_event_sequences_keep_the_invariants() {
                 }
                 Err(refusal) => {
                     refusals += 1;
+                    barred += u32::from(matches!(refusal, Refusal::RunnerDidNotStart { .. }));
                     assert_eq!(
                         job, before,
                         "sequence {sequence}: {refusal} changed the snapshot"
@@ -347,7 +372,15 @@ fn random_event_sequences_keep_the_invariants() {
             }
         }
         ended += u32::from(job.state.is_terminal());
+        not_started +=
+            u32::from(job.state == JobState::Errored && job.tries() < job.policy.max_tries);
     }
+    // The unstarted cap is reached (by different runners), and runners that did not start a
+    // job are refused it.
+    assert!(
+        not_started > 20 && barred > 100,
+        "errored by unstarted ends {not_started}, runners refused {barred}"
+    );
     // The generator reaches both sides, and most jobs end.
     assert!(
         taken > 50_000 && refusals > 20_000,

@@ -421,7 +421,7 @@ fn an_attempt_not_started_within_the_accept_window_expires() {
     assert!(
         t.job
             .reason
-            .contains("not counted as a try (1 of 10 unstarted)"),
+            .contains("not counted as a try (1 of 10 runners did not start it)"),
         "{}",
         t.job.reason
     );
@@ -511,13 +511,13 @@ fn a_runner_stopped_by_a_signal_is_not_the_jobs_failure() {
 
 #[test]
 fn runners_that_claim_and_never_start_cost_the_job_no_tries() {
-    // A bad runner claims the job again and again and never starts it (or gives it up before
+    // Bad runners claim the job one after the other and never start it (or give it up before
     // the start): the job keeps all its tries and waits no back-off.
     let mut job = submitted();
     let mut now = T0;
     for n in 1..SETTINGS.max_unstarted as u64 {
         let id = AttemptId(100 + n);
-        job = ok(&job, now, claim(id, R1, now)).job;
+        job = ok(&job, now, claim(id, RunnerId(100 + n), now)).job;
         if n % 2 == 0 {
             job = ok(&job, now + S, abort(id, "never meant to")).job;
             now += S;
@@ -544,11 +544,62 @@ fn runners_that_claim_and_never_start_cost_the_job_no_tries() {
 }
 
 #[test]
+fn a_runner_that_did_not_start_the_job_never_gets_it_again_and_cannot_error_it() {
+    // One runner claims and gives up (or lets the accept window close) in a loop: after its
+    // first unstarted end it is refused, however long it tries; the job stays queued, with
+    // all its tries, for the others.
+    let job = ok(&submitted(), T0, claim(A1, R1, T0)).job;
+    let job = ok(&job, T0 + S, abort(A1, "never meant to")).job;
+    assert_eq!(job.state, JobState::Queued);
+    assert!(
+        job.reason
+            .contains("queued again for other runners, not runner 10"),
+        "{}",
+        job.reason
+    );
+    let mut now = T0 + S;
+    for n in 0..3 * SETTINGS.max_unstarted as u64 {
+        now += S;
+        let e = refused(&job, now, claim(AttemptId(200 + n), R1, now));
+        assert_eq!(
+            e,
+            Refusal::RunnerDidNotStart {
+                runner: R1,
+                attempt: A1
+            }
+        );
+        assert_eq!(e.code(), crate::codes::WRONG_STATE);
+    }
+    assert_eq!(
+        refused(&job, now, claim(AttemptId(999), R1, now)).to_string(),
+        "runner 10 claimed this job as attempt 1 and did not start it: the job is left to \
+         other runners"
+    );
+    // An accept window that closed bars the runner the same way.
+    let job = ok(&job, now, claim(A2, R2, now)).job;
+    let accept_by = job.attempts[1].accept_by_ms;
+    let job = ok(&job, accept_by, Event::Tick).job;
+    assert_eq!(job.state, JobState::Queued);
+    assert!(matches!(
+        refused(&job, accept_by + S, claim(A3, R2, accept_by + S)),
+        Refusal::RunnerDidNotStart { runner: R2, .. }
+    ));
+    // A runner whose attempt started and failed (a try) may take the job again.
+    let job = running(&job, AttemptId(7), RunnerId(30), accept_by + S);
+    let job = ok(&job, accept_by + 2 * S, abort(AttemptId(7), "disk full")).job;
+    let at = job.retry_not_before_ms.unwrap();
+    let job = running(&job, AttemptId(8), RunnerId(30), at);
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!((job.tries(), job.unstarted()), (2, 2));
+}
+
+#[test]
 fn past_the_unstarted_cap_the_job_is_errored_saying_why() {
+    // Errored by unstarted ends only when that many different runners each did not start it.
     let mut job = submitted();
     let mut now = T0;
     for n in 1..=SETTINGS.max_unstarted as u64 {
-        job = ok(&job, now, claim(AttemptId(n), R1, now)).job;
+        job = ok(&job, now, claim(AttemptId(n), RunnerId(100 + n), now)).job;
         now = job.attempts.last().unwrap().accept_by_ms;
         let t = ok(&job, now, Event::Tick);
         job = t.job;
@@ -567,8 +618,8 @@ fn past_the_unstarted_cap_the_job_is_errored_saying_why() {
     assert_eq!(job.state, JobState::Errored);
     assert_eq!(
         job.reason,
-        "runners kept not starting it: 10 attempts were claimed and never started; the last, \
-         attempt 10: not started within the accept window"
+        "runners kept not starting it: 10 different runners each claimed it and never started \
+         it; the last, attempt 10: not started within the accept window"
     );
     assert_eq!(job.attempts.len(), 10);
     // The cap is a setting.
@@ -601,6 +652,7 @@ fn the_invariant_bounds_tries_and_unstarted_attempts_apart() {
     for n in 0..11 {
         let mut a = job.attempts[0].clone();
         a.id = AttemptId(60 + n);
+        a.runner = RunnerId(60 + n);
         a.state = AttemptState::Expired;
         a.started_ms = None;
         a.ended_ms = Some(T0 + 2 * S);
@@ -610,4 +662,14 @@ fn the_invariant_bounds_tries_and_unstarted_attempts_apart() {
         unstarted.invariant_violation(&SETTINGS).as_deref(),
         Some("11 unstarted attempts of 10")
     );
+    // A runner that did not start the job has no later attempt of it.
+    let mut again = submitted();
+    again.attempts = unstarted.attempts[..2].to_vec();
+    again.attempts[1].runner = again.attempts[0].runner;
+    assert_eq!(
+        again.invariant_violation(&SETTINGS).as_deref(),
+        Some("runner 60 claimed the job again after not starting attempt 60")
+    );
+    again.attempts[0].started_ms = Some(T0 + S);
+    assert_eq!(again.invariant_violation(&SETTINGS), None);
 }
