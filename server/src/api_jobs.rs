@@ -293,7 +293,10 @@ pub async fn log(
             None => job.snapshot.attempts.last(),
         };
         let Some(attempt) = attempt else {
-            if tokio::time::Instant::now() >= deadline || job.snapshot.state.is_terminal() {
+            if tokio::time::Instant::now() >= deadline
+                || job.snapshot.state.is_terminal()
+                || app.is_stopping()
+            {
                 return Ok(log_answer(
                     Vec::new(),
                     q.offset,
@@ -304,7 +307,10 @@ pub async fn log(
             // path that does not wake this job's waiters, or by another server on the same
             // data, is seen within a second (one query a second, only while nothing runs).
             let soon = tokio::time::Instant::now() + Duration::from_secs(1);
-            wait_for_change(soon.min(deadline), job_changed, None).await;
+            tokio::select! {
+                () = wait_for_change(soon.min(deadline), job_changed, None) => {}
+                () = app.stopped() => {}
+            }
             continue;
         };
         let console_watch = app
@@ -327,11 +333,18 @@ pub async fn log(
             let room = read.next - q.offset;
             bytes.extend_from_slice(crate::retention::console_deleted_note(at_ms, room).as_bytes());
         }
-        if !bytes.is_empty() || ended || tokio::time::Instant::now() >= deadline {
+        if !bytes.is_empty()
+            || ended
+            || tokio::time::Instant::now() >= deadline
+            || app.is_stopping()
+        {
             let complete = ended && read.next >= read.received;
             return Ok(log_answer(bytes, read.next, complete));
         }
-        wait_for_change(deadline, job_changed, Some(piece_came)).await;
+        tokio::select! {
+            () = wait_for_change(deadline, job_changed, Some(piece_came)) => {}
+            () = app.stopped() => {}
+        }
     }
 }
 

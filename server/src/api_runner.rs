@@ -162,6 +162,7 @@ pub async fn claim(
     // Once per claim: the jobs one of these claimed and did not start are not handed to any.
     let own = app.db.runners_of(caller.0.user_id).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(req.wait_s));
+    let mut raced_passes = 0;
     loop {
         // Registered before looking, so a submission between the look and the wait still wakes.
         let woken = app.work.notified();
@@ -185,10 +186,22 @@ pub async fn claim(
         };
         let more = match claimed {
             Claimed::Got(resp) => return Ok(Json(*resp).into_response()),
-            Claimed::Nothing => tokio::time::timeout_at(deadline, woken).await.is_ok(),
-            Claimed::AtCap => wait_for_starts(&app, cap, deadline).await?,
+            // Every job it looked at went to concurrent claims: there may be more behind them,
+            // so look again at once rather than wait for a wake-up with work queued.
+            Claimed::Raced if raced_passes < 20 => {
+                raced_passes += 1;
+                true
+            }
+            Claimed::Nothing | Claimed::Raced => tokio::select! {
+                woke = tokio::time::timeout_at(deadline, woken) => woke.is_ok(),
+                () = app.stopped() => false,
+            },
+            Claimed::AtCap => tokio::select! {
+                more = wait_for_starts(&app, cap, deadline) => more?,
+                () = app.stopped() => false,
+            },
         };
-        if !more {
+        if !more || app.is_stopping() {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }
@@ -229,6 +242,8 @@ pub enum Claimed {
     Got(Box<ClaimResponse>),
     /// Nothing it can take now.
     Nothing,
+    /// Nothing, but only because concurrent claims took what it would have taken.
+    Raced,
     /// It holds as many attempts (or unstarted ones) as it may.
     AtCap,
 }
@@ -266,6 +281,7 @@ pub async fn try_claim(
         seen.insert(*owner);
     }
     order.sort();
+    let mut lost_any = false;
     for (_, _, id) in order {
         let Some(job) = app.db.load_job(id).await? else {
             continue;
@@ -302,6 +318,7 @@ pub async fn try_claim(
             ClaimStep::Lost => {
                 // Someone else got it first, or its back-off began: the next one.
                 app.db.drop_attempt(attempt).await?;
+                lost_any = true;
                 continue;
             }
             ClaimStep::AtCap => {
@@ -329,7 +346,11 @@ pub async fn try_claim(
             lease_s: settings.lease_ms / 1000,
         })));
     }
-    Ok(Claimed::Nothing)
+    Ok(if lost_any {
+        Claimed::Raced
+    } else {
+        Claimed::Nothing
+    })
 }
 
 enum ClaimStep {

@@ -379,8 +379,8 @@ pub async fn serve(settings: Settings, limits: ServeLimits, db: Db) -> anyhow::R
     );
     let app = App::new(settings, db, blobs);
     app.spawn_sweeper();
-    let routes = router_with(app, Polls::new(limits.max_polls_per_token));
-    serve_on(listener, routes, limits, async {
+    let routes = router_with(app.clone(), Polls::new(limits.max_polls_per_token));
+    serve_on(listener, routes, limits, async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
@@ -388,12 +388,16 @@ pub async fn serve(settings: Settings, limits: ServeLimits, db: Db) -> anyhow::R
             _ = term.recv() => {}
         }
         tracing::info!("construir-server: stopping");
+        // Parked long polls answer now (runners claim again from the next server, followers
+        // ask again): the drain waits for real work only.
+        app.begin_stopping();
     })
     .await;
     Ok(())
 }
 
-/// How long a stop waits for the requests in flight (long polls end within 30 s).
+/// How long a stop waits for the requests in flight (long polls answer at once on a stop;
+/// uploads get this long to finish).
 const DRAIN: Duration = Duration::from_secs(35);
 
 /// Serves `routes` on `listener` with hyper's HTTP/1.1 server until `shutdown`, then lets the

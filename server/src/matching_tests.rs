@@ -338,3 +338,65 @@ async fn an_upload_past_the_jobs_output_limit_is_cut_off_with_413_and_a_fitting_
     let fits = call(&app, &a, Method::PUT, "output", Body::from(vec![7u8; 1024])).await;
     assert_eq!(fits.status, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn a_stopping_server_answers_its_parked_long_polls_at_once() {
+    let (_d, app) = app_with(SettingArgs::default()).await;
+    let alice = token(&app, "alice", "submitter").await;
+    let id = submit(&app, &alice, "quiet_t0.tar.xz", job("x"))
+        .await
+        .json()["id"]
+        .as_u64()
+        .unwrap();
+    let volunteer = token(&app, "volunteer", "runner").await;
+    let runner = register(&app, &volunteer, "home").await;
+    // The job is taken, so a second runner's claim parks; the submitter follows the console.
+    let busy = claimed(&claim(&app, &volunteer, &runner, caps()).await);
+    call(&app, &busy, Method::POST, "start", Body::empty()).await;
+    let other_token = token(&app, "other", "runner").await;
+    let other = register(&app, &other_token, "idle").await;
+    let parked_claim = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            json_call(
+                &app,
+                Method::POST,
+                "/api/v1/runner/claim",
+                &other_token,
+                json!({"capabilities": caps(), "wait_s": 25}),
+                &[("Construir-Runner", other)],
+            )
+            .await
+        })
+    };
+    let parked_log = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            send(
+                &app,
+                Method::GET,
+                &format!("/api/v1/jobs/{id}/log?offset=0&wait_s=25"),
+                &alice,
+                Body::empty(),
+                &[],
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!parked_claim.is_finished() && !parked_log.is_finished());
+    let asked = std::time::Instant::now();
+    app.begin_stopping();
+    let claim = tokio::time::timeout(Duration::from_secs(2), parked_claim)
+        .await
+        .expect("the claim answers at once")
+        .unwrap();
+    assert_eq!(claim.status, StatusCode::NO_CONTENT);
+    let log = tokio::time::timeout(Duration::from_secs(2), parked_log)
+        .await
+        .expect("the log poll answers at once")
+        .unwrap();
+    assert_eq!(log.status, StatusCode::OK);
+    assert!(log.headers.get("Construir-Log-Complete").is_none());
+    assert!(asked.elapsed() < Duration::from_secs(2));
+}

@@ -30,6 +30,10 @@ pub struct App {
     /// Attempt rows not in their job's snapshot, by when housekeeping first saw them so: one is
     /// taken as dead (and its console closed) only once older than a claim can take.
     unclaimed_rows: Mutex<HashMap<AttemptId, i64>>,
+    /// Set once the server is stopping: long polls answer at once (a claim "nothing", a log
+    /// what it has), so a stop takes a moment, not the longest poll's remaining 25 s.
+    stopping: std::sync::atomic::AtomicBool,
+    stop: Notify,
 }
 
 /// What a client can wait for.
@@ -161,7 +165,30 @@ impl App {
             work: Notify::new(),
             watchers: Watchers::default(),
             unclaimed_rows: Mutex::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            stop: Notify::new(),
         })
+    }
+
+    /// The server stops: every long poll, waiting or to come, answers at once.
+    pub fn begin_stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.notify_waiters();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once the server is stopping (at once if it is).
+    pub async fn stopped(&self) {
+        // Registered before the look, so a stop between the two still wakes it.
+        let stop = self.stop.notified();
+        if self.is_stopping() {
+            return;
+        }
+        stop.await;
     }
 
     /// The state machine's timing rules from the server's settings.
