@@ -92,16 +92,15 @@ impl FromRequestParts<Shared> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, app: &Shared) -> Result<Self, Self::Rejection> {
         let unauthorized = |why: &str| Refusal::new(codes::UNAUTHORIZED, why.to_string());
-        let header = parts
+        if !parts
             .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("no Authorization header (Authorization: Bearer TOKEN)"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| tokens::well_formed(t))
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            return Err(unauthorized(
+                "no Authorization header (Authorization: Bearer TOKEN)",
+            ));
+        }
+        let token = tokens::bearer(&parts.headers)
             .ok_or_else(|| unauthorized("the Authorization header holds no construir token"))?;
         let who = app
             .db

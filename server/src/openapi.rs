@@ -2,8 +2,9 @@
 //! schemas (construir-api's `openapi` feature), so it cannot drift from the code. Served at
 //! `/api/v1/openapi.json`.
 
+use crate::api_attempts::{self, Uploaded};
 use crate::api_jobs;
-use crate::api_runner::{self, RegisterRequest, RegisterResponse, Uploaded};
+use crate::api_runner::{self, RegisterRequest, RegisterResponse};
 use construir_api::ApiError;
 use construir_api::types::*;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -25,13 +26,13 @@ use utoipa::{Modify, OpenApi};
         api_jobs::output,
         api_runner::register,
         api_runner::claim,
-        api_runner::job_file,
-        api_runner::start,
-        api_runner::heartbeat,
-        api_runner::append_log,
-        api_runner::upload_output,
-        api_runner::report,
-        api_runner::abort,
+        api_attempts::job_file,
+        api_attempts::start,
+        api_attempts::heartbeat,
+        api_attempts::append_log,
+        api_attempts::upload_output,
+        api_attempts::report,
+        api_attempts::abort,
     ),
     components(schemas(
         ApiError,

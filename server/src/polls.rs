@@ -112,18 +112,13 @@ impl FromRequestParts<Shared> for LongPoll {
                 tracing::error!("the router has no poll registry");
                 Refusal::new(codes::INTERNAL, "the server is misconfigured")
             })?;
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                Refusal::new(
-                    codes::UNAUTHORIZED,
-                    "no Authorization header (Authorization: Bearer TOKEN)",
-                )
-            })?;
+        // The handler's Caller checks the token itself; a malformed one is refused there.
+        let token = tokens::bearer(&parts.headers).ok_or_else(|| {
+            Refusal::new(
+                codes::UNAUTHORIZED,
+                "no Authorization header (Authorization: Bearer TOKEN)",
+            )
+        })?;
         Ok(LongPoll(polls.enter(&tokens::digest(token))?))
     }
 }
@@ -177,9 +172,10 @@ mod tests {
     async fn the_extractor_counts_the_bearer_token_and_refuses_past_the_cap() {
         let (_d, app) = crate::http::tests::test_app().await;
         let polls = Polls::new(1);
+        let token = tokens::generate().unwrap();
         let parts = || {
             let (mut parts, ()) = axum::http::Request::get("/")
-                .header("Authorization", "Bearer cst_some_token")
+                .header("Authorization", format!("Bearer {token}"))
                 .body(())
                 .unwrap()
                 .into_parts();
@@ -189,7 +185,7 @@ mod tests {
         let held = LongPoll::from_request_parts(&mut parts(), &app)
             .await
             .unwrap();
-        assert_eq!(polls.open(&tokens::digest("cst_some_token")), 1);
+        assert_eq!(polls.open(&tokens::digest(&token)), 1);
         let e = LongPoll::from_request_parts(&mut parts(), &app)
             .await
             .unwrap_err();

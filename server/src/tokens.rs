@@ -82,3 +82,15 @@ mod tests {
         );
     }
 }
+
+/// The token of an `Authorization: Bearer TOKEN` header, if it holds a well-formed one (the one
+/// reading of the header, for every kind of caller).
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| well_formed(t))
+}
