@@ -50,6 +50,18 @@ pub fn well_formed(text: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header, if it holds a well-formed one (the one
+/// reading of the header, for every kind of caller).
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| well_formed(t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,16 +93,4 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
-}
-
-/// The token of an `Authorization: Bearer TOKEN` header, if it holds a well-formed one (the one
-/// reading of the header, for every kind of caller).
-pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-        .filter(|t| well_formed(t))
 }
