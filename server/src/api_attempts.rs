@@ -166,7 +166,7 @@ pub async fn append_log(
     let piece = axum::body::to_bytes(body, LOG_PIECE_LIMIT)
         .await
         .map_err(|e| {
-            let why = if crate::http::past_limit(&e) {
+            let why = if crate::serve::past_limit(&e) {
                 format!("a console piece is at most {LOG_PIECE_LIMIT} bytes")
             } else {
                 format!("the console piece was cut short: {e}")

@@ -12,6 +12,7 @@ pub mod logs;
 pub mod openapi;
 pub mod polls;
 pub mod retention;
+pub mod serve;
 pub mod service;
 pub mod settings;
 pub mod tokens;

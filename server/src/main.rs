@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use construir_server::db::Db;
 use construir_server::settings::SettingArgs;
-use construir_server::{http, tokens};
+use construir_server::{serve, tokens};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,7 +22,7 @@ struct Cli {
     #[command(flatten)]
     settings: SettingArgs,
     #[command(flatten)]
-    serve: http::ServeArgs,
+    serve: serve::ServeArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -83,7 +83,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("open the database in {}", settings.data.display()))?;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => http::serve(settings, cli.serve.resolve(), db).await,
+        Command::Serve => serve::serve(settings, cli.serve.resolve(), db).await,
         Command::Token(TokenCommand::Create { name, role }) => {
             anyhow::ensure!(
                 ["submitter", "runner", "admin"].contains(&role.as_str()),
