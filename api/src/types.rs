@@ -12,7 +12,8 @@ mod runner;
 
 pub use ids::{AttemptId, IdError, JobId, Role, RoleError, RunnerId, UserId};
 pub use jobs::{
-    AttemptState, AttemptView, JobState, JobView, MAX_PRIORITY, MIN_PRIORITY, SubmitParams,
+    AttemptState, AttemptView, JobState, JobView, MAX_PRIORITY, MIN_PRIORITY, OutputIndexView,
+    SubmitParams,
 };
 pub use limits::{Bound, JobLimits, LimitError};
 pub use runner::{

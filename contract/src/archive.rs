@@ -13,11 +13,15 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 mod cut;
+#[cfg(feature = "manifest")]
+mod index;
 mod limits;
 #[cfg(test)]
 mod tests;
 
 pub use cut::{ArchiveEnd, CutError, archive_end};
+#[cfg(feature = "manifest")]
+pub use index::{EntryKind, IndexEntry, OutputIndex, escape_path, index, tree_digest};
 pub use limits::Limits;
 use limits::{Budgeted, Exceeded, Meter};
 
@@ -325,8 +329,26 @@ pub fn normalize(path: &str) -> &str {
     }
 }
 
+/// [`normalize`] on bytes (a name need not be UTF-8).
+fn normalize_bytes(path: &[u8]) -> &[u8] {
+    let mut p = path;
+    loop {
+        if let Some(rest) = p.strip_prefix(b"./") {
+            p = rest;
+        } else if let Some(rest) = p.strip_prefix(b"/") {
+            p = rest;
+        } else {
+            return p;
+        }
+    }
+}
+
 fn entry_path(entry: &Entry<'_, '_>) -> String {
     normalize(&String::from_utf8_lossy(&entry.path_bytes())).to_string()
+}
+
+fn entry_path_bytes(entry: &Entry<'_, '_>) -> Vec<u8> {
+    entry.path_bytes().into_owned()
 }
 
 /// How unpacked files get their modes.

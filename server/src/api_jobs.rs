@@ -24,6 +24,7 @@ pub fn routes() -> Router<Shared> {
         .route("/jobs/{id}/cancel", post(cancel))
         .route("/jobs/{id}/log", get(log))
         .route("/jobs/{id}/output", get(output))
+        .route("/jobs/{id}/output/index", get(output_index))
 }
 
 fn may_submit(caller: &Caller) -> Result<(), Refusal> {
@@ -405,6 +406,53 @@ pub async fn output(
     r.headers_mut().insert(
         "Construir-Sha256",
         HeaderValue::from_str(&sha).map_err(|_| none())?,
+    );
+    Ok(r)
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct IndexQuery {
+    /// The attempt (default: the one whose result stands).
+    attempt: Option<u64>,
+}
+
+/// The index of an attempt's output, as the server made it when the output arrived: every
+/// entry with its kind, permission bits, size and content digest, and the tree digest
+/// (`construir_contract::archive::OutputIndex`, JSON).
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/output/index", tag = "jobs", params(("id" = u64, Path, description = "the job"), IndexQuery),
+    responses((status = 200, description = "the output's index (construir_contract::archive::OutputIndex)", content_type = "application/json", body = Object), (status = 404, description = "no indexed output (yet, or not an archive: the attempt's output_index says why)", body = ApiError), (status = 400, description = "bad request", body = ApiError), (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn output_index(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(id): Path<u64>,
+    Query(q): Query<IndexQuery>,
+) -> Result<Response, Refusal> {
+    let job = visible(&app, &caller, JobId(id)).await?;
+    let none = || {
+        Refusal::new(
+            codes::NOT_FOUND,
+            format!("job {id} has no indexed output (yet)"),
+        )
+    };
+    let attempt = match q.attempt {
+        Some(a) => job
+            .snapshot
+            .attempt(AttemptId(a))
+            .map(|a| a.id)
+            .ok_or_else(|| {
+                Refusal::new(codes::NOT_FOUND, format!("job {id} has no attempt {a}"))
+            })?,
+        None => job.snapshot.result_attempt.ok_or_else(none)?,
+    };
+    let sha = app.db.output_index_blob(attempt).await?.ok_or_else(none)?;
+    let stream = app.blobs.read(&sha).await?;
+    let mut r = Body::from_stream(stream).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     Ok(r)
 }

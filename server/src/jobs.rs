@@ -4,7 +4,9 @@
 
 use crate::db::{Db, DbError, now_ms};
 use construir_api::state::{AttemptBlobs, JobFacts, JobSnapshot};
-use construir_api::types::{AttemptId, JobId, JobLimits, JobState, RunnerId, UserId};
+use construir_api::types::{
+    AttemptId, JobId, JobLimits, JobState, OutputIndexView, RunnerId, UserId,
+};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 
@@ -86,6 +88,16 @@ pub struct RunnerCap {
 pub struct RunnerLoad {
     pub live: u32,
     pub unstarted: u32,
+}
+
+/// What indexing an output gave: its index (a JSON blob), its tree digest and number of
+/// entries, or why it could not be indexed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputIndexed {
+    pub index_sha256: Option<String>,
+    pub tree_sha256: Option<String>,
+    pub entries: Option<u64>,
+    pub error: Option<String>,
 }
 
 /// What became of an output upload's record ([`Db::set_output`]).
@@ -492,24 +504,46 @@ impl Db {
         job: JobId,
     ) -> Result<HashMap<AttemptId, AttemptBlobs>, DbError> {
         let rows = sqlx::query(
-            "SELECT id, console_size, output_sha256, output_size FROM attempts WHERE job_id = $1",
+            "SELECT id, console_size, output_sha256, output_size, output_tree_sha256, \
+             output_entries, output_index_error FROM attempts WHERE job_id = $1",
         )
         .bind(job.0 as i64)
         .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|r| {
+                let tree_sha256: Option<String> = r.try_get(4)?;
+                let entries = r.try_get::<Option<i64>, _>(5)?.map(|n| n as u64);
+                let error: Option<String> = r.try_get(6)?;
+                let indexed = tree_sha256.is_some() || error.is_some();
                 Ok((
                     AttemptId(r.try_get::<i64, _>(0)? as u64),
                     AttemptBlobs {
                         console_size: r.try_get::<i64, _>(1)? as u64,
                         output_sha256: r.try_get(2)?,
                         output_size: r.try_get::<Option<i64>, _>(3)?.map(|s| s as u64),
+                        output_index: indexed.then_some(OutputIndexView {
+                            tree_sha256,
+                            entries,
+                            error,
+                        }),
                     },
                 ))
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(DbError::from)
+    }
+
+    /// The index blob of attempt `attempt`'s output, if it was indexed.
+    pub async fn output_index_blob(&self, attempt: AttemptId) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT output_index_sha256 FROM attempts WHERE id = $1")
+            .bind(attempt.0 as i64)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<Option<String>, _>(0))
+            .transpose()?
+            .flatten())
     }
 
     /// Records attempt `attempt`'s output, once: only if it has none yet and its job is still
@@ -522,9 +556,12 @@ impl Db {
         version: i64,
         sha256: &str,
         size: u64,
+        index: &OutputIndexed,
     ) -> Result<SetOutput, DbError> {
         let done = sqlx::query(
-            "UPDATE attempts SET output_sha256 = $1, output_size = $2 \
+            "UPDATE attempts SET output_sha256 = $1, output_size = $2, \
+             output_index_sha256 = $6, output_tree_sha256 = $7, output_entries = $8, \
+             output_index_error = $9 \
              WHERE id = $3 AND job_id = $4 AND output_sha256 IS NULL \
              AND EXISTS (SELECT 1 FROM jobs WHERE id = $4 AND version = $5)",
         )
@@ -533,6 +570,10 @@ impl Db {
         .bind(attempt.0 as i64)
         .bind(job.0 as i64)
         .bind(version)
+        .bind(index.index_sha256.as_deref())
+        .bind(index.tree_sha256.as_deref())
+        .bind(index.entries.map(|n| n as i64))
+        .bind(index.error.as_deref())
         .execute(self.pool())
         .await?;
         if done.rows_affected() == 1 {

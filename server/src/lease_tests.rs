@@ -547,20 +547,41 @@ async fn an_output_is_recorded_once_and_only_for_the_job_as_judged() {
     assert_eq!(call(&app, &a, "start").await.status, StatusCode::OK);
     let stale = app
         .db
-        .set_output(attempt, id, job.version, &"1".repeat(64), 1)
+        .set_output(
+            attempt,
+            id,
+            job.version,
+            &"1".repeat(64),
+            1,
+            &Default::default(),
+        )
         .await
         .unwrap();
     assert_eq!(stale, SetOutput::JobChanged);
     let job = app.db.load_job(id).await.unwrap().unwrap();
     let first = app
         .db
-        .set_output(attempt, id, job.version, &"1".repeat(64), 1)
+        .set_output(
+            attempt,
+            id,
+            job.version,
+            &"1".repeat(64),
+            1,
+            &Default::default(),
+        )
         .await
         .unwrap();
     assert_eq!(first, SetOutput::Stored);
     let second = app
         .db
-        .set_output(attempt, id, job.version, &"2".repeat(64), 2)
+        .set_output(
+            attempt,
+            id,
+            job.version,
+            &"2".repeat(64),
+            2,
+            &Default::default(),
+        )
         .await
         .unwrap();
     assert_eq!(second, SetOutput::AlreadySet("1".repeat(64), 1));

@@ -400,3 +400,86 @@ async fn a_stopping_server_answers_its_parked_long_polls_at_once() {
     assert!(log.headers.get("Construir-Log-Complete").is_none());
     assert!(asked.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test]
+async fn an_output_is_indexed_once_when_it_arrives_and_one_that_is_no_archive_says_why() {
+    use construir_tools::pack::{JobFile, job_archive};
+    use sha2::Digest;
+    let (_d, app) = app_with(SettingArgs::default()).await;
+    let alice = token(&app, "alice", "submitter").await;
+    let volunteer = token(&app, "volunteer", "runner").await;
+    let runner = register(&app, &volunteer, "home").await;
+    let binary = b"\x7fELF pretend binary".to_vec();
+    let output = job_archive(&[
+        JobFile::script("#!/bin/sh\n"),
+        JobFile::new("hello", binary.clone(), 0o755),
+    ])
+    .unwrap();
+    let mut ids = Vec::new();
+    for (n, body) in [(0, output.clone()), (1, b"not an archive".to_vec())] {
+        let id = submit(&app, &alice, &format!("idx{n}_t0.tar.xz"), job("x"))
+            .await
+            .json()["id"]
+            .as_u64()
+            .unwrap();
+        let a = claimed(&claim(&app, &volunteer, &runner, caps()).await);
+        call(&app, &a, Method::POST, "start", Body::empty()).await;
+        let up = call(&app, &a, Method::PUT, "output", Body::from(body)).await;
+        assert_eq!(up.status, StatusCode::CREATED, "kept either way");
+        let sha = up.json()["sha256"].as_str().unwrap().to_string();
+        assert_eq!(report(&app, &a, Some(&sha)).await.status, StatusCode::OK);
+        ids.push(id);
+    }
+    let index_of = |id: u64| {
+        let app = app.clone();
+        let alice = alice.clone();
+        async move {
+            send(
+                &app,
+                Method::GET,
+                &format!("/api/v1/jobs/{id}/output/index"),
+                &alice,
+                Body::empty(),
+                &[],
+            )
+            .await
+        }
+    };
+
+    let v = show(&app, &alice, ids[0]).await;
+    let summary = &v["attempts"][0]["output_index"];
+    let got = index_of(ids[0]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.headers["content-type"], "application/json");
+    let index: construir_contract::archive::OutputIndex =
+        serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(
+        summary["tree_sha256"].as_str(),
+        Some(index.tree_sha256.as_str())
+    );
+    assert_eq!(
+        summary["entries"].as_u64(),
+        Some(index.entries.len() as u64)
+    );
+    assert_eq!(
+        construir_contract::archive::tree_digest(&index.entries),
+        index.tree_sha256
+    );
+    let hello = index
+        .entries
+        .iter()
+        .find(|e| e.path == "opt/job/hello")
+        .unwrap_or_else(|| panic!("{:?}", index.entries));
+    let want = sha2::Sha256::digest(&binary)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert_eq!(hello.sha256.as_deref(), Some(want.as_str()));
+    assert_eq!((hello.mode, hello.size), (0o755, binary.len() as u64));
+
+    let v = show(&app, &alice, ids[1]).await;
+    let why = v["attempts"][0]["output_index"]["error"].as_str().unwrap();
+    assert!(why.contains("not an archive"), "{why}");
+    assert!(v["attempts"][0]["output_index"]["tree_sha256"].is_null());
+    assert_eq!(index_of(ids[1]).await.status, StatusCode::NOT_FOUND);
+}

@@ -42,6 +42,7 @@ pub async fn referenced(app: &App, sha256: &str) -> Result<bool, DbError> {
     let row = sqlx::query(
         "SELECT 1 FROM jobs WHERE sha256 = $1 AND file_deleted_ms IS NULL UNION ALL \
          SELECT 1 FROM attempts WHERE output_sha256 = $1 UNION ALL \
+         SELECT 1 FROM attempts WHERE output_index_sha256 = $1 UNION ALL \
          SELECT 1 FROM attempts WHERE console_sha256 = $1 LIMIT 1",
     )
     .bind(sha256)
@@ -147,13 +148,14 @@ async fn retire_job(
             .await?;
         unnamed.push(file.try_get::<String, _>(0)?);
         let rows =
-            sqlx::query("SELECT output_sha256, console_sha256 FROM attempts WHERE job_id = $1")
+            sqlx::query("SELECT output_sha256, console_sha256, output_index_sha256 FROM attempts WHERE job_id = $1")
                 .bind(j)
                 .fetch_all(&mut *tx)
                 .await?;
         for r in &rows {
             unnamed.extend(r.try_get::<Option<String>, _>(0)?);
             unnamed.extend(r.try_get::<Option<String>, _>(1)?);
+            unnamed.extend(r.try_get::<Option<String>, _>(2)?);
         }
         sqlx::query(
             "DELETE FROM log_pieces WHERE attempt_id IN \
@@ -165,7 +167,7 @@ async fn retire_job(
         sqlx::query(
             "UPDATE attempts SET \
              deleted_output_sha256 = COALESCE(output_sha256, deleted_output_sha256), \
-             output_sha256 = NULL, console_sha256 = NULL, \
+             output_sha256 = NULL, console_sha256 = NULL, output_index_sha256 = NULL, \
              console_deleted_ms = COALESCE(console_deleted_ms, $2) WHERE job_id = $1",
         )
         .bind(j)

@@ -23,6 +23,7 @@ pub struct AttemptBlobs {
     pub output_sha256: Option<String>,
     pub output_size: Option<u64>,
     pub console_size: u64,
+    pub output_index: Option<crate::types::OutputIndexView>,
 }
 
 impl JobSnapshot {
@@ -72,6 +73,7 @@ impl AttemptSnapshot {
             output_sha256: blobs.output_sha256,
             output_size: blobs.output_size,
             console_size: blobs.console_size,
+            output_index: blobs.output_index,
         }
     }
 }

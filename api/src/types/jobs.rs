@@ -240,6 +240,26 @@ pub struct AttemptView {
     pub output_size: Option<u64>,
     /// Console bytes the server holds.
     pub console_size: u64,
+    /// The output's index, made by the server when it arrived: its tree digest (what replicas
+    /// must agree on) and entries, or why it could not be indexed. Its entries are served at
+    /// `GET /api/v1/jobs/{id}/output/index`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_index: Option<OutputIndexView>,
+}
+
+/// What the server's index of an output says in brief.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OutputIndexView {
+    /// The SHA-256 of the sorted entries' kinds, paths, permission bits, sizes and contents
+    /// (`construir_contract::archive::tree_digest`): not times, owners or the compression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u64>,
+    /// Why the output is not an archive the server could read (it is kept all the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

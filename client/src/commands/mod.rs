@@ -159,6 +159,7 @@ mod tests {
             output_sha256: None,
             output_size: None,
             console_size: 0,
+            output_index: None,
         });
         assert_eq!(
             progress_line(&job),

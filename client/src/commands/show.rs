@@ -238,6 +238,7 @@ mod tests {
                 output_sha256: Some("cd".repeat(32)),
                 output_size: Some(1536),
                 console_size: 100,
+                output_index: None,
             }],
             result_attempt: Some(AttemptId(7)),
         }

@@ -290,6 +290,7 @@ fn snapshots_become_the_documented_views() {
         output_sha256: Some("1".repeat(64)),
         output_size: Some(10),
         console_size: 5,
+        output_index: None,
     });
     assert_eq!(
         (view.state, view.result_attempt),
