@@ -48,12 +48,19 @@ pub struct Settings {
     pub backoff_cap_ms: u64,
     /// How many attempts of one job may end without having been started (not started within
     /// the accept window, or given up by the runner before its start) before the job is
-    /// `errored`. Such an attempt is not a try: nothing ran, so it neither uses one of the
-    /// job's `max_tries` nor delays its next claim. Its runner is not given the job again
-    /// ([`Refusal::RunnerDidNotStart`]), so each of these attempts is a different runner's: a
-    /// job is errored this way only when this many runners each claimed it and did not start
-    /// it, never by one runner that claims and gives up in a loop.
+    /// `errored`, whoever's they were. Such an attempt is not a try: nothing ran, so it neither
+    /// uses one of the job's `max_tries` nor delays its next claim by other runners. Its runner
+    /// waits out a cool-down before it may claim the job again
+    /// ([`Settings::unstarted_cooldown_ms`]), so one runner that claims and gives up in a loop
+    /// errors a job this way only after hours, never in a burst.
     pub max_unstarted: u32,
+    /// How long a runner whose attempt of a job ended unstarted is refused that job
+    /// ([`Refusal::RunnerDidNotStart`]); other runners may claim it at once. It doubles with
+    /// each further unstarted end of that runner on the job, up to `unstarted_cooldown_cap_ms`
+    /// ([`Settings::cooldown_after`]). A runner whose claim answer was lost, whose start failed
+    /// on the network or that was stopped just as it claimed gets the job again after it.
+    pub unstarted_cooldown_ms: u64,
+    pub unstarted_cooldown_cap_ms: u64,
 }
 
 impl Settings {
@@ -65,6 +72,8 @@ impl Settings {
         backoff_factor: 3,
         backoff_cap_ms: 15 * 60_000,
         max_unstarted: 10,
+        unstarted_cooldown_ms: 5 * 60_000,
+        unstarted_cooldown_cap_ms: 60 * 60_000,
     };
 
     /// The wait before the next try, after `failed_tries` (≥ 1) tries that were not the job's
@@ -88,6 +97,18 @@ impl Settings {
     /// The unstarted-attempt cap in force (a job gets at least one).
     pub fn unstarted_cap(&self) -> u32 {
         self.max_unstarted.max(1)
+    }
+
+    /// The cool-down after the `unstarted_ends`-th (≥ 1) unstarted end of a runner on a job:
+    /// `unstarted_cooldown_ms × 2^(n−1)`, at most `unstarted_cooldown_cap_ms` (5, 10, 20, 40
+    /// min, then 1 h by default).
+    pub fn cooldown_after(&self, unstarted_ends: u32) -> u64 {
+        let growth = 2u64
+            .checked_pow(unstarted_ends.saturating_sub(1))
+            .unwrap_or(u64::MAX);
+        self.unstarted_cooldown_ms
+            .saturating_mul(growth)
+            .min(self.unstarted_cooldown_cap_ms)
     }
 
     /// The lease end and the accept-by time of an attempt claimed at `now_ms`: what
@@ -227,8 +248,7 @@ impl JobSnapshot {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// Attempts that were claimed and never started (live or ended): each a different
-    /// runner's.
+    /// Attempts that were claimed and never started (live or ended), whoever's.
     pub fn unstarted(&self) -> u32 {
         let n = self
             .attempts
@@ -236,6 +256,19 @@ impl JobSnapshot {
             .filter(|a| a.started_ms.is_none())
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The cool-down that runners `of` are in for this job after their unstarted ends (whether
+    /// or not it is over: compare [`Cooldown::until_ms`] with the time): from the latest of
+    /// their ended, never started attempts, as long as [`Settings::cooldown_after`] the number
+    /// of those. `of` is one runner for the state machine; the server passes all of a user's
+    /// runners, so that its other names wait too. `None` if they have no unstarted end.
+    pub fn unstarted_cooldown(
+        &self,
+        settings: &Settings,
+        of: impl Fn(RunnerId) -> bool,
+    ) -> Option<Cooldown> {
+        cooldown_in(&self.attempts, settings, of)
     }
 
     /// What attempt `id`'s token may still do at `now_ms`, judged as if a [`Event::Tick`] came
@@ -301,12 +334,13 @@ impl JobSnapshot {
             if self.attempts[..i].iter().any(|b| b.id == a.id) {
                 return Some(format!("attempt {} twice", a.id));
             }
-            // A runner that did not start the job is not given it again.
-            let unstarted_of = |b: &AttemptSnapshot| b.runner == a.runner && b.started_ms.is_none();
-            if let Some(b) = self.attempts[..i].iter().find(|b| unstarted_of(b)) {
+            // A runner that did not start the job claims it again only after its cool-down.
+            let cooldown = cooldown_in(&self.attempts[..i], settings, |r| r == a.runner);
+            if let Some(c) = cooldown.filter(|c| a.claimed_ms < c.until_ms) {
                 return Some(format!(
-                    "runner {} claimed the job again after not starting attempt {}",
-                    a.runner, b.id
+                    "runner {} claimed the job again at {} after not starting attempt {}, \
+                     within its cool-down (until {})",
+                    a.runner, a.claimed_ms, c.attempt, c.until_ms
                 ));
             }
             if a.state.is_live() == a.ended_ms.is_some() {
@@ -442,6 +476,45 @@ pub struct Transition {
     pub effects: Vec<Effect>,
 }
 
+/// A runner's (or a user's runners') cool-down on one job after attempts of it that ended
+/// unstarted ([`JobSnapshot::unstarted_cooldown`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cooldown {
+    /// The runner of the latest such attempt.
+    pub runner: RunnerId,
+    /// The latest such attempt.
+    pub attempt: AttemptId,
+    /// Until when (Unix ms, exclusive) the runners are refused the job.
+    pub until_ms: u64,
+    /// How many attempts of those runners ended unstarted.
+    pub unstarted_ends: u32,
+}
+
+fn cooldown_in(
+    attempts: &[AttemptSnapshot],
+    settings: &Settings,
+    of: impl Fn(RunnerId) -> bool,
+) -> Option<Cooldown> {
+    let mut ends = attempts
+        .iter()
+        .filter(|a| a.started_ms.is_none() && of(a.runner))
+        .filter_map(|a| Some((a.ended_ms?, a)));
+    let first = ends.next()?;
+    let (mut n, (mut last_ms, mut last)) = (1u32, first);
+    for (ended, a) in ends {
+        n = n.saturating_add(1);
+        if ended >= last_ms {
+            (last_ms, last) = (ended, a);
+        }
+    }
+    Some(Cooldown {
+        runner: last.runner,
+        attempt: last.id,
+        until_ms: last_ms.saturating_add(settings.cooldown_after(n)),
+        unstarted_ends: n,
+    })
+}
+
 /// An event that does not apply to the job in its current state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -458,12 +531,13 @@ pub enum Refusal {
     #[error("attempt {0} exists already")]
     DuplicateAttempt(AttemptId),
     #[error(
-        "runner {runner} claimed this job as attempt {attempt} and did not start it: the job is \
-         left to other runners"
+        "runner {runner} claimed this job as attempt {attempt} and did not start it: other \
+         runners may take it now, this one again from {until_ms} (Unix ms), after a cool-down"
     )]
     RunnerDidNotStart {
         runner: RunnerId,
         attempt: AttemptId,
+        until_ms: u64,
     },
     #[error("no attempt {0} of this job")]
     UnknownAttempt(AttemptId),

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use construir_api::fit::fits;
-use construir_api::state::{Event, step};
+use construir_api::state::{Cooldown, Event, step};
 use construir_api::types::{AttemptId, ClaimRequest, ClaimResponse, JobId, RunnerId, UserId};
 use construir_api::{ApiError, codes};
 use std::collections::HashSet;
@@ -140,7 +140,8 @@ pub async fn claim(
             )
         })?;
     let cap = runner_cap(runner, slots);
-    // Once per claim: the jobs one of these claimed and did not start are not handed to any.
+    // Once per claim: a job one of these claimed and did not start is handed to none of them
+    // while they wait out its cool-down.
     let own = app.db.runners_of(caller.0.user_id).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(req.wait_s));
     let mut raced_passes = 0;
@@ -233,10 +234,12 @@ pub enum Claimed {
 /// running goes first (one owner's thousand queued jobs do not starve another's one), then
 /// priority and age within an owner. Jobs this runner cannot take are skipped; one no runner
 /// could take says why. So is a job that one of `own` (the runners of this runner's user, all
-/// its names) claimed and did not start: it went back to the queue at once and costs no try,
-/// so handing it to the same user again would let one user cycle it into `errored` (the state
-/// machine bars the same runner; this bars the user's other names too). The claim is stored
-/// only while the runner is within `cap`.
+/// its names) claimed and did not start, while they wait out its cool-down: it went back to the
+/// queue at once and cost no try, so handing it straight back to the same user would let one
+/// user cycle it towards `errored` under fresh names. The state machine cools down the runner
+/// itself; here the cool-down is the user's, counted over all its names' unstarted ends of the
+/// job (so it is never shorter than any one of theirs), and other users' runners may take the
+/// job at once. The claim is stored only while the runner is within `cap`.
 pub async fn try_claim(
     app: &Shared,
     runner: RunnerId,
@@ -262,16 +265,32 @@ pub async fn try_claim(
         seen.insert(*owner);
     }
     order.sort();
+    let settings = app.step_settings();
     let mut lost_any = false;
     for (_, _, id) in order {
         let Some(job) = app.db.load_job(id).await? else {
             continue;
         };
         // (A live one, if the job was claimed since it was listed, fails the claim anyway.)
-        let not_started_by_own = |a: &construir_api::state::AttemptSnapshot| {
-            a.started_ms.is_none() && own.contains(&a.runner)
-        };
-        if job.snapshot.attempts.iter().any(not_started_by_own) {
+        let cooling = job
+            .snapshot
+            .unstarted_cooldown(&settings, |r| own.contains(&r))
+            .filter(|c| now < c.until_ms);
+        if let Some(c) = cooling {
+            // The job's reason names the runner's own cool-down; when the user's is longer
+            // (other names of it did not start the job either), it says so.
+            let runners_own = job
+                .snapshot
+                .unstarted_cooldown(&settings, |r| r == c.runner)
+                .map(|o| o.until_ms);
+            if runners_own != Some(c.until_ms) {
+                let why = user_cooldown_reason(&c);
+                if job.snapshot.reason != why {
+                    let _ = app
+                        .apply(id, |_| Event::Unschedulable { why: why.clone() })
+                        .await;
+                }
+            }
             continue;
         }
         if let Err(misfit) = fits(
@@ -293,7 +312,6 @@ pub async fn try_claim(
             .db
             .insert_attempt(id, runner, &tokens::digest(&token), claim_token)
             .await?;
-        let settings = app.step_settings();
         let job = match claim_job(app, id, attempt, runner, cap).await? {
             ClaimStep::Claimed(job) => job,
             ClaimStep::Lost => {
@@ -332,6 +350,17 @@ pub async fn try_claim(
     } else {
         Claimed::Nothing
     })
+}
+
+/// A queued job's reason while the runners of one user wait out a cool-down longer than that of
+/// the runner that last did not start it.
+fn user_cooldown_reason(c: &Cooldown) -> String {
+    format!(
+        "runner {} claimed it as attempt {} and did not start it, the user's runners {} times \
+         in all: other users' runners may take it now, that user's again at {} Unix ms, after \
+         a cool-down",
+        c.runner, c.attempt, c.unstarted_ends, c.until_ms
+    )
 }
 
 enum ClaimStep {

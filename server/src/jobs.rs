@@ -383,7 +383,7 @@ impl Db {
     }
 
     /// Every runner of `user` (all its names): a claim hands none of them a job that one of
-    /// them claimed and did not start.
+    /// them claimed and did not start, until the user's cool-down for it has passed.
     pub async fn runners_of(&self, user: i64) -> Result<HashSet<RunnerId>, DbError> {
         let rows = sqlx::query("SELECT id FROM runners WHERE user_id = $1")
             .bind(user)

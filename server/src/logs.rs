@@ -13,8 +13,9 @@ use sqlx::Row;
 
 /// A piece that continues the row before it is merged into that row while the row stays within
 /// this many bytes: a runner sending its console a byte at a time makes rows of this size, not
-/// a row per byte.
-pub const PIECE_ROW_BYTES: usize = 64 << 10;
+/// a row per byte; and small, because each merge rewrites the row (an honest runner sends what
+/// is new every second: a few hundred bytes should not cost a 64 KiB rewrite each time).
+pub const PIECE_ROW_BYTES: usize = 8 << 10;
 
 /// The most rows one read fetches (a reader given fewer bytes than it asked for goes on from
 /// right after the last byte it got).
@@ -69,10 +70,13 @@ pub struct ConsoleRead {
 }
 
 /// An ended attempt whose console is still in pieces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uncompacted {
     pub attempt: AttemptId,
     pub job: JobId,
+    /// Tells two rows apart that had the same id: a claim that lost drops its row, and the
+    /// next claim's row may get the id again.
+    pub token_sha256: String,
 }
 
 fn home(sha: Option<String>, size: Option<i64>, deleted: Option<i64>) -> ConsoleHome {
@@ -269,7 +273,7 @@ impl Db {
     /// queued job has ended is for the caller to check in the job's snapshot.
     pub async fn uncompacted(&self, limit: i64) -> Result<Vec<Uncompacted>, DbError> {
         let rows = sqlx::query(
-            "SELECT a.id, a.job_id FROM attempts a JOIN jobs j ON j.id = a.job_id \
+            "SELECT a.id, a.job_id, a.token_sha256 FROM attempts a JOIN jobs j ON j.id = a.job_id \
              WHERE a.console_sha256 IS NULL AND a.console_deleted_ms IS NULL \
              AND (j.state <> 'running' OR a.id < (SELECT MAX(b.id) FROM attempts b \
              WHERE b.job_id = a.job_id)) ORDER BY a.id LIMIT $1",
@@ -282,6 +286,7 @@ impl Db {
                 Ok(Uncompacted {
                     attempt: AttemptId(r.try_get::<i64, _>(0)? as u64),
                     job: JobId(r.try_get::<i64, _>(1)? as u64),
+                    token_sha256: r.try_get(2)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

@@ -188,24 +188,32 @@ async fn retire_job(
         .try_get::<Option<i64>, _>(0)?
         .unwrap_or(now_ms);
     let note = format!("{NOTE} {}", utc(at));
+    let mut noted = false;
     for _ in 0..5 {
         let Some(job) = app.db.load_job(id).await? else {
             return Ok(did);
         };
-        if job.snapshot.reason.contains(NOTE) {
+        // The note exactly as this pass writes it, at the end: a runner's words in the reason
+        // (an abort's, a report's) cannot pass for it.
+        if job.snapshot.reason.ends_with(&note) {
+            noted = true;
             break;
         }
         let mut snapshot = job.snapshot.clone();
         snapshot.reason = format!("{}; {note}", snapshot.reason);
         // Written only on the version read, as every snapshot write.
         if app.db.store_job(id, job.version, &snapshot).await? {
+            noted = true;
             break;
         }
     }
-    sqlx::query("UPDATE jobs SET retention_noted = 1 WHERE id = $1")
-        .bind(j)
-        .execute(app.db.pool())
-        .await?;
+    // Kept busy by other writers: the next pass notes it (the mark above stays).
+    if noted {
+        sqlx::query("UPDATE jobs SET retention_noted = 1 WHERE id = $1")
+            .bind(j)
+            .execute(app.db.pool())
+            .await?;
+    }
     unnamed.sort();
     unnamed.dedup();
     for sha in unnamed {

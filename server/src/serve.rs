@@ -1,7 +1,8 @@
 //! Serving the router against slow and greedy clients: hyper's HTTP/1.1 server with a header
 //! read timeout, a write-progress timeout, a global and a per-address connection cap (refusals
-//! answered at once, never left in the backlog), TCP keepalive, and a minimum request-body rate
-//! after a grace period. The routes themselves are `http.rs`'s.
+//! answered at once, never left in the backlog, and never more than the open-file limit allows),
+//! TCP keepalive, and a minimum request-body rate after a grace period with a bound on any one
+//! wait. The routes themselves are `http.rs`'s.
 
 use crate::blobs::Blobs;
 use crate::db::Db;
@@ -21,7 +22,8 @@ use std::time::Duration;
 /// variables.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServeArgs {
-    /// Connections served at once; one more is answered 503 and closed (default 4096).
+    /// Connections served at once; one more is answered 503 and closed (default 4096; at most
+    /// the open-file limit less 256, which the server raises to its hard limit at start).
     #[arg(long, env = "CONSTRUIR_SERVER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Connections one peer address (an IPv6 /64) may hold at once; one more is answered 429
@@ -42,9 +44,14 @@ pub struct ServeArgs {
     /// pace is never cut.
     #[arg(long, env = "CONSTRUIR_SERVER_MIN_BODY_RATE", value_parser = construir_launcher::size::parse_size)]
     pub min_body_rate: Option<u64>,
-    /// The head start a request body gets before --min-body-rate counts (default 30s).
+    /// The head start a request body gets before --min-body-rate counts (default 30s, at
+    /// least 1s).
     #[arg(long, env = "CONSTRUIR_SERVER_BODY_GRACE", value_parser = crate::settings::parse_secs)]
     pub body_grace: Option<u64>,
+    /// The longest a request body may send nothing, whatever it sent before (default 60s, at
+    /// least 1s); also the most waiting a fast start can bank against --min-body-rate.
+    #[arg(long, env = "CONSTRUIR_SERVER_BODY_IDLE", value_parser = crate::settings::parse_secs)]
+    pub body_idle: Option<u64>,
     /// Long polls (claims, followed logs) one token may hold open at once (default 64).
     #[arg(long, env = "CONSTRUIR_SERVER_MAX_POLLS_PER_TOKEN")]
     pub max_polls_per_token: Option<usize>,
@@ -62,6 +69,8 @@ pub struct ServeLimits {
     pub write_timeout: Duration,
     pub min_body_rate: u64,
     pub body_grace: Duration,
+    /// The longest a body may send nothing, and the most waiting it may bank ahead of its pace.
+    pub body_idle: Duration,
     pub max_polls_per_token: usize,
 }
 
@@ -75,6 +84,7 @@ impl Default for ServeLimits {
             write_timeout: Duration::from_secs(30),
             min_body_rate: 8 << 10,
             body_grace: Duration::from_secs(30),
+            body_idle: Duration::from_secs(60),
             max_polls_per_token: crate::polls::DEFAULT_MAX_PER_TOKEN,
         }
     }
@@ -97,7 +107,13 @@ impl ServeArgs {
                 .write_timeout
                 .map_or(d.write_timeout, |s| Duration::from_secs(s.max(1))),
             min_body_rate: self.min_body_rate.unwrap_or(d.min_body_rate).max(1),
-            body_grace: self.body_grace.map_or(d.body_grace, Duration::from_secs),
+            // A grace of 0 would fail every body not already buffered at its first wait.
+            body_grace: self
+                .body_grace
+                .map_or(d.body_grace, |s| Duration::from_secs(s.max(1))),
+            body_idle: self
+                .body_idle
+                .map_or(d.body_idle, |s| Duration::from_secs(s.max(1))),
             max_polls_per_token: self
                 .max_polls_per_token
                 .unwrap_or(d.max_polls_per_token)
@@ -108,6 +124,7 @@ impl ServeArgs {
 
 /// Serves until SIGINT/SIGTERM.
 pub async fn serve(settings: Settings, limits: ServeLimits, db: Db) -> anyhow::Result<()> {
+    let limits = within_open_files(limits);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listen on {}: {e}", settings.listen))?;
@@ -140,8 +157,81 @@ pub async fn serve(settings: Settings, limits: ServeLimits, db: Db) -> anyhow::R
 }
 
 /// How long a stop waits for the requests in flight (long polls answer at once on a stop;
-/// uploads get this long to finish).
+/// uploads get this long to finish). `construir-server.service`'s `TimeoutStopSec` must outlast
+/// it, or systemd kills the server mid-drain (a test holds them together).
 const DRAIN: Duration = Duration::from_secs(35);
+
+/// Open files kept for everything but connections: the database (and its journal), blobs being
+/// read or written, upload temp files, the listener, and the [`REFUSALS_AT_ONCE`] refused
+/// connections being answered.
+const FILES_RESERVED: u64 = 256;
+
+/// `limits` with `max_connections` cut to what the open-file limit allows, once that limit is
+/// raised as far as it goes ([`raise_open_files`]); a warning says so when it is cut. Past the
+/// limit `accept` fails (`EMFILE`) rather than answering 503, and the database and blobs cannot
+/// open their files.
+fn within_open_files(limits: ServeLimits) -> ServeLimits {
+    let Some(files) = raise_open_files() else {
+        return limits;
+    };
+    let fit = connections_within(limits.max_connections, files);
+    if fit < limits.max_connections {
+        tracing::warn!(
+            "construir-server: --max-connections {} is past what {files} open files allow \
+             ({FILES_RESERVED} kept for the database, blobs and temp files): serving at most {fit} \
+             at once (raise LimitNOFILE / ulimit -n)",
+            limits.max_connections
+        );
+    }
+    ServeLimits {
+        max_connections: fit,
+        ..limits
+    }
+}
+
+/// How many connections `max_connections` comes to with `files` open files allowed: at most
+/// `files` less [`FILES_RESERVED`] (half of `files` when that is more, for a tiny limit), and
+/// at least 1.
+fn connections_within(max_connections: usize, files: u64) -> usize {
+    let room = files.saturating_sub(FILES_RESERVED).max(files / 2).max(1);
+    max_connections.min(usize::try_from(room).unwrap_or(usize::MAX))
+}
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its hard limit (the
+/// soft one is often 1024, far under `--max-connections`); the soft limit now in force, or
+/// `None` if it cannot be read. A raise the system refuses is logged and the old limit kept.
+fn raise_open_files() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the `rlimit` it is given, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(
+            "construir-server: cannot read the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the `rlimit` it is given, which lives for the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        } else {
+            tracing::warn!(
+                "construir-server: cannot raise the open-file limit from {} to {}: {}",
+                limit.rlim_cur,
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Some(limit.rlim_cur)
+}
 
 /// Serves `routes` on `listener` with hyper's HTTP/1.1 server until `shutdown`, then lets the
 /// requests in flight end (for at most [`DRAIN`]). Against slow and greedy clients:
@@ -182,6 +272,7 @@ pub async fn serve_on(
     let pace = Pace {
         grace: limits.body_grace,
         bytes_per_s: limits.min_body_rate,
+        idle: limits.body_idle,
     };
     tokio::pin!(shutdown);
     loop {
@@ -365,11 +456,15 @@ impl Drop for PeerSlot {
     }
 }
 
-/// The slowest pace a request body may keep: `bytes_per_s` on average, after `grace`.
+/// The slowest pace a request body may keep: `bytes_per_s` on average, after `grace`, and never
+/// nothing for `idle`.
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
     pub grace: Duration,
     pub bytes_per_s: u64,
+    /// The longest one wait for the client's next byte may last, whatever it sent before; also
+    /// the most waiting a body may bank by sending faster than `bytes_per_s`.
+    pub idle: Duration,
 }
 
 /// A request body too slow for its [`Pace`].
@@ -377,21 +472,26 @@ pub struct Pace {
 #[error("the request body arrives slower than {0} bytes a second")]
 pub struct TooSlow(u64);
 
-/// A request body that fails once it falls behind its [`Pace`]: after `grace + received /
-/// bytes_per_s` spent waiting for it, it must have sent `received` bytes and more, so an upload
-/// of any size that keeps the pace is never cut, and a client that trickles bytes to hold a
-/// connection is. Only time spent waiting for the client's bytes counts (from a read that found
-/// none until the next read): time the handler spends between reads (a slow disk) and before
-/// its first read is the server's, not the client's.
+/// A request body that fails once it falls behind its [`Pace`]. It may be waited for `grace`
+/// to begin with, and each byte it sends buys `1 / bytes_per_s` more, but what it has banked
+/// never grows past `idle` (a leaky bucket: the rate is judged over about the last `idle` of
+/// waiting, not the body's whole life), and no single wait for a byte lasts past `idle`, so a
+/// client that sends most of a large body fast and then stops, or trickles, is cut within about
+/// `idle` rather than after hours of credit. An upload of any size that keeps the pace is never
+/// cut. Only time spent waiting for the client's bytes counts (from a read that found none until
+/// the next read): time the handler spends between reads (a slow disk) and before its first
+/// read is the server's, not the client's.
 pub struct MinRate<B> {
     inner: B,
     pace: Pace,
-    received: u64,
-    /// The time spent waiting for the client so far (not counting a wait still going on).
-    waited: Duration,
+    /// The waiting the body may still be given (its grace, then what its bytes bought, at most
+    /// `idle` of that), not counting a wait still going on.
+    left: Duration,
+    /// The time waited since the body's last byte, not counting a wait still going on.
+    since_byte: Duration,
     /// Since when a wait has been going on: the last read found no bytes.
     waiting_since: Option<tokio::time::Instant>,
-    /// When the wait going on uses up the allowance (made at the first wait).
+    /// When the wait going on runs out (made at the first wait).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -400,18 +500,30 @@ impl<B> MinRate<B> {
         MinRate {
             inner,
             pace,
-            received: 0,
-            waited: Duration::ZERO,
+            left: pace.grace,
+            since_byte: Duration::ZERO,
             waiting_since: None,
             deadline: None,
         }
     }
-}
 
-/// How long a body that has sent `received` bytes may have been waited for in all.
-fn allowance(pace: Pace, received: u64) -> Duration {
-    let credit = Duration::from_secs_f64(received as f64 / pace.bytes_per_s.max(1) as f64);
-    pace.grace + credit.min(Duration::from_secs(365 * 86400))
+    /// `bytes` more arrived: they buy their waiting, up to `idle` banked (a grace longer than
+    /// that is kept, not grown), and the idle clock starts again.
+    fn received(&mut self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let bought = Duration::from_secs_f64(bytes as f64 / self.pace.bytes_per_s.max(1) as f64);
+        let bank = self.pace.idle.max(self.left);
+        self.left = self.left.saturating_add(bought).min(bank);
+        self.since_byte = Duration::ZERO;
+    }
+
+    /// How long the wait now starting may last.
+    fn wait_allowed(&self) -> Duration {
+        self.left
+            .min(self.pace.idle.saturating_sub(self.since_byte))
+    }
 }
 
 impl<B> HttpBody for MinRate<B>
@@ -430,12 +542,14 @@ where
         let pace = this.pace;
         let now = tokio::time::Instant::now();
         if let Some(since) = this.waiting_since.take() {
-            this.waited += now.saturating_duration_since(since);
+            let waited = now.saturating_duration_since(since);
+            this.left = this.left.saturating_sub(waited);
+            this.since_byte = this.since_byte.saturating_add(waited);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.received += data.len() as u64;
+                    this.received(data.len());
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -447,17 +561,15 @@ where
                         Box::new(TooSlow(pace.bytes_per_s)) as axum::BoxError
                     )))
                 };
-                let Some(left) = allowance(pace, this.received).checked_sub(this.waited) else {
-                    return too_slow();
-                };
-                if left.is_zero() {
+                let allowed = this.wait_allowed();
+                if allowed.is_zero() {
                     return too_slow();
                 }
                 this.waiting_since = Some(now);
                 let deadline = this
                     .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + left)));
-                deadline.as_mut().reset(now + left);
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + allowed)));
+                deadline.as_mut().reset(now + allowed);
                 match deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => too_slow(),
                     Poll::Pending => Poll::Pending,
@@ -886,6 +998,7 @@ mod tests {
             write_timeout: Some(0),
             min_body_rate: Some(0),
             body_grace: Some(0),
+            body_idle: Some(0),
             max_polls_per_token: Some(0),
         }
         .resolve();
@@ -900,6 +1013,10 @@ mod tests {
             ),
             (1, 1, Duration::from_secs(1), Duration::from_secs(1), 1, 1)
         );
+        // A grace of 0 would fail every body not already buffered at its first wait.
+        assert_eq!(zero.body_grace, Duration::from_secs(1));
+        assert_eq!(zero.body_idle, Duration::from_secs(1));
+        assert_eq!(d.body_idle, Duration::from_secs(60));
         assert!(!zero.cap_loopback);
     }
 
@@ -937,6 +1054,7 @@ mod tests {
         let pace = Pace {
             grace: Duration::from_millis(100),
             bytes_per_s: 1000,
+            idle: Duration::from_secs(60),
         };
         // The handler takes 150 ms over each piece (a slow disk): 750 ms in all, far past the
         // grace and the pieces' credit, yet the client kept every appointment within 20 ms.
@@ -967,6 +1085,175 @@ mod tests {
         );
     }
 
+    /// A body that sends `first` at once, then what `then` yields.
+    fn body_of(
+        first: usize,
+        then: impl futures::Stream<Item = Result<http_body::Frame<Bytes>, axum::BoxError>>
+        + Send
+        + 'static,
+    ) -> impl HttpBody<Data = Bytes, Error = axum::BoxError> + Unpin {
+        use futures::StreamExt as _;
+        let first =
+            futures::stream::iter([Ok(http_body::Frame::data(Bytes::from(vec![b'x'; first])))]);
+        http_body_util::StreamBody::new(Box::pin(first.chain(then)))
+    }
+
+    /// A megabyte at once (1,000 s of credit at 1,000 bytes a second), then nothing.
+    #[tokio::test]
+    async fn a_body_that_sends_fast_then_stalls_is_cut_within_the_idle_time() {
+        let pace = Pace {
+            grace: Duration::from_millis(100),
+            bytes_per_s: 1000,
+            idle: Duration::from_millis(300),
+        };
+        let mut body = MinRate::new(body_of(1 << 20, futures::stream::pending()), pace);
+        body.frame().await.unwrap().expect("the fast start");
+        let t = std::time::Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(3), body.frame())
+            .await
+            .expect("cut within the idle time, whatever the credit")
+            .unwrap()
+            .unwrap_err();
+        assert!(e.is::<TooSlow>(), "{e}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    /// A megabyte at once, then a byte every 100 ms: each wait is under the idle time, but the
+    /// fast start banks at most the idle time's worth, so the trickle is cut soon.
+    #[tokio::test]
+    async fn a_fast_start_does_not_buy_a_trickle_hours_of_credit() {
+        let pace = Pace {
+            grace: Duration::from_millis(100),
+            bytes_per_s: 1000,
+            idle: Duration::from_millis(300),
+        };
+        let trickle = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((Ok(http_body::Frame::data(Bytes::from_static(b"x"))), ()))
+        });
+        let mut body = MinRate::new(body_of(1 << 20, trickle), pace);
+        let t = std::time::Instant::now();
+        let mut pieces = 0;
+        let e = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match body.frame().await.unwrap() {
+                    Ok(_) => pieces += 1,
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("the trickle was cut");
+        assert!(e.is::<TooSlow>(), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(pieces >= 3, "{pieces}: the fast start bought some waiting");
+        // A body that keeps the pace after a fast start is never cut: 10 bytes every 5 ms is
+        // twice the rate.
+        let paced = futures::stream::unfold(0, |n| async move {
+            (n < 200).then_some(())?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Some((
+                Ok(http_body::Frame::data(Bytes::from_static(b"0123456789"))),
+                n + 1,
+            ))
+        });
+        let mut body = MinRate::new(body_of(1 << 20, paced), pace);
+        let mut pieces = 0;
+        while let Some(frame) = body.frame().await {
+            frame.expect("the body keeps its pace");
+            pieces += 1;
+        }
+        assert_eq!(pieces, 201);
+    }
+
+    #[tokio::test]
+    async fn a_live_body_that_stalls_is_cut_after_body_idle_whatever_its_grace() {
+        let limits = ServeLimits {
+            body_grace: Duration::from_secs(20),
+            body_idle: Duration::from_millis(300),
+            ..ServeLimits::default()
+        };
+        let (_d, app, addr, _stop) = live_server(limits).await;
+        let runner = token_of(&app, "volunteer", "runner").await;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /api/v1/runner/register HTTP/1.1\r\nHost: x\r\nConstruir-Protocol: 1\r\n\
+             Authorization: Bearer {runner}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\nConnection: close\r\n\r\n"
+        );
+        send_raw(&mut conn, head.as_bytes()).await;
+        send_raw(&mut conn, br#"{"name": "#).await;
+        let t = std::time::Instant::now();
+        let got = read_to_close(&mut conn, Duration::from_secs(5))
+            .await
+            .expect("the stalled request was cut");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(status_of(&got), 400, "{text}");
+        assert!(text.contains("slower"), "{text}");
+    }
+
+    #[test]
+    fn connections_fit_in_the_open_file_limit() {
+        // The usual soft limit: 256 kept for the database, blobs and temp files.
+        assert_eq!(connections_within(4096, 1024), 768);
+        assert_eq!(connections_within(4096, 65536), 4096);
+        assert_eq!(connections_within(4096, u64::MAX), 4096, "unlimited");
+        assert_eq!(connections_within(100, 1024), 100);
+        // A tiny limit keeps half for connections, and one connection at the least.
+        assert_eq!(connections_within(4096, 300), 150);
+        assert_eq!(connections_within(4096, 0), 1);
+        // Raising the limit never lowers what was in force, and the clamp uses the raised one.
+        let mut before = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the `rlimit` it is given, which lives for the call.
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut before) };
+        assert_eq!(read, 0, "{}", std::io::Error::last_os_error());
+        let now = raise_open_files().expect("the limit is read");
+        assert!(now >= before.rlim_cur, "{now} < {}", before.rlim_cur);
+        assert!(now <= before.rlim_max, "{now} > {}", before.rlim_max);
+        let limited = within_open_files(ServeLimits {
+            max_connections: usize::MAX,
+            ..ServeLimits::default()
+        });
+        assert_eq!(limited.max_connections, connections_within(usize::MAX, now));
+    }
+
+    /// The unit's numbers against the code's: systemd must not kill a stop mid-drain, and the
+    /// open-file limit must leave the default --max-connections whole.
+    #[test]
+    fn the_unit_outlasts_the_drain_and_has_files_for_every_connection() {
+        let unit = include_str!("../construir-server.service");
+        let setting = |key: &str| -> u64 {
+            let lines: Vec<_> = unit
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+                .collect();
+            assert_eq!(lines.len(), 1, "{key}= once in the unit");
+            lines[0]
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{key}: {e}"))
+        };
+        let stop = Duration::from_secs(setting("TimeoutStopSec"));
+        assert!(
+            stop >= DRAIN + Duration::from_secs(5),
+            "TimeoutStopSec {stop:?} does not outlast DRAIN {DRAIN:?}"
+        );
+        let files = setting("LimitNOFILE");
+        let d = ServeLimits::default();
+        assert_eq!(
+            connections_within(d.max_connections, files),
+            d.max_connections
+        );
+    }
+
     #[tokio::test]
     async fn a_body_past_its_limit_is_told_from_one_cut_short() {
         let e = axum::body::to_bytes(Body::from(vec![0u8; 20]), 10)
@@ -977,6 +1264,7 @@ mod tests {
         let pace = Pace {
             grace: Duration::from_millis(50),
             bytes_per_s: 1000,
+            idle: Duration::from_secs(60),
         };
         let slow = Body::new(MinRate::new(http_body_util::StreamBody::new(stalled), pace));
         let e = axum::body::to_bytes(slow, 10).await.unwrap_err();

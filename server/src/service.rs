@@ -29,7 +29,7 @@ pub struct App {
     pub watchers: Watchers,
     /// Attempt rows not in their job's snapshot, by when housekeeping first saw them so: one is
     /// taken as dead (and its console closed) only once older than a claim can take.
-    unclaimed_rows: Mutex<HashMap<AttemptId, i64>>,
+    unclaimed_rows: Mutex<HashMap<(AttemptId, String), i64>>,
     /// Set once the server is stopping: long polls answer at once (a claim "nothing", a log
     /// what it has), so a stop takes a moment, not the longest poll's remaining 25 s.
     stopping: std::sync::atomic::AtomicBool,
@@ -289,10 +289,10 @@ impl App {
                         .unclaimed_rows
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .get(&u.attempt)
+                        .get(&(u.attempt, u.token_sha256.clone()))
                         .copied()
                         .unwrap_or(now);
-                    unclaimed.insert(u.attempt, seen);
+                    unclaimed.insert((u.attempt, u.token_sha256.clone()), seen);
                     now - seen >= CLAIM_GRACE.as_millis() as i64
                 }
             };
@@ -302,7 +302,7 @@ impl App {
             let cap = ConsoleCap::new(job.facts.limits.console_cap);
             match crate::logs::compact(&self.db, &self.blobs, u.attempt, cap).await {
                 Ok(_) => {
-                    unclaimed.remove(&u.attempt);
+                    unclaimed.remove(&(u.attempt, u.token_sha256.clone()));
                     done += 1;
                 }
                 // One attempt's trouble must not stop the others'.

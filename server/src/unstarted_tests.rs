@@ -1,7 +1,8 @@
 //! Claims that never start, and uploads of one attempt at a time, in process: a runner (or its
-//! user under other names) that claims a job and does not start it never gets that job again,
-//! so one user cannot cycle a job — or the queue — into `errored`; the job goes on to other
-//! users' runners in the usual order. And a second output upload of an attempt while one is
+//! user under other names) that claims a job and does not start it waits out a cool-down before
+//! it gets that job again, so one user cannot cycle a job — or the queue — into `errored` in a
+//! burst, while an honest runner whose claim or start was lost gets it back; other users'
+//! runners may take the job at once. And a second output upload of an attempt while one is
 //! under way is refused at once, before its body is read.
 
 use crate::flow_tests::{Answer, caps, job, json_call, send, submit, token};
@@ -120,8 +121,31 @@ async fn submit_id(app: &Shared, token: &str, name: &str) -> u64 {
     answer.json()["id"].as_u64().unwrap()
 }
 
+/// Moves the ends of job `id`'s attempts `by_ms` into the past, as if that long had gone by.
+async fn backdate(app: &Shared, id: u64, by_ms: u64) {
+    let id = construir_api::types::JobId(id);
+    let mut job = app.db.load_job(id).await.unwrap().unwrap();
+    for a in &mut job.snapshot.attempts {
+        if let Some(ended) = a.ended_ms.as_mut() {
+            *ended -= by_ms;
+        }
+    }
+    assert!(
+        app.db
+            .store_job(id, job.version, &job.snapshot)
+            .await
+            .unwrap()
+    );
+}
+
+const COOL_DOWN_MS: u64 = 5 * 60_000;
+
+fn reason(v: &Value) -> String {
+    v["reason"].as_str().unwrap().to_string()
+}
+
 #[tokio::test]
-async fn a_user_whose_runner_did_not_start_a_job_never_gets_it_again_and_cannot_error_it() {
+async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_cannot_error_it() {
     let (_d, app) = app_with(SettingArgs::default()).await;
     let alice = token(&app, "alice", "submitter").await;
     let first = submit_id(&app, &alice, "first_t0.tar.xz").await;
@@ -139,9 +163,10 @@ async fn a_user_whose_runner_did_not_start_a_job_never_gets_it_again_and_cannot_
     assert_eq!(b.job, second);
     abort(&app, &b).await;
 
-    // Again and again, under fresh names of the same user (or a second token of it): nothing.
+    // Again and again, under fresh names of the same user (or a second token of it): nothing
+    // during the cool-down.
     let mallory2 = token(&app, "mallory", "runner").await;
-    for n in 0..12 {
+    for n in 0..6 {
         let (t, r) = if n % 2 == 0 {
             (&mallory, register(&app, &mallory, &format!("m-{n}")).await)
         } else {
@@ -164,29 +189,58 @@ async fn a_user_whose_runner_did_not_start_a_job_never_gets_it_again_and_cannot_
         let v = show(&app, &alice, id).await;
         assert_eq!(v["state"], "queued", "{v}");
         assert_eq!(v["attempts"].as_array().unwrap().len(), 1, "{v}");
-        let reason = v["reason"].as_str().unwrap();
+        let reason = reason(&v);
         assert!(
-            reason.contains("queued again for other runners"),
+            reason.contains(&format!(
+                "runner {m1} claimed it and did not start it; other runners may take it now, \
+                 {m1} again after a 300 s cool-down"
+            )),
             "{reason}"
         );
+        assert!(!reason.contains("queued again"), "{reason}");
     }
 
-    // Another user's runner gets them, in order, with all their tries.
+    // After the cool-down the user's runners get the first again: another name of it claims
+    // and gives up once more, and now the user's names wait twice as long.
+    backdate(&app, first, COOL_DOWN_MS).await;
+    let m9 = register(&app, &mallory2, "m9").await;
+    let c = claimed(&claim(&app, &mallory2, &m9).await);
+    assert_eq!(c.job, first);
+    abort(&app, &c).await;
+    backdate(&app, first, COOL_DOWN_MS).await;
+    let answer = claim(&app, &mallory, &m1).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT);
+    let v = show(&app, &alice, first).await;
+    let why = reason(&v);
+    assert!(
+        why.contains(&format!(
+            "runner {m9} claimed it as attempt {} and did not start it, the user's runners 2 \
+             times in all: other users' runners may take it now, that user's again at",
+            c.base.rsplit('/').next().unwrap()
+        )),
+        "{why}"
+    );
+    backdate(&app, first, COOL_DOWN_MS).await;
+    let d = claimed(&claim(&app, &mallory, &m1).await);
+    assert_eq!(d.job, first, "m1 gets it again after the cool-down");
+    let started = call(&app, &d, Method::POST, "start", Body::empty()).await;
+    assert_eq!(started.status, StatusCode::OK);
+    let why = reason(&show(&app, &alice, first).await);
+    assert!(why.contains("try 1 of 3"), "{why}");
+
+    // Another user's runner gets the second at once, with all its tries.
     let volunteer = token(&app, "volunteer", "runner").await;
     let home = register(&app, &volunteer, "home").await;
-    let c = claimed(&claim(&app, &volunteer, &home).await);
-    assert_eq!(c.job, first);
-    let started = call(&app, &c, Method::POST, "start", Body::empty()).await;
+    let e = claimed(&claim(&app, &volunteer, &home).await);
+    assert_eq!(e.job, second);
+    let started = call(&app, &e, Method::POST, "start", Body::empty()).await;
     assert_eq!(started.status, StatusCode::OK);
-    let reason = show(&app, &alice, first).await["reason"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(reason.contains("try 1 of 3"), "{reason}");
+    let why = reason(&show(&app, &alice, second).await);
+    assert!(why.contains("try 1 of 3"), "{why}");
 }
 
 #[tokio::test]
-async fn a_runner_that_lets_the_accept_window_close_is_passed_over_too() {
+async fn a_runner_that_lets_the_accept_window_close_gets_the_job_after_its_cool_down() {
     let (_d, app) = app_with(SettingArgs {
         accept_window: Some(1),
         ..SettingArgs::default()
@@ -202,11 +256,32 @@ async fn a_runner_that_lets_the_accept_window_close_is_passed_over_too() {
     let v = show(&app, &alice, id).await;
     assert_eq!(v["state"], "queued", "{v}");
     assert_eq!(v["attempts"][0]["state"], "expired", "{v}");
-    // Restarted under the same name (the same runner id): still not this job.
+    // Restarted under the same name (the same runner id), say after its claim answer was lost:
+    // not this job during the cool-down, and the reason says until when.
     let again = register(&app, &sleepy_token, "sleepy").await;
     assert_eq!(again, sleepy);
     let answer = claim(&app, &sleepy_token, &sleepy).await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT);
+    let why = reason(&show(&app, &alice, id).await);
+    assert!(
+        why.contains(&format!("{sleepy} again after a 300 s cool-down")),
+        "{why}"
+    );
+    // Then it gets it back, though no other runner came.
+    backdate(&app, id, COOL_DOWN_MS).await;
+    assert_eq!(claimed(&claim(&app, &sleepy_token, &sleepy).await).job, id);
+}
+
+#[tokio::test]
+async fn another_users_runner_takes_a_job_at_once_during_a_cool_down() {
+    let (_d, app) = app_with(SettingArgs::default()).await;
+    let alice = token(&app, "alice", "submitter").await;
+    let id = submit_id(&app, &alice, "x_t0.tar.xz").await;
+    let farm = token(&app, "farm", "runner").await;
+    let f1 = register(&app, &farm, "f1").await;
+    abort(&app, &claimed(&claim(&app, &farm, &f1).await)).await;
+    let f2 = register(&app, &farm, "f2").await;
+    assert_eq!(claim(&app, &farm, &f2).await.status, StatusCode::NO_CONTENT);
     let other = token(&app, "other", "runner").await;
     let keen = register(&app, &other, "keen").await;
     assert_eq!(claimed(&claim(&app, &other, &keen).await).job, id);

@@ -37,15 +37,19 @@ impl Run<'_> {
         if self.job.attempt(attempt).is_some() {
             return Err(Refusal::DuplicateAttempt(attempt));
         }
-        // A runner that once claimed the job and did not start it is not given it again: it
-        // would hand it straight back, and each such end brings the job nearer `errored`. It
-        // is left to other runners (and the unstarted cap needs that many different ones).
-        // (The job is queued: none of its attempts is live.)
-        let not_started = |a: &&AttemptSnapshot| a.runner == runner && a.started_ms.is_none();
-        if let Some(a) = self.job.attempts.iter().find(not_started) {
+        // A runner that claimed the job and did not start it waits out a cool-down before it
+        // gets it again (other runners may take it at once): one whose claim answer or start
+        // was lost gets it back, one that claims and gives up in a loop cannot hurry the job
+        // to the unstarted cap. (The job is queued: none of its attempts is live.)
+        if let Some(c) = self
+            .job
+            .unstarted_cooldown(self.settings, |r| r == runner)
+            .filter(|c| self.now < c.until_ms)
+        {
             return Err(Refusal::RunnerDidNotStart {
                 runner,
-                attempt: a.id,
+                attempt: c.attempt,
+                until_ms: c.until_ms,
             });
         }
         self.job.attempts.push(AttemptSnapshot {
@@ -182,20 +186,27 @@ impl Run<'_> {
     }
 
     /// After attempt `id` ended before it started: nothing ran, so the job is not blamed, keeps
-    /// its tries and is claimable at once, by other runners only (its runner is refused from
-    /// now on, see [`Run::claim`]). So every unstarted attempt is a different runner's, and
-    /// only when [`super::Settings::unstarted_cap`] different runners each did not start it
-    /// is it `errored`: one runner, however often it claims and gives up, cannot error a job.
+    /// its tries and is claimable at once by other runners; its own runner gets it again after
+    /// a cool-down (see [`Run::claim`], [`super::Settings::cooldown_after`]). When the job's
+    /// unstarted attempts, whoever's, reach [`super::Settings::unstarted_cap`], it is
+    /// `errored`; the cool-downs keep one runner from getting there in a burst.
     fn requeue_unstarted(&mut self, id: AttemptId, why: &str) {
         let unstarted = self.job.unstarted();
         let cap = self.settings.unstarted_cap();
-        let runner = self.job.attempt(id).map(|a| a.runner);
         if unstarted >= cap {
+            let runners: std::collections::HashSet<_> = self
+                .job
+                .attempts
+                .iter()
+                .filter(|a| a.started_ms.is_none())
+                .map(|a| a.runner)
+                .collect();
             self.end_job(
                 JobState::Errored,
                 format!(
-                    "runners kept not starting it: {unstarted} different runners each claimed \
-                     it and never started it; the last, attempt {id}: {why}"
+                    "runners kept not starting it: {unstarted} attempts (of {} runners) were \
+                     claimed and never started; the last, attempt {id}: {why}",
+                    runners.len()
                 ),
             );
             return;
@@ -203,12 +214,22 @@ impl Run<'_> {
         self.job.state = JobState::Queued;
         self.job.retry_not_before_ms = None;
         self.job.expires_at_ms = self.now.saturating_add(self.job.policy.ttl_ms);
-        let runner = runner
-            .map(|r| format!(", not runner {r}"))
-            .unwrap_or_default();
+        let runner = self.job.attempt(id).map(|a| a.runner);
+        let cooldown = runner.and_then(|r| self.job.unstarted_cooldown(self.settings, |x| x == r));
+        let again = match cooldown {
+            Some(c) if c.until_ms > self.now => format!(
+                "runner {} claimed it and did not start it; other runners may take it now, {} \
+                 again after a {} s cool-down (at {} Unix ms)",
+                c.runner,
+                c.runner,
+                (c.until_ms - self.now).div_ceil(1000),
+                c.until_ms
+            ),
+            _ => "any runner may take it now".into(),
+        };
         self.job.reason = format!(
-            "attempt {id} ended before it started ({why}); queued again for other runners\
-             {runner}, not counted as a try ({unstarted} of {cap} runners did not start it)"
+            "attempt {id} ended before it started ({why}), not counted as a try ({unstarted} of \
+             {cap} unstarted attempts allowed): {again}"
         );
         self.effects.push(Effect::WakeRunners);
     }

@@ -53,7 +53,7 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
                 // Mostly new ids, sometimes a reused one.
                 attempt: AttemptId(rng.below(8)),
                 // Mostly a runner that had the job before (one that did not start it is
-                // refused), sometimes a new one, so that the unstarted cap is reached too.
+                // refused during its cool-down, taken after it), sometimes a new one.
                 runner: RunnerId(match rng.below(4) {
                     0 => 3 + rng.below(12),
                     _ => rng.below(3),
@@ -183,17 +183,10 @@ fn check_step(
                 outcome.is_some_and(|s| s.is_job_outcome() && s != ReportStatus::Success)
             }
             JobState::Canceled => before.cancel_requested || *event == Event::Cancel,
-            // The tries ran out, or that many different runners each did not start it.
+            // The tries ran out, or the unstarted attempts (whoever's) reached their cap.
             JobState::Errored => {
-                let runners: std::collections::HashSet<_> = after
-                    .attempts
-                    .iter()
-                    .filter(|a| a.started_ms.is_none())
-                    .map(|a| a.runner)
-                    .collect();
                 after.tries() == after.policy.max_tries
-                    || (after.unstarted() == settings.unstarted_cap()
-                        && runners.len() as u32 == after.unstarted())
+                    || after.unstarted() == settings.unstarted_cap()
             }
             JobState::Expired => *event == Event::Tick && before.state == JobState::Queued,
             JobState::Queued | JobState::Running => false,
@@ -217,15 +210,14 @@ fn check_step(
     {
         return Err("an unstarted attempt cost the job a try or a back-off".into());
     }
-    // A runner that did not start the job never gets it again.
+    // A runner that did not start the job gets it again only after its cool-down.
     if let Event::Claim { runner, .. } = event
-        && before
-            .attempts
-            .iter()
-            .any(|a| a.runner == *runner && a.started_ms.is_none())
+        && let Some(c) = before.unstarted_cooldown(settings, |r| r == *runner)
+        && now < c.until_ms
     {
         return Err(format!(
-            "runner {runner} got the job again after not starting it"
+            "runner {runner} got the job again within its cool-down until {}",
+            c.until_ms
         ));
     }
     if before.cancel_requested && !ended && after.state != JobState::Running {
@@ -318,7 +310,7 @@ fn check_step(
 fn random_event_sequences_keep_the_invariants() {
     let mut rng = Prng(0x636f_6e73_7472_7569);
     let (mut taken, mut refusals, mut ended) = (0u32, 0u32, 0u32);
-    let (mut not_started, mut barred) = (0u32, 0u32);
+    let (mut not_started, mut barred, mut again) = (0u32, 0u32, 0u32);
     for sequence in 0..3000 {
         // Short timings half of the time, so that caps and back-offs are reached often.
         let settings = if rng.below(2) == 0 {
@@ -332,6 +324,8 @@ fn random_event_sequences_keep_the_invariants() {
                 backoff_factor: rng.below(5) as u32,
                 backoff_cap_ms: rng.below(600_000),
                 max_unstarted: rng.below(5) as u32,
+                unstarted_cooldown_ms: rng.below(120_000),
+                unstarted_cooldown_cap_ms: rng.below(600_000),
             }
         };
         let policy = JobPolicy {
@@ -350,6 +344,11 @@ fn random_event_sequences_keep_the_invariants() {
             match step(&job, &settings, now, &event) {
                 Ok(t) => {
                     taken += 1;
+                    // A runner back after the cool-down of its unstarted end(s).
+                    if let Event::Claim { runner, .. } = &event {
+                        let had = before.unstarted_cooldown(&settings, |r| r == *runner);
+                        again += u32::from(had.is_some());
+                    }
                     // Pure: the same input gives the same output.
                     assert_eq!(step(&before, &settings, now, &event).as_ref(), Ok(&t));
                     if let Err(broken) = check_step(&before, &event, &t, &settings, now) {
@@ -362,7 +361,13 @@ fn random_event_sequences_keep_the_invariants() {
                 }
                 Err(refusal) => {
                     refusals += 1;
-                    barred += u32::from(matches!(refusal, Refusal::RunnerDidNotStart { .. }));
+                    if let Refusal::RunnerDidNotStart { until_ms, .. } = refusal {
+                        barred += 1;
+                        assert!(
+                            now < until_ms,
+                            "sequence {sequence}: refused after its cool-down"
+                        );
+                    }
                     assert_eq!(
                         job, before,
                         "sequence {sequence}: {refusal} changed the snapshot"
@@ -375,11 +380,12 @@ fn random_event_sequences_keep_the_invariants() {
         not_started +=
             u32::from(job.state == JobState::Errored && job.tries() < job.policy.max_tries);
     }
-    // The unstarted cap is reached (by different runners), and runners that did not start a
-    // job are refused it.
+    // The unstarted cap is reached, runners that did not start a job are refused it during
+    // their cool-down, and claim it again after it.
     assert!(
-        not_started > 20 && barred > 100,
-        "errored by unstarted ends {not_started}, runners refused {barred}"
+        not_started > 20 && barred > 50 && again > 50,
+        "errored by unstarted ends {not_started}, runners refused {barred}, back after a \
+         cool-down {again}"
     );
     // The generator reaches both sides, and most jobs end.
     assert!(

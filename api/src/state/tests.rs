@@ -421,7 +421,7 @@ fn an_attempt_not_started_within_the_accept_window_expires() {
     assert!(
         t.job
             .reason
-            .contains("not counted as a try (1 of 10 runners did not start it)"),
+            .contains("not counted as a try (1 of 10 unstarted attempts allowed)"),
         "{}",
         t.job.reason
     );
@@ -544,62 +544,128 @@ fn runners_that_claim_and_never_start_cost_the_job_no_tries() {
 }
 
 #[test]
-fn a_runner_that_did_not_start_the_job_never_gets_it_again_and_cannot_error_it() {
-    // One runner claims and gives up (or lets the accept window close) in a loop: after its
-    // first unstarted end it is refused, however long it tries; the job stays queued, with
-    // all its tries, for the others.
+fn a_runner_that_did_not_start_the_job_gets_it_again_after_a_cool_down() {
+    // A runner claims and gives up (or its start or claim answer was lost): others may take the
+    // job at once, this runner again after 5 minutes.
+    const MIN: u64 = 60 * S;
     let job = ok(&submitted(), T0, claim(A1, R1, T0)).job;
-    let job = ok(&job, T0 + S, abort(A1, "never meant to")).job;
+    let ended = T0 + S;
+    let job = ok(&job, ended, abort(A1, "never meant to")).job;
     assert_eq!(job.state, JobState::Queued);
-    assert!(
-        job.reason
-            .contains("queued again for other runners, not runner 10"),
-        "{}",
-        job.reason
+    assert_eq!(
+        job.reason,
+        "attempt 1 ended before it started (runner aborted: never meant to), not \
+         counted as a try (1 of 10 unstarted attempts allowed): runner 10 claimed it and did not \
+         start it; other runners may take it now, 10 again after a 300 s cool-down (at \
+         1000301000 Unix ms)"
     );
-    let mut now = T0 + S;
-    for n in 0..3 * SETTINGS.max_unstarted as u64 {
-        now += S;
-        let e = refused(&job, now, claim(AttemptId(200 + n), R1, now));
+    let until = ended + 5 * MIN;
+    for now in [ended, ended + S, until - 1] {
+        let e = refused(&job, now, claim(A2, R1, now));
         assert_eq!(
             e,
             Refusal::RunnerDidNotStart {
                 runner: R1,
-                attempt: A1
+                attempt: A1,
+                until_ms: until
             }
         );
         assert_eq!(e.code(), crate::codes::WRONG_STATE);
     }
     assert_eq!(
-        refused(&job, now, claim(AttemptId(999), R1, now)).to_string(),
-        "runner 10 claimed this job as attempt 1 and did not start it: the job is left to \
-         other runners"
+        refused(&job, ended, claim(A2, R1, ended)).to_string(),
+        "runner 10 claimed this job as attempt 1 and did not start it: other runners may take it \
+         now, this one again from 1000301000 (Unix ms), after a cool-down"
     );
-    // An accept window that closed bars the runner the same way.
-    let job = ok(&job, now, claim(A2, R2, now)).job;
-    let accept_by = job.attempts[1].accept_by_ms;
-    let job = ok(&job, accept_by, Event::Tick).job;
+    // Another runner could have had it at once.
+    ok(&job, ended, claim(A2, R2, ended));
+    // Once the cool-down is over, the same runner gets it, and may run it.
+    let t = ok(&job, until, claim(A2, R1, until));
+    assert!(t.job.reason.contains("(try 1 of 3)"), "{}", t.job.reason);
+    // Its second unstarted end (the accept window closed) doubles the cool-down.
+    let accept_by = t.job.attempts[1].accept_by_ms;
+    let job = ok(&t.job, accept_by, Event::Tick).job;
     assert_eq!(job.state, JobState::Queued);
+    assert!(
+        job.reason.contains("10 again after a 600 s cool-down"),
+        "{}",
+        job.reason
+    );
     assert!(matches!(
-        refused(&job, accept_by + S, claim(A3, R2, accept_by + S)),
-        Refusal::RunnerDidNotStart { runner: R2, .. }
+        refused(&job, accept_by + 10 * MIN - 1, claim(A3, R1, accept_by + 10 * MIN - 1)),
+        Refusal::RunnerDidNotStart { runner: R1, attempt: A2, until_ms } if until_ms == accept_by + 10 * MIN
     ));
-    // A runner whose attempt started and failed (a try) may take the job again.
-    let job = running(&job, AttemptId(7), RunnerId(30), accept_by + S);
-    let job = ok(&job, accept_by + 2 * S, abort(AttemptId(7), "disk full")).job;
+    let job = ok(
+        &job,
+        accept_by + 10 * MIN,
+        claim(A3, R1, accept_by + 10 * MIN),
+    )
+    .job;
+    // A start clears nothing, but a started attempt is a try, not an unstarted end.
+    let job = ok(&job, accept_by + 10 * MIN + S, Event::Start { attempt: A3 }).job;
+    let job = ok(&job, accept_by + 10 * MIN + 2 * S, abort(A3, "disk full")).job;
     let at = job.retry_not_before_ms.unwrap();
-    let job = running(&job, AttemptId(8), RunnerId(30), at);
+    let job = running(&job, AttemptId(8), R1, at);
     assert_eq!(job.state, JobState::Running);
     assert_eq!((job.tries(), job.unstarted()), (2, 2));
 }
 
 #[test]
+fn the_cool_down_doubles_up_to_its_cap() {
+    let mins: Vec<u64> = (1..=8)
+        .map(|n| SETTINGS.cooldown_after(n) / 60_000)
+        .collect();
+    assert_eq!(mins, [5, 10, 20, 40, 60, 60, 60, 60]);
+    assert_eq!(SETTINGS.cooldown_after(u32::MAX), 3600 * S);
+    let none = Settings {
+        unstarted_cooldown_ms: 0,
+        ..SETTINGS
+    };
+    assert_eq!(none.cooldown_after(3), 0);
+}
+
+#[test]
+fn one_runner_that_never_starts_errors_the_job_only_after_hours() {
+    // The cap counts every unstarted attempt, whoever's; one runner gets there only by
+    // waiting out each cool-down (5 + 10 + 20 + 40 + 5 × 60 min between its ten ends).
+    let mut job = JobSnapshot::submitted(JobPolicy::DEFAULT, T0).job;
+    let mut now = T0;
+    for n in 1..=SETTINGS.max_unstarted as u64 {
+        let id = AttemptId(n);
+        if n > 1 {
+            let e = refused(&job, now, claim(id, R1, now));
+            let Refusal::RunnerDidNotStart { until_ms, .. } = e else {
+                panic!("{e}")
+            };
+            now = until_ms;
+        }
+        job = ok(&job, now, claim(id, R1, now)).job;
+        now += S;
+        job = ok(&job, now, abort(id, "never meant to")).job;
+    }
+    assert_eq!(job.state, JobState::Errored);
+    assert!(now - T0 >= 375 * 60 * S, "{} min", (now - T0) / 60_000);
+    assert_eq!(
+        job.reason,
+        "runners kept not starting it: 10 attempts (of 1 runners) were claimed and never \
+         started; the last, attempt 10: runner aborted: never meant to"
+    );
+}
+
+#[test]
 fn past_the_unstarted_cap_the_job_is_errored_saying_why() {
-    // Errored by unstarted ends only when that many different runners each did not start it.
+    // Errored when the job's unstarted attempts reach the cap, whoever's.
     let mut job = submitted();
     let mut now = T0;
     for n in 1..=SETTINGS.max_unstarted as u64 {
-        job = ok(&job, now, claim(AttemptId(n), RunnerId(100 + n), now)).job;
+        // Two runners take turns, each waiting out its cool-down.
+        let runner = RunnerId(100 + n % 2);
+        if let Err(Refusal::RunnerDidNotStart { until_ms, .. }) =
+            step(&job, &SETTINGS, now, &claim(AttemptId(n), runner, now))
+        {
+            now = until_ms;
+        }
+        job = ok(&job, now, claim(AttemptId(n), runner, now)).job;
         now = job.attempts.last().unwrap().accept_by_ms;
         let t = ok(&job, now, Event::Tick);
         job = t.job;
@@ -618,8 +684,8 @@ fn past_the_unstarted_cap_the_job_is_errored_saying_why() {
     assert_eq!(job.state, JobState::Errored);
     assert_eq!(
         job.reason,
-        "runners kept not starting it: 10 different runners each claimed it and never started \
-         it; the last, attempt 10: not started within the accept window"
+        "runners kept not starting it: 10 attempts (of 2 runners) were claimed and never \
+         started; the last, attempt 10: not started within the accept window"
     );
     assert_eq!(job.attempts.len(), 10);
     // The cap is a setting.
@@ -662,14 +728,21 @@ fn the_invariant_bounds_tries_and_unstarted_attempts_apart() {
         unstarted.invariant_violation(&SETTINGS).as_deref(),
         Some("11 unstarted attempts of 10")
     );
-    // A runner that did not start the job has no later attempt of it.
+    // A runner that did not start the job has no later attempt of it within its cool-down.
     let mut again = submitted();
     again.attempts = unstarted.attempts[..2].to_vec();
     again.attempts[1].runner = again.attempts[0].runner;
+    again.attempts[1].claimed_ms = T0 + 2 * S + 5 * 60 * S - 1;
     assert_eq!(
         again.invariant_violation(&SETTINGS).as_deref(),
-        Some("runner 60 claimed the job again after not starting attempt 60")
+        Some(
+            "runner 60 claimed the job again at 1000301999 after not starting attempt 60, \
+             within its cool-down (until 1000302000)"
+        )
     );
+    again.attempts[1].claimed_ms += 1;
+    assert_eq!(again.invariant_violation(&SETTINGS), None);
+    again.attempts[1].claimed_ms -= 1;
     again.attempts[0].started_ms = Some(T0 + S);
     assert_eq!(again.invariant_violation(&SETTINGS), None);
 }
