@@ -197,6 +197,21 @@ fn attempt_lines(s: &mut String, a: &AttemptView, is_result: bool) {
         result.push("a late report, kept aside".into());
     }
     let _ = writeln!(s, "      {}", result.join(", "));
+    // The server's index of the output: what replicas of the job must agree on.
+    if let Some(index) = &a.output_index {
+        let line = match (&index.tree_sha256, &index.error) {
+            (Some(tree), _) => format!(
+                "output tree {} ({} entries)",
+                printable(tree),
+                index.entries.unwrap_or(0)
+            ),
+            (None, Some(why)) => format!("output not indexed: {}", printable(why)),
+            (None, None) => String::new(),
+        };
+        if !line.is_empty() {
+            let _ = writeln!(s, "      {line}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -238,7 +253,11 @@ mod tests {
                 output_sha256: Some("cd".repeat(32)),
                 output_size: Some(1536),
                 console_size: 100,
-                output_index: None,
+                output_index: Some(construir_api::types::OutputIndexView {
+                    tree_sha256: Some("e".repeat(64)),
+                    entries: Some(3),
+                    error: None,
+                }),
             }],
             result_attempt: Some(AttemptId(7)),
         }
@@ -256,6 +275,7 @@ mod tests {
             "7 on runner 2: reported, job failed with exit status 2\\u{202e}  (the result)\n",
             "started 2026-12-01 19:40:14, ended 2026-12-01 19:41:15 (1m 01s)\n",
             "status failed, exit code 2, job exit status 2, output 1.5 KiB, console 100 bytes\n",
+            "output tree eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee (3 entries)\n",
         ] {
             assert!(text.contains(want), "{want:?} not in\n{text}");
         }
