@@ -72,6 +72,7 @@ pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
         return Ok(if result.is_none() { code } else { 0 });
     };
     let archive = download(api, job.id, attempt, dir, job.limits.output_size)?;
+    check_tree(attempt, &archive, &args)?;
     local(std::fs::create_dir(&unpack_to), "create", &unpack_to)?;
     let source = local(archive.reopen(), "reopen the download in", dir)?;
     let summary = archive::extract(std::io::BufReader::new(source), &unpack_to, &args.limits())
@@ -98,6 +99,47 @@ pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
         unpack_to.display()
     );
     Ok(0)
+}
+
+/// Checks the downloaded output against the server's index of it: the tree digest the server
+/// recorded when the output arrived (what replicas of the job are compared by) must be the one
+/// these bytes give. The sha256 matched already, so a difference means the server's index is not
+/// of these bytes: nothing is unpacked.
+fn check_tree(
+    attempt: &AttemptView,
+    archive: &tempfile::NamedTempFile,
+    args: &FetchArgs,
+) -> anyhow::Result<()> {
+    let Some(want) = attempt
+        .output_index
+        .as_ref()
+        .and_then(|i| i.tree_sha256.clone())
+    else {
+        return Ok(());
+    };
+    let source = local(archive.reopen(), "reopen the download in", archive.path())?;
+    let got = archive::index(std::io::BufReader::new(source), &args.limits())
+        .map_err(|e| {
+            fail(
+                exit::LOCAL,
+                format!(
+                    "the server indexed the output, but it cannot be read here: {:#}; not unpacked",
+                    anyhow::Error::from(e)
+                ),
+            )
+        })?
+        .tree_sha256;
+    if got != want {
+        return Err(fail(
+            exit::LOCAL,
+            format!(
+                "the output's tree digest is {got}, not the {} the server recorded for it: not \
+                 unpacked",
+                printable(&want)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A local I/O failure, with what was being done (exit 115).
@@ -221,6 +263,10 @@ mod tests {
 
     /// The job as the server would show it after a failed run with output `archive`.
     fn job_json(archive: &[u8], sha: &str) -> String {
+        job_json_with_tree(archive, sha, None)
+    }
+
+    fn job_json_with_tree(archive: &[u8], sha: &str, tree: Option<&str>) -> String {
         serde_json::json!({
             "id": 9, "owner": 1, "name": "hello_i0.tar.xz", "image": "i0",
             "sha256": "ab".repeat(32), "size": 1 << 20,
@@ -233,17 +279,31 @@ mod tests {
                 "id": 4, "runner": 1, "state": "reported", "why": "", "late": false,
                 "claimed_ms": 2, "started_ms": 3, "ended_ms": 8, "phase": null,
                 "status": "failed", "exit_code": 2, "job_exit_status": 2,
-                "output_sha256": sha, "output_size": archive.len(), "console_size": 5
+                "output_sha256": sha, "output_size": archive.len(), "console_size": 5,
+                "output_index": {"tree_sha256": tree, "entries": 1}
             }]
         })
         .to_string()
     }
 
     fn serve(archive: &[u8], recorded_sha: &str) -> crate::config::ServerUrl {
+        serve_with_tree(archive, recorded_sha, None)
+    }
+
+    fn serve_with_tree(
+        archive: &[u8],
+        recorded_sha: &str,
+        tree: Option<&str>,
+    ) -> crate::config::ServerUrl {
         // The fake server sends text: a plain tar of ASCII names and contents is text.
         let body = String::from_utf8(archive.to_vec()).expect("a text-only archive");
         let (url, _server) = fake_server(vec![
-            answer(200, true, "", &job_json(archive, recorded_sha)),
+            answer(
+                200,
+                true,
+                "",
+                &job_json_with_tree(archive, recorded_sha, tree),
+            ),
             answer(
                 200,
                 true,
@@ -327,5 +387,29 @@ mod tests {
         assert!(f.message.contains("not unpacked"), "{}", f.message);
         assert!(!d.path().join("output").exists());
         assert!(d.path().join("record.json").is_file() && d.path().join("console.log").is_file());
+    }
+
+    #[test]
+    fn an_output_is_unpacked_only_when_the_servers_tree_digest_is_its_own() {
+        let tar = text_tar(&[("hello", "built\n")]);
+        let tree = archive::index(&tar[..], &archive::Limits::DEFAULT)
+            .unwrap()
+            .tree_sha256;
+        let d = tempfile::tempdir().unwrap();
+        let url = serve_with_tree(&tar, &sha256_hex(&tar), Some(&tree));
+        let code = run(&Api::new(&url, "t"), fetch_args(&d.path().join("good"))).unwrap();
+        assert_eq!(code, 0);
+        assert!(d.path().join("good/output/hello").is_file());
+
+        let url = serve_with_tree(&tar, &sha256_hex(&tar), Some(&"e".repeat(64)));
+        let e = run(&Api::new(&url, "t"), fetch_args(&d.path().join("bad"))).unwrap_err();
+        let f = e.downcast_ref::<exit::Failure>().unwrap();
+        assert_eq!(f.code, exit::LOCAL);
+        assert!(
+            f.message.contains("tree digest") && f.message.contains("not unpacked"),
+            "{}",
+            f.message
+        );
+        assert!(!d.path().join("bad/output").exists());
     }
 }
