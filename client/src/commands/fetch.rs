@@ -262,10 +262,6 @@ mod tests {
     }
 
     /// The job as the server would show it after a failed run with output `archive`.
-    fn job_json(archive: &[u8], sha: &str) -> String {
-        job_json_with_tree(archive, sha, None)
-    }
-
     fn job_json_with_tree(archive: &[u8], sha: &str, tree: Option<&str>) -> String {
         serde_json::json!({
             "id": 9, "owner": 1, "name": "hello_i0.tar.xz", "image": "i0",
