@@ -3,7 +3,6 @@
 //! its attempt lives (and, for the output and report of a lapsed attempt, within its late
 //! window); it dies with the runner token it was claimed with.
 
-use crate::blobs::Received;
 use crate::db::now_ms;
 use crate::http::Refusal;
 use crate::jobs::{OutputIndexed, SetOutput, StoredJob};
@@ -250,7 +249,6 @@ pub async fn upload_output(
         .blobs
         .receive(body, job.facts.limits.output_size)
         .await?;
-    let indexed = index_output(&app, &received).await?;
     app.blobs.publish(&received).await?;
     // The upload took time: whether the attempt may still deliver is judged again now, and the
     // record is made only for the job as judged.
@@ -267,11 +265,18 @@ pub async fn upload_output(
                 job.version,
                 &received.sha256,
                 received.size,
-                &indexed,
+                // Indexed after the answer, in the background: see `indexing`.
+                &OutputIndexed::default(),
             )
             .await?
         {
             SetOutput::Stored => {
+                crate::indexing::spawn(
+                    &app,
+                    attempt,
+                    received.sha256.clone(),
+                    job.facts.limits.output_size,
+                );
                 return Ok((
                     StatusCode::CREATED,
                     Json(Uploaded {
@@ -418,58 +423,4 @@ pub async fn abort(
     .await?;
     tracing::info!("job {} attempt {attempt} aborted: {}", who.job, req.reason);
     Ok(Json(serde_json::json!({"aborted": attempt})))
-}
-
-/// What indexing one output may cost: the entries and metadata of any output, at most 8 GiB of
-/// decompressed tar (an output of a few hundred MiB of xz is well within it; a bomb is not).
-const INDEX_LIMITS: construir_contract::archive::Limits = construir_contract::archive::Limits {
-    max_stream: 8 << 30,
-    ..construir_contract::archive::Limits::DEFAULT
-};
-
-/// Outputs indexed at a time (each one is CPU-bound decompression on a blocking thread).
-static INDEXING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-
-/// Indexes a received output (`construir_contract::archive::index`) and stores the index as a
-/// JSON blob: once, here, so that listing it, serving one file and comparing replicas need no
-/// decompression later. An output that is not a readable archive is the job's all the same: it
-/// is kept, and the reason recorded instead of an index.
-async fn index_output(app: &Shared, received: &Received) -> Result<OutputIndexed, Refusal> {
-    let path = received.file.to_path_buf();
-    let _turn = INDEXING
-        .acquire()
-        .await
-        .map_err(|_| Refusal::new(codes::INTERNAL, "the server is stopping"))?;
-    let made = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&path)?;
-        Ok::<_, std::io::Error>(construir_contract::archive::index(
-            std::io::BufReader::new(file),
-            &INDEX_LIMITS,
-        ))
-    })
-    .await
-    .map_err(|e| Refusal::new(codes::INTERNAL, format!("indexing the output: {e}")))?
-    .map_err(|e| Refusal::new(codes::INTERNAL, format!("reading the output back: {e}")))?;
-    let index = match made {
-        Ok(index) => index,
-        Err(e) => {
-            return Ok(OutputIndexed {
-                error: Some(format!("not an archive the server could read: {e}")),
-                ..OutputIndexed::default()
-            });
-        }
-    };
-    let json = serde_json::to_vec(&index)
-        .map_err(|e| Refusal::new(codes::INTERNAL, format!("the output's index: {e}")))?;
-    let mut writer = app.blobs.writer().await?;
-    writer.write(&json).await?;
-    let stored = writer.finish().await?;
-    // Published before the attempt names it; the collector's grace covers the gap.
-    app.blobs.publish(&stored).await?;
-    Ok(OutputIndexed {
-        index_sha256: Some(stored.sha256),
-        tree_sha256: Some(index.tree_sha256),
-        entries: Some(index.entries.len() as u64),
-        error: None,
-    })
 }

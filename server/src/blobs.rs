@@ -240,6 +240,12 @@ impl Blobs {
         Ok(())
     }
 
+    /// Where blob `sha256` is on the local file system (the local store's; readers that need a
+    /// file, such as the output indexer, open it there).
+    pub fn local_file(&self, sha256: &str) -> PathBuf {
+        self.local_path(sha256)
+    }
+
     fn local_path(&self, sha256: &str) -> PathBuf {
         self.root.join(Self::key(sha256).as_ref())
     }

@@ -534,6 +534,57 @@ impl Db {
             .map_err(DbError::from)
     }
 
+    /// Recorded outputs without an index or a reason for none (indexing happens after the
+    /// record; a server stopped meanwhile leaves these): attempt, output, the job's output size.
+    pub async fn unindexed_outputs(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(AttemptId, String, u64)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.output_sha256, j.limits FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.output_sha256 IS NOT NULL AND a.output_tree_sha256 IS NULL \
+             AND a.output_index_error IS NULL ORDER BY a.id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let limits: JobLimits =
+                serde_json::from_str(&r.try_get::<String, _>(2)?).map_err(json_err)?;
+            out.push((
+                AttemptId(r.try_get::<i64, _>(0)? as u64),
+                r.try_get(1)?,
+                limits.output_size,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Names attempt `attempt`'s output index, once, and only while its output is `sha256`.
+    pub async fn set_output_index(
+        &self,
+        attempt: AttemptId,
+        sha256: &str,
+        index: &OutputIndexed,
+    ) -> Result<bool, DbError> {
+        let done = sqlx::query(
+            "UPDATE attempts SET output_index_sha256 = $1, output_tree_sha256 = $2, \
+             output_entries = $3, output_index_error = $4 \
+             WHERE id = $5 AND output_sha256 = $6 AND output_tree_sha256 IS NULL \
+             AND output_index_error IS NULL",
+        )
+        .bind(index.index_sha256.as_deref())
+        .bind(index.tree_sha256.as_deref())
+        .bind(index.entries.map(|n| n as i64))
+        .bind(index.error.as_deref())
+        .bind(attempt.0 as i64)
+        .bind(sha256)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// The index blob of attempt `attempt`'s output, if it was indexed.
     pub async fn output_index_blob(&self, attempt: AttemptId) -> Result<Option<String>, DbError> {
         let row = sqlx::query("SELECT output_index_sha256 FROM attempts WHERE id = $1")

@@ -7,6 +7,7 @@ pub mod api_runner;
 pub mod blobs;
 pub mod db;
 pub mod http;
+pub mod indexing;
 pub mod jobs;
 pub mod logs;
 pub mod openapi;

@@ -446,7 +446,8 @@ async fn an_output_is_indexed_once_when_it_arrives_and_one_that_is_no_archive_sa
         }
     };
 
-    let v = show(&app, &alice, ids[0]).await;
+    // Indexed in the background, after the upload's answer.
+    let v = indexed(&app, &alice, ids[0]).await;
     let summary = &v["attempts"][0]["output_index"];
     let got = index_of(ids[0]).await;
     assert_eq!(got.status, StatusCode::OK);
@@ -477,9 +478,75 @@ async fn an_output_is_indexed_once_when_it_arrives_and_one_that_is_no_archive_sa
     assert_eq!(hello.sha256.as_deref(), Some(want.as_str()));
     assert_eq!((hello.mode, hello.size), (0o755, binary.len() as u64));
 
-    let v = show(&app, &alice, ids[1]).await;
+    let v = indexed(&app, &alice, ids[1]).await;
     let why = v["attempts"][0]["output_index"]["error"].as_str().unwrap();
     assert!(why.contains("not an archive"), "{why}");
     assert!(v["attempts"][0]["output_index"]["tree_sha256"].is_null());
     assert_eq!(index_of(ids[1]).await.status, StatusCode::NOT_FOUND);
+}
+
+/// The job once its result's output is indexed (or why not), waiting up to 10 s.
+async fn indexed(app: &Shared, token: &str, id: u64) -> Value {
+    for _ in 0..200 {
+        let v = show(app, token, id).await;
+        if !v["attempts"][0]["output_index"].is_null() {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id}'s output was never indexed");
+}
+
+#[tokio::test]
+async fn an_output_a_stopped_server_left_unindexed_is_indexed_by_the_housekeeping() {
+    use construir_tools::pack::{JobFile, job_archive};
+    let (_d, app) = app_with(SettingArgs::default()).await;
+    let alice = token(&app, "alice", "submitter").await;
+    let volunteer = token(&app, "volunteer", "runner").await;
+    let runner = register(&app, &volunteer, "home").await;
+    let id = submit(&app, &alice, "late_t0.tar.xz", job("x"))
+        .await
+        .json()["id"]
+        .as_u64()
+        .unwrap();
+    let a = claimed(&claim(&app, &volunteer, &runner, caps()).await);
+    call(&app, &a, Method::POST, "start", Body::empty()).await;
+    // The output as a server killed before its indexing left it: published and recorded only.
+    let output = job_archive(&[JobFile::script("#!/bin/sh\n")]).unwrap();
+    let mut writer = app.blobs.writer().await.unwrap();
+    writer.write(&output).await.unwrap();
+    let received = writer.finish().await.unwrap();
+    app.blobs.publish(&received).await.unwrap();
+    let job = app
+        .db
+        .load_job(construir_api::types::JobId(id))
+        .await
+        .unwrap()
+        .unwrap();
+    let attempt = job.snapshot.attempts[0].id;
+    let stored = app
+        .db
+        .set_output(
+            attempt,
+            job.facts.id,
+            job.version,
+            &received.sha256,
+            received.size,
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(stored, crate::jobs::SetOutput::Stored));
+    assert!(show(&app, &alice, id).await["attempts"][0]["output_index"].is_null());
+    assert_eq!(crate::indexing::catch_up(&app, 10).await.unwrap(), 1);
+    let v = show(&app, &alice, id).await;
+    assert!(
+        v["attempts"][0]["output_index"]["tree_sha256"].is_string(),
+        "{v}"
+    );
+    assert_eq!(
+        crate::indexing::catch_up(&app, 10).await.unwrap(),
+        0,
+        "once"
+    );
 }

@@ -320,9 +320,12 @@ impl App {
     /// What the sweeper does besides ticks, less often: leftovers first (so retention finds
     /// consoles in their final place), then retention, then, when `collect` says so, orphan
     /// blobs.
-    pub async fn housekeep(&self, collect: bool) {
+    pub async fn housekeep(self: &Shared, collect: bool) {
         if let Err(e) = self.compact_leftovers().await {
             tracing::warn!("compacting leftover consoles: {e}");
+        }
+        if let Err(e) = crate::indexing::catch_up(self, 20).await {
+            tracing::warn!("indexing outputs a stopped server left unindexed: {e}");
         }
         let now = now_ms();
         if let Some(keep) = self.settings.retention {

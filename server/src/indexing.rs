@@ -1,0 +1,154 @@
+//! Indexing outputs (`construir_contract::archive::index`): once an output is recorded on its
+//! attempt, it is read back in the background — never while its runner waits for the upload's
+//! answer (a big output takes longer to decompress than a runner or a proxy waits) — and its
+//! index stored as a JSON blob named on the attempt with its tree digest and entry count, or
+//! the reason it has none. Two at a time in the whole server, each within limits tied to the
+//! job's output size; a server killed meanwhile leaves the attempt unindexed, and the
+//! housekeeping ([`catch_up`]) indexes it then.
+
+use crate::jobs::OutputIndexed;
+use crate::service::Shared;
+use construir_api::types::AttemptId;
+use construir_contract::archive::{self, Limits};
+use std::collections::BTreeSet;
+use std::sync::{Arc, LazyLock, Mutex};
+
+/// Outputs indexed at a time (each is CPU-bound decompression on a blocking thread).
+static INDEXING: LazyLock<Arc<tokio::sync::Semaphore>> =
+    LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(2)));
+
+/// Attempts being indexed in this process, by app (tests run many apps in one process).
+static UNDER_WAY: Mutex<BTreeSet<(usize, u64)>> = Mutex::new(BTreeSet::new());
+
+/// What indexing an output whose job allows `output_size` bytes may cost: its decompressed tar
+/// at most 32 times that (between 64 MiB and 8 GiB: build outputs compress a few times, a bomb
+/// by thousands), at most 200,000 entries.
+pub fn limits_for(output_size: u64) -> Limits {
+    Limits {
+        max_stream: output_size.saturating_mul(32).clamp(64 << 20, 8 << 30),
+        max_entries: 200_000,
+        ..Limits::DEFAULT
+    }
+}
+
+/// Indexes attempt `attempt`'s output `sha256` in the background.
+pub fn spawn(app: &Shared, attempt: AttemptId, sha256: String, output_size: u64) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        if let Err(e) = index_stored(&app, attempt, &sha256, output_size).await {
+            tracing::warn!("indexing the output of attempt {attempt}: {e}");
+        }
+    });
+}
+
+/// Indexes the recorded outputs that have no index yet (a server stopped while indexing them);
+/// at most `limit` of them. Returns how many were indexed.
+pub async fn catch_up(app: &Shared, limit: i64) -> Result<usize, IndexingError> {
+    let mut done = 0;
+    for (attempt, sha256, output_size) in app.db.unindexed_outputs(limit).await? {
+        if index_stored(app, attempt, &sha256, output_size).await? {
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexingError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Indexes one stored output and names the index on its attempt (only if the attempt still
+/// has that output and no index). False if another task of this process is at it already.
+async fn index_stored(
+    app: &Shared,
+    attempt: AttemptId,
+    sha256: &str,
+    output_size: u64,
+) -> Result<bool, IndexingError> {
+    let key = (Arc::as_ptr(app) as usize, attempt.0);
+    if !UNDER_WAY
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key)
+    {
+        return Ok(false);
+    }
+    let _under_way = Release(key);
+    // Owned, and moved into the blocking work: the slot is free only when the work is done,
+    // whatever happens to this task meanwhile.
+    let permit = INDEXING
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| IndexingError::Failed("the server is stopping".into()))?;
+    let path = app.blobs.local_file(sha256);
+    let limits = limits_for(output_size);
+    let made = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let file = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot read the stored output {}: {e}", path.display()))?;
+        Ok::<_, String>(
+            archive::index(std::io::BufReader::new(file), &limits).map(|index| {
+                let json = serde_json::to_vec(&index);
+                (index.tree_sha256, index.entries.len() as u64, json)
+            }),
+        )
+    })
+    .await
+    .map_err(|e| IndexingError::Failed(format!("the indexing task failed: {e}")))?
+    .map_err(IndexingError::Failed)?;
+    let indexed = match made {
+        Ok((tree, entries, json)) => {
+            let json = json.map_err(|e| IndexingError::Failed(format!("the index: {e}")))?;
+            let mut writer = app.blobs.writer().await?;
+            writer.write(&json).await?;
+            let stored = writer.finish().await?;
+            // Published before the attempt names it; the collector's grace covers the gap.
+            app.blobs.publish(&stored).await?;
+            OutputIndexed {
+                index_sha256: Some(stored.sha256),
+                tree_sha256: Some(tree),
+                entries: Some(entries),
+                error: None,
+            }
+        }
+        Err(e) => OutputIndexed {
+            error: Some(format!(
+                "the server could not index it (not an archive, or past the limits): {e}"
+            )),
+            ..OutputIndexed::default()
+        },
+    };
+    app.db.set_output_index(attempt, sha256, &indexed).await?;
+    Ok(true)
+}
+
+struct Release((usize, u64));
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        UNDER_WAY
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_decompression_budget_follows_the_output_size_within_bounds() {
+        assert_eq!(limits_for(1 << 20).max_stream, 64 << 20, "at least 64 MiB");
+        assert_eq!(limits_for(16 << 20).max_stream, 512 << 20);
+        assert_eq!(limits_for(1 << 40).max_stream, 8 << 30, "at most 8 GiB");
+        assert_eq!(limits_for(u64::MAX).max_stream, 8 << 30);
+    }
+}
