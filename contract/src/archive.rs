@@ -21,7 +21,10 @@ mod tests;
 
 pub use cut::{ArchiveEnd, CutError, archive_end};
 #[cfg(feature = "manifest")]
-pub use index::{EntryKind, IndexEntry, OutputIndex, escape_path, index, tree_digest};
+pub use index::{
+    EntryKind, IndexEntry, MAX_INDEX_NAME_BYTES, OutputIndex, TREE_DIGEST_TAG, escape_path, index,
+    tree_digest,
+};
 pub use limits::Limits;
 use limits::{Budgeted, Exceeded, Meter};
 
@@ -95,6 +98,14 @@ pub enum ArchiveError {
     /// Unpacking would write more than [`Limits::max_output`] bytes into files.
     #[error("unpacking {path} would write more than the {limit} bytes allowed in all")]
     OutputTooLarge { path: String, limit: u64 },
+    /// An index would hold more than `limit` bytes of (escaped) paths and link targets
+    /// (`archive::MAX_INDEX_NAME_BYTES`).
+    #[error("the archive's paths and link targets exceed the {limit} bytes an index may hold")]
+    IndexTooLarge { limit: u64 },
+    /// The archive names one path twice (after normalising it): which entry wins, and what a
+    /// hard link to it links to, depends on their order, so it has no tree to index.
+    #[error("the archive names {path} twice")]
+    DuplicatePath { path: String },
 }
 
 /// Recognises the compression from the first bytes (at least 512 for a plain tar).
@@ -322,20 +333,6 @@ pub fn normalize(path: &str) -> &str {
         if let Some(rest) = p.strip_prefix("./") {
             p = rest;
         } else if let Some(rest) = p.strip_prefix('/') {
-            p = rest;
-        } else {
-            return p;
-        }
-    }
-}
-
-/// [`normalize`] on bytes (a name need not be UTF-8).
-fn normalize_bytes(path: &[u8]) -> &[u8] {
-    let mut p = path;
-    loop {
-        if let Some(rest) = p.strip_prefix(b"./") {
-            p = rest;
-        } else if let Some(rest) = p.strip_prefix(b"/") {
             p = rest;
         } else {
             return p;

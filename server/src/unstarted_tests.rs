@@ -145,7 +145,8 @@ fn reason(v: &Value) -> String {
 }
 
 #[tokio::test]
-async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_cannot_error_it() {
+async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_others_take_it_at_once()
+{
     let (_d, app) = app_with(SettingArgs::default()).await;
     let alice = token(&app, "alice", "submitter").await;
     let first = submit_id(&app, &alice, "first_t0.tar.xz").await;
