@@ -6,11 +6,13 @@
 //! sizes bytes unless the name says otherwise (`_mib`).
 
 mod ids;
+mod images;
 mod jobs;
 mod limits;
 mod runner;
 
 pub use ids::{AttemptId, IdError, JobId, Role, RoleError, RunnerId, UserId};
+pub use images::ImageView;
 pub use jobs::{
     AttemptState, AttemptView, JobState, JobView, MAX_PRIORITY, MIN_PRIORITY, OutputIndexView,
     SubmitParams,

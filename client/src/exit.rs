@@ -129,6 +129,7 @@ mod tests {
             owner: UserId(1),
             name: "hello_i0.tar.xz".into(),
             image: "i0".into(),
+            image_digest: None,
             sha256: "0".repeat(64),
             size: 1 << 20,
             limits: JobLimits::DEFAULT,

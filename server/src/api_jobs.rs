@@ -163,10 +163,15 @@ pub async fn submit(
         timeout_ms: limits.timeout_s * 1000,
     };
     let t = JobSnapshot::submitted(policy, now);
+    let image = params.image.clone().unwrap_or(name.image);
+    // Pinned to the digest its index names now, if the index was published (`image publish`);
+    // a job of an unpublished index runs on the runners' own image of that index.
+    let image_digest = app.db.current_image(&image).await?;
     let new = NewJob {
         owner,
         name: q.name.clone(),
-        image: params.image.clone().unwrap_or(name.image),
+        image,
+        image_digest,
         sha256: received.sha256.clone(),
         size: received.size,
         limits,

@@ -569,6 +569,7 @@ async fn one_owners_many_jobs_never_hide_another_owners_one() {
         owner: UserId(owner as u64),
         name: format!("j_{image}.tar.xz"),
         image: image.into(),
+        image_digest: None,
         sha256: "0".repeat(64),
         size: 1,
         limits: JobLimits::DEFAULT,

@@ -248,6 +248,7 @@ pub fn router_with(app: Shared, polls: Arc<Polls>) -> Router {
     let checked = Router::new()
         .route("/whoami", get(whoami))
         .merge(crate::api_jobs::routes())
+        .merge(crate::images::routes())
         .merge(crate::api_runner::routes())
         // JSON bodies; job files, outputs and console pieces are streamed with limits of their own.
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))

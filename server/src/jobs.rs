@@ -26,6 +26,8 @@ pub struct NewJob {
     pub owner: UserId,
     pub name: String,
     pub image: String,
+    /// The published image digest the job is pinned to (its index's current one at submit).
+    pub image_digest: Option<String>,
     pub sha256: String,
     pub size: u64,
     pub limits: JobLimits,
@@ -124,6 +126,7 @@ fn stored_job(r: &sqlx::any::AnyRow) -> Result<StoredJob, DbError> {
             owner: UserId(r.try_get::<i64, _>("owner")? as u64),
             name: r.try_get("name")?,
             image: r.try_get("image")?,
+            image_digest: r.try_get("image_digest")?,
             sha256: r.try_get("sha256")?,
             size: r.try_get::<i64, _>("size")? as u64,
             limits: serde_json::from_str(&limits).map_err(json_err)?,
@@ -137,7 +140,7 @@ fn stored_job(r: &sqlx::any::AnyRow) -> Result<StoredJob, DbError> {
 /// The columns [`stored_job`] reads (a macro: SQL text is built from literals only).
 macro_rules! job_columns {
     () => {
-        "id, owner, name, image, sha256, size, limits, priority, snapshot, version"
+        "id, owner, name, image, image_digest, sha256, size, limits, priority, snapshot, version"
     };
 }
 
@@ -146,8 +149,9 @@ impl Db {
         let d = derived(snapshot);
         let row = sqlx::query(
             "INSERT INTO jobs (owner, name, image, sha256, size, limits, priority, state, created_ms, \
-             claimable_ms, next_deadline_ms, snapshot, live_runner, live_started, version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1) RETURNING id",
+             claimable_ms, next_deadline_ms, snapshot, live_runner, live_started, version, image_digest) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15) \
+             RETURNING id",
         )
         .bind(job.owner.0 as i64)
         .bind(&job.name)
@@ -163,6 +167,7 @@ impl Db {
         .bind(serde_json::to_string(snapshot).map_err(json_err)?)
         .bind(d.live_runner)
         .bind(d.live_started)
+        .bind(job.image_digest.as_deref())
         .fetch_one(self.pool())
         .await?;
         Ok(JobId(row.try_get::<i64, _>(0)? as u64))

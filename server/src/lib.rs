@@ -7,6 +7,7 @@ pub mod api_runner;
 pub mod blobs;
 pub mod db;
 pub mod http;
+pub mod images;
 pub mod indexing;
 pub mod jobs;
 pub mod logs;
@@ -20,6 +21,8 @@ pub mod tokens;
 
 #[cfg(test)]
 mod flow_tests;
+#[cfg(test)]
+mod image_tests;
 #[cfg(test)]
 mod lease_tests;
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! them, run each in a throw-away VM and upload the result.
 //!
 //! `construir-server [--data DIR] [--listen ADDR] [--config FILE]` serves; `token create|list|
-//! revoke` manage who may do what (on the same data directory, while the server runs or not).
+//! revoke` manage who may do what (on the same data directory, while the server runs or not);
+//! `image publish INDEX [--images DIR]` stores an image from the images directory as blobs and
+//! makes it the index's current digest (printed), what jobs submitted for that index are pinned to.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -16,7 +18,8 @@ use construir_server::{serve, tokens};
     about = "Host construir jobs and results: strangers submit jobs, pull runners run them",
     after_help = "Examples:\n  construir-server --data /var/lib/construir/server\n  \
 construir-server --data DIR token create --name alice --role submitter\n  \
-construir-server --data DIR token list"
+construir-server --data DIR token list\n  \
+construir-server --data DIR image publish i0"
 )]
 struct Cli {
     #[command(flatten)]
@@ -34,6 +37,22 @@ enum Command {
     /// Make, list and revoke tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Publish images, served by digest.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Store image INDEX's kernel, qcow2 and manifest as blobs and make it the index's current
+    /// digest (jobs submitted for INDEX are pinned to it); prints the digest (the manifest's
+    /// sha256). Publishing the same bits again changes nothing.
+    Publish {
+        index: String,
+        /// The images directory (default $CONSTRUIR_IMAGES, else ~/.cache/construir/images).
+        #[arg(long)]
+        images: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,6 +130,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 );
             }
+            Ok(())
+        }
+        Command::Image(ImageCommand::Publish { index, images }) => {
+            let dir = images.unwrap_or_else(construir_contract::manifest::default_images_dir);
+            let blobs = construir_server::blobs::Blobs::open_local(&settings.data)
+                .with_context(|| format!("open the blobs in {}", settings.data.display()))?;
+            let done = construir_server::images::publish(&db, &blobs, &dir, &index).await?;
+            eprintln!(
+                "construir-server: image {index} {}",
+                if done.changed {
+                    "published; it is the index's current digest"
+                } else {
+                    "was published already and is current: nothing changed"
+                }
+            );
+            println!("{}", done.digest);
             Ok(())
         }
         Command::Token(TokenCommand::Revoke { id }) => {

@@ -5,6 +5,7 @@
 use crate::api_attempts::{self, Uploaded};
 use crate::api_jobs;
 use crate::api_runner::{self, RegisterRequest, RegisterResponse};
+use crate::images;
 use construir_api::ApiError;
 use construir_api::types::*;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -25,6 +26,7 @@ use utoipa::{Modify, OpenApi};
         api_jobs::log,
         api_jobs::output,
         api_jobs::output_index,
+        images::list,
         api_runner::register,
         api_runner::claim,
         api_attempts::job_file,
@@ -38,6 +40,7 @@ use utoipa::{Modify, OpenApi};
     components(schemas(
         ApiError,
         JobView,
+        ImageView,
         AttemptView,
         OutputIndexView,
         JobState,
@@ -92,6 +95,7 @@ mod tests {
             "/api/v1/jobs",
             "/api/v1/jobs/{id}",
             "/api/v1/jobs/{id}/log",
+            "/api/v1/images",
             "/api/v1/runner/claim",
             "/api/v1/runner/attempts/{id}/log",
             "/api/v1/runner/attempts/{id}/report",
@@ -99,6 +103,7 @@ mod tests {
             assert!(paths.contains_key(p), "{p} missing");
         }
         assert!(doc["components"]["schemas"]["ClaimResponse"].is_object());
+        assert!(doc["components"]["schemas"]["ImageView"].is_object());
         assert!(doc["paths"]["/api/v1/jobs"]["post"]["parameters"].is_array());
     }
 }

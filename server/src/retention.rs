@@ -37,13 +37,18 @@ impl From<sqlx::Error> for RetentionError {
 }
 
 /// Whether any row names blob `sha256`. Every column that holds a blob's digest is here: one
-/// left out would have its blobs collected under it.
+/// left out would have its blobs collected under it. Published images' rows (never deleted)
+/// name their manifest, kernel and qcow2 blobs; `jobs.image_digest` is a manifest's sha256,
+/// named by its `images` row.
 pub async fn referenced(app: &App, sha256: &str) -> Result<bool, DbError> {
     let row = sqlx::query(
         "SELECT 1 FROM jobs WHERE sha256 = $1 AND file_deleted_ms IS NULL UNION ALL \
          SELECT 1 FROM attempts WHERE output_sha256 = $1 UNION ALL \
          SELECT 1 FROM attempts WHERE output_index_sha256 = $1 UNION ALL \
-         SELECT 1 FROM attempts WHERE console_sha256 = $1 LIMIT 1",
+         SELECT 1 FROM attempts WHERE console_sha256 = $1 UNION ALL \
+         SELECT 1 FROM images WHERE manifest_sha256 = $1 UNION ALL \
+         SELECT 1 FROM images WHERE kernel_sha256 = $1 UNION ALL \
+         SELECT 1 FROM images WHERE qcow2_sha256 = $1 LIMIT 1",
     )
     .bind(sha256)
     .fetch_optional(app.db.pool())

@@ -11,6 +11,8 @@ pub struct JobFacts {
     pub owner: UserId,
     pub name: String,
     pub image: String,
+    /// The published image digest it is pinned to, if any.
+    pub image_digest: Option<String>,
     pub sha256: String,
     pub size: u64,
     pub limits: JobLimits,
@@ -38,6 +40,7 @@ impl JobSnapshot {
             owner: facts.owner,
             name: facts.name,
             image: facts.image,
+            image_digest: facts.image_digest,
             sha256: facts.sha256,
             size: facts.size,
             limits: facts.limits,

@@ -186,6 +186,10 @@ pub struct JobView {
     pub name: String,
     /// The build image it runs in (`i0`).
     pub image: String,
+    /// The published image digest the job is pinned to (see `GET /api/v1/images`), if its image
+    /// index had one when it was submitted; none: runners use their own image of that index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     /// sha256 of the job file as submitted (lower-case hex).
     pub sha256: String,
     /// The job file's size in bytes (it is the job's disk).

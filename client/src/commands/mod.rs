@@ -125,6 +125,7 @@ mod tests {
             owner: UserId(1),
             name: "x_i0.tar.xz".into(),
             image: "i0".into(),
+            image_digest: None,
             sha256: String::new(),
             size: 0,
             limits: JobLimits::DEFAULT,

@@ -227,6 +227,7 @@ mod tests {
             owner: UserId(1),
             name: "hel\x1b]0;x\x07lo_i0.tar.xz".into(),
             image: "i0".into(),
+            image_digest: None,
             sha256: "ab".repeat(32),
             size: 64 << 20,
             limits: JobLimits::DEFAULT,

@@ -281,6 +281,7 @@ fn snapshots_become_the_documented_views() {
         owner: crate::types::UserId(1),
         name: "hello_i0.tar.xz".into(),
         image: "i0".into(),
+        image_digest: None,
         sha256: "0".repeat(64),
         size: 64 << 20,
         limits: JobLimits::DEFAULT,
