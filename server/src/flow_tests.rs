@@ -642,17 +642,11 @@ async fn default_limits_follow_a_lowered_server_maximum() {
 
 #[tokio::test]
 async fn one_user_gets_no_more_jobs_queued_than_the_server_takes_and_others_still_do() {
-    let d = tempfile::tempdir().unwrap();
-    let settings = crate::settings::SettingArgs {
-        data: Some(d.path().to_path_buf()),
+    let (_d, app) = crate::http::tests::app_with(crate::settings::SettingArgs {
         max_queued_per_user: Some(2),
         ..Default::default()
-    }
-    .resolve()
-    .unwrap();
-    let db = crate::db::Db::open_embedded(d.path()).await.unwrap();
-    let blobs = crate::blobs::Blobs::open_local(d.path()).unwrap();
-    let app = crate::service::App::new(settings, db, blobs);
+    })
+    .await;
     let alice = token(&app, "alice", "submitter").await;
     let bob = token(&app, "bob", "submitter").await;
     for n in 0..2 {

@@ -279,10 +279,17 @@ pub(crate) mod tests {
     use tower::ServiceExt;
 
     pub(crate) async fn test_app() -> (tempfile::TempDir, Shared) {
+        app_with(crate::settings::SettingArgs::default()).await
+    }
+
+    /// A server on a data directory of its own, with `args` over the defaults.
+    pub(crate) async fn app_with(
+        args: crate::settings::SettingArgs,
+    ) -> (tempfile::TempDir, Shared) {
         let d = tempfile::tempdir().unwrap();
         let settings = crate::settings::SettingArgs {
             data: Some(d.path().to_path_buf()),
-            ..Default::default()
+            ..args
         }
         .resolve()
         .unwrap();

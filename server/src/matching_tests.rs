@@ -3,27 +3,15 @@
 //! cancel of a running job, an upload past the job's limit.
 
 use crate::flow_tests::{Answer, caps, job, json_call, send, submit, token};
-use crate::service::{App, Shared};
+use crate::http::tests::app_with;
+use crate::service::Shared;
 use crate::settings::SettingArgs;
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-async fn app_with(args: SettingArgs) -> (tempfile::TempDir, Shared) {
-    let d = tempfile::tempdir().unwrap();
-    let settings = SettingArgs {
-        data: Some(d.path().to_path_buf()),
-        ..args
-    }
-    .resolve()
-    .unwrap();
-    let db = crate::db::Db::open_embedded(d.path()).await.unwrap();
-    let blobs = crate::blobs::Blobs::open_local(d.path()).unwrap();
-    (d, App::new(settings, db, blobs))
-}
-
-async fn register(app: &Shared, token: &str, name: &str) -> String {
+pub(crate) async fn register(app: &Shared, token: &str, name: &str) -> String {
     let reg = json_call(
         app,
         Method::POST,
@@ -37,7 +25,7 @@ async fn register(app: &Shared, token: &str, name: &str) -> String {
     reg.json()["runner_id"].as_u64().unwrap().to_string()
 }
 
-async fn claim(app: &Shared, token: &str, runner: &str, capabilities: Value) -> Answer {
+pub(crate) async fn claim(app: &Shared, token: &str, runner: &str, capabilities: Value) -> Answer {
     json_call(
         app,
         Method::POST,
@@ -49,7 +37,7 @@ async fn claim(app: &Shared, token: &str, runner: &str, capabilities: Value) -> 
     .await
 }
 
-async fn show(app: &Shared, token: &str, id: u64) -> Value {
+pub(crate) async fn show(app: &Shared, token: &str, id: u64) -> Value {
     send(
         app,
         Method::GET,
@@ -62,13 +50,14 @@ async fn show(app: &Shared, token: &str, id: u64) -> Value {
     .json()
 }
 
-/// A claimed attempt: its path prefix and its token.
-struct Claimed {
-    base: String,
-    token: String,
+/// A claimed attempt: its job, its path prefix and its token.
+pub(crate) struct Claimed {
+    pub(crate) job: u64,
+    pub(crate) base: String,
+    pub(crate) token: String,
 }
 
-fn claimed(answer: &Answer) -> Claimed {
+pub(crate) fn claimed(answer: &Answer) -> Claimed {
     assert_eq!(
         answer.status,
         StatusCode::OK,
@@ -77,6 +66,7 @@ fn claimed(answer: &Answer) -> Claimed {
     );
     let c = answer.json();
     Claimed {
+        job: c["job_id"].as_u64().unwrap(),
         base: format!(
             "/api/v1/runner/attempts/{}",
             c["attempt_id"].as_u64().unwrap()
@@ -85,7 +75,13 @@ fn claimed(answer: &Answer) -> Claimed {
     }
 }
 
-async fn call(app: &Shared, a: &Claimed, method: Method, what: &str, body: Body) -> Answer {
+pub(crate) async fn call(
+    app: &Shared,
+    a: &Claimed,
+    method: Method,
+    what: &str,
+    body: Body,
+) -> Answer {
     send(
         app,
         method,

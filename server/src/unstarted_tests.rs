@@ -5,77 +5,15 @@
 //! runners may take the job at once. And a second output upload of an attempt while one is
 //! under way is refused at once, before its body is read.
 
-use crate::flow_tests::{Answer, caps, job, json_call, send, submit, token};
-use crate::service::{App, Shared};
+use crate::flow_tests::{caps, job, json_call, send, submit, token};
+use crate::http::tests::app_with;
+use crate::matching_tests::{Claimed, call, claim, claimed, register, show};
+use crate::service::Shared;
 use crate::settings::SettingArgs;
 use axum::body::{Body, Bytes};
 use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
-
-async fn app_with(args: SettingArgs) -> (tempfile::TempDir, Shared) {
-    let d = tempfile::tempdir().unwrap();
-    let settings = SettingArgs {
-        data: Some(d.path().to_path_buf()),
-        ..args
-    }
-    .resolve()
-    .unwrap();
-    let db = crate::db::Db::open_embedded(d.path()).await.unwrap();
-    let blobs = crate::blobs::Blobs::open_local(d.path()).unwrap();
-    (d, App::new(settings, db, blobs))
-}
-
-async fn register(app: &Shared, token: &str, name: &str) -> String {
-    let reg = json_call(
-        app,
-        Method::POST,
-        "/api/v1/runner/register",
-        token,
-        json!({ "name": name }),
-        &[],
-    )
-    .await;
-    assert_eq!(reg.status, StatusCode::OK);
-    reg.json()["runner_id"].as_u64().unwrap().to_string()
-}
-
-async fn claim(app: &Shared, token: &str, runner: &str) -> Answer {
-    json_call(
-        app,
-        Method::POST,
-        "/api/v1/runner/claim",
-        token,
-        json!({"capabilities": caps(), "wait_s": 0}),
-        &[("Construir-Runner", runner.to_string())],
-    )
-    .await
-}
-
-/// A claimed attempt: its job, its path prefix and its token.
-struct Claimed {
-    job: u64,
-    base: String,
-    token: String,
-}
-
-fn claimed(answer: &Answer) -> Claimed {
-    assert_eq!(
-        answer.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    let c = answer.json();
-    Claimed {
-        job: c["job_id"].as_u64().unwrap(),
-        base: format!(
-            "/api/v1/runner/attempts/{}",
-            c["attempt_id"].as_u64().unwrap()
-        ),
-        token: c["attempt_token"].as_str().unwrap().to_string(),
-    }
-}
 
 async fn abort(app: &Shared, a: &Claimed) {
     let answer = json_call(
@@ -88,31 +26,6 @@ async fn abort(app: &Shared, a: &Claimed) {
     )
     .await;
     assert_eq!(answer.status, StatusCode::OK);
-}
-
-async fn call(app: &Shared, a: &Claimed, method: Method, what: &str, body: Body) -> Answer {
-    send(
-        app,
-        method,
-        &format!("{}/{what}", a.base),
-        &a.token,
-        body,
-        &[],
-    )
-    .await
-}
-
-async fn show(app: &Shared, token: &str, id: u64) -> Value {
-    send(
-        app,
-        Method::GET,
-        &format!("/api/v1/jobs/{id}"),
-        token,
-        Body::empty(),
-        &[],
-    )
-    .await
-    .json()
 }
 
 async fn submit_id(app: &Shared, token: &str, name: &str) -> u64 {
@@ -155,12 +68,12 @@ async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_other
     let m1 = register(&app, &mallory, "m1").await;
 
     // Claim → abort before the start: the job goes back to the queue at once, costing no try.
-    let a = claimed(&claim(&app, &mallory, &m1).await);
+    let a = claimed(&claim(&app, &mallory, &m1, caps()).await);
     assert_eq!(a.job, first, "the oldest first");
     abort(&app, &a).await;
     assert_eq!(show(&app, &alice, first).await["state"], "queued");
     // The same runner is passed over for it, the next job in the usual order instead.
-    let b = claimed(&claim(&app, &mallory, &m1).await);
+    let b = claimed(&claim(&app, &mallory, &m1, caps()).await);
     assert_eq!(b.job, second);
     abort(&app, &b).await;
 
@@ -176,14 +89,14 @@ async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_other
                 register(&app, &mallory2, &format!("m-{n}")).await,
             )
         };
-        let answer = claim(&app, t, &r).await;
+        let answer = claim(&app, t, &r, caps()).await;
         assert_eq!(
             answer.status,
             StatusCode::NO_CONTENT,
             "try {n}: {}",
             String::from_utf8_lossy(&answer.body)
         );
-        let again = claim(&app, &mallory, &m1).await;
+        let again = claim(&app, &mallory, &m1, caps()).await;
         assert_eq!(again.status, StatusCode::NO_CONTENT, "try {n}");
     }
     for id in [first, second] {
@@ -205,11 +118,11 @@ async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_other
     // and gives up once more, and now the user's names wait twice as long.
     backdate(&app, first, COOL_DOWN_MS).await;
     let m9 = register(&app, &mallory2, "m9").await;
-    let c = claimed(&claim(&app, &mallory2, &m9).await);
+    let c = claimed(&claim(&app, &mallory2, &m9, caps()).await);
     assert_eq!(c.job, first);
     abort(&app, &c).await;
     backdate(&app, first, COOL_DOWN_MS).await;
-    let answer = claim(&app, &mallory, &m1).await;
+    let answer = claim(&app, &mallory, &m1, caps()).await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT);
     let v = show(&app, &alice, first).await;
     let why = reason(&v);
@@ -222,7 +135,7 @@ async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_other
         "{why}"
     );
     backdate(&app, first, COOL_DOWN_MS).await;
-    let d = claimed(&claim(&app, &mallory, &m1).await);
+    let d = claimed(&claim(&app, &mallory, &m1, caps()).await);
     assert_eq!(d.job, first, "m1 gets it again after the cool-down");
     let started = call(&app, &d, Method::POST, "start", Body::empty()).await;
     assert_eq!(started.status, StatusCode::OK);
@@ -232,7 +145,7 @@ async fn a_user_whose_runner_did_not_start_a_job_waits_out_a_cool_down_and_other
     // Another user's runner gets the second at once, with all its tries.
     let volunteer = token(&app, "volunteer", "runner").await;
     let home = register(&app, &volunteer, "home").await;
-    let e = claimed(&claim(&app, &volunteer, &home).await);
+    let e = claimed(&claim(&app, &volunteer, &home, caps()).await);
     assert_eq!(e.job, second);
     let started = call(&app, &e, Method::POST, "start", Body::empty()).await;
     assert_eq!(started.status, StatusCode::OK);
@@ -251,7 +164,7 @@ async fn a_runner_that_lets_the_accept_window_close_gets_the_job_after_its_cool_
     let id = submit_id(&app, &alice, "slow_t0.tar.xz").await;
     let sleepy_token = token(&app, "sleepy", "runner").await;
     let sleepy = register(&app, &sleepy_token, "sleepy").await;
-    claimed(&claim(&app, &sleepy_token, &sleepy).await);
+    claimed(&claim(&app, &sleepy_token, &sleepy, caps()).await);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     app.sweep().await.unwrap();
     let v = show(&app, &alice, id).await;
@@ -261,7 +174,7 @@ async fn a_runner_that_lets_the_accept_window_close_gets_the_job_after_its_cool_
     // not this job during the cool-down, and the reason says until when.
     let again = register(&app, &sleepy_token, "sleepy").await;
     assert_eq!(again, sleepy);
-    let answer = claim(&app, &sleepy_token, &sleepy).await;
+    let answer = claim(&app, &sleepy_token, &sleepy, caps()).await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT);
     let why = reason(&show(&app, &alice, id).await);
     assert!(
@@ -270,7 +183,10 @@ async fn a_runner_that_lets_the_accept_window_close_gets_the_job_after_its_cool_
     );
     // Then it gets it back, though no other runner came.
     backdate(&app, id, COOL_DOWN_MS).await;
-    assert_eq!(claimed(&claim(&app, &sleepy_token, &sleepy).await).job, id);
+    assert_eq!(
+        claimed(&claim(&app, &sleepy_token, &sleepy, caps()).await).job,
+        id
+    );
 }
 
 #[tokio::test]
@@ -280,12 +196,15 @@ async fn another_users_runner_takes_a_job_at_once_during_a_cool_down() {
     let id = submit_id(&app, &alice, "x_t0.tar.xz").await;
     let farm = token(&app, "farm", "runner").await;
     let f1 = register(&app, &farm, "f1").await;
-    abort(&app, &claimed(&claim(&app, &farm, &f1).await)).await;
+    abort(&app, &claimed(&claim(&app, &farm, &f1, caps()).await)).await;
     let f2 = register(&app, &farm, "f2").await;
-    assert_eq!(claim(&app, &farm, &f2).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        claim(&app, &farm, &f2, caps()).await.status,
+        StatusCode::NO_CONTENT
+    );
     let other = token(&app, "other", "runner").await;
     let keen = register(&app, &other, "keen").await;
-    assert_eq!(claimed(&claim(&app, &other, &keen).await).job, id);
+    assert_eq!(claimed(&claim(&app, &other, &keen, caps()).await).job, id);
 }
 
 /// A request body whose first chunk is sent at once and the rest when `rest` is sent (or the
@@ -325,7 +244,7 @@ async fn a_second_upload_of_an_attempt_while_one_is_under_way_is_refused_at_once
     let id = submit_id(&app, &alice, "out_t0.tar.xz").await;
     let volunteer = token(&app, "volunteer", "runner").await;
     let home = register(&app, &volunteer, "home").await;
-    let a = claimed(&claim(&app, &volunteer, &home).await);
+    let a = claimed(&claim(&app, &volunteer, &home, caps()).await);
     assert_eq!(a.job, id);
     let started = call(&app, &a, Method::POST, "start", Body::empty()).await;
     assert_eq!(started.status, StatusCode::OK);
@@ -394,7 +313,7 @@ async fn an_upload_that_failed_frees_the_attempt_for_the_next() {
     assert_eq!(answer.status, StatusCode::CREATED);
     let volunteer = token(&app, "volunteer", "runner").await;
     let home = register(&app, &volunteer, "home").await;
-    let a = claimed(&claim(&app, &volunteer, &home).await);
+    let a = claimed(&claim(&app, &volunteer, &home, caps()).await);
     let started = call(&app, &a, Method::POST, "start", Body::empty()).await;
     assert_eq!(started.status, StatusCode::OK);
     // Cut off past the limit: the hold on the attempt goes with the request.
