@@ -23,6 +23,20 @@ impl Answer {
     pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
+
+    /// A console read's `Construir-Log-Next`.
+    pub(crate) fn next(&self) -> u64 {
+        self.headers["Construir-Log-Next"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Whether a console read says the console is complete.
+    pub(crate) fn complete(&self) -> bool {
+        self.headers.get("Construir-Log-Complete").is_some()
+    }
 }
 
 pub(crate) async fn send(

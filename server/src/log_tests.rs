@@ -2,6 +2,7 @@
 //! pieces, compaction into one blob when the attempt ends (and after a server died half-way),
 //! and long polls woken only by what they follow.
 
+use crate::flow_tests::{Answer, job as job_file, token};
 use crate::http::router;
 use crate::http::tests::test_app;
 use crate::service::{App, Shared, Topic};
@@ -19,30 +20,7 @@ use sqlx::Row;
 use std::time::Duration;
 use tower::ServiceExt;
 
-pub(crate) struct Answer {
-    pub status: StatusCode,
-    pub headers: axum::http::HeaderMap,
-    pub body: Vec<u8>,
-}
-
-impl Answer {
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-
-    pub fn next(&self) -> u64 {
-        self.headers["Construir-Log-Next"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    pub fn complete(&self) -> bool {
-        self.headers.get("Construir-Log-Complete").is_some()
-    }
-}
-
+/// [`flow_tests::send`] with a JSON content type (the bodies here are JSON or console bytes).
 pub(crate) async fn send(
     app: &Shared,
     method: Method,
@@ -50,47 +28,15 @@ pub(crate) async fn send(
     token: &str,
     body: Body,
 ) -> Answer {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(PROTOCOL_HEADER, "1")
-        .header("Authorization", format!("Bearer {token}"))
-        .header("Content-Type", "application/json")
-        .body(body)
-        .unwrap();
-    let resp = router(app.clone()).oneshot(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Answer {
-        status,
-        headers,
+    crate::flow_tests::send(
+        app,
+        method,
+        path,
+        token,
         body,
-    }
-}
-
-pub(crate) async fn token(app: &Shared, user: &str, role: &str) -> String {
-    let id = app.db.ensure_user(user).await.unwrap();
-    let t = tokens::generate().unwrap();
-    app.db
-        .add_token(id, role, &tokens::digest(&t))
-        .await
-        .unwrap();
-    t
-}
-
-/// A job that says `text` (its file padded as a job's disk is).
-pub(crate) fn job_file(text: &str) -> Vec<u8> {
-    use construir_tools::pack::{JobFile, job_archive};
-    let mut bytes = job_archive(&[JobFile::script(&format!("#!/bin/sh\necho {text}\n"))]).unwrap();
-    bytes.resize(64 << 10, 0);
-    bytes
+        &[("Content-Type", "application/json".into())],
+    )
+    .await
 }
 
 /// A job submitted, claimed and started by a runner of its own.

@@ -155,7 +155,7 @@ async fn the_sweeper_deletes_old_outputs_and_consoles_and_the_record_says_so() {
         Method::POST,
         "/api/v1/jobs?name=new_t0.tar.xz&memory_mib=256&vcpus=1&timeout_s=60&console_cap=1000",
         &new.submitter,
-        Body::from(crate::log_tests::job_file("new")),
+        Body::from(crate::flow_tests::job("new")),
     )
     .await;
     assert_eq!(again.status.as_u16(), 201);
