@@ -9,8 +9,10 @@
 //! transition tables are written out in `docs/api.md`.
 
 pub mod fit;
+pub mod keyfile;
 pub mod log;
 pub mod state;
+pub mod trust;
 pub mod types;
 
 use serde::{Deserialize, Serialize};

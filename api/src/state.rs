@@ -19,14 +19,16 @@ mod prop_tests;
 #[cfg(test)]
 mod tests;
 mod view;
+mod votes;
 
 pub use view::{AttemptBlobs, JobFacts};
+pub use votes::{Ballot, OutputTree, Vote, VoteOutput};
 
 use crate::ApiError;
 use crate::codes;
 use crate::types::{
     AttemptId, AttemptState, HeartbeatRequest, InvalidField, JobState, Phase, ReportRequest,
-    RunnerId,
+    RunnerId, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -139,16 +141,62 @@ pub struct JobPolicy {
     pub ttl_ms: u64,
     /// The job's time limit ([`crate::types::JobLimits::timeout_s`] in milliseconds).
     pub timeout_ms: u64,
+    /// How many attempts run the job, each on a runner of another owner, and how many of their
+    /// outcomes must agree ([`Vote`]) for the job to end with it. 1 and 1: the first outcome
+    /// stands, as for a job of one replica.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    #[serde(default = "one")]
+    pub quorum: u32,
+    /// The most attempts whose outcome is a vote before the job is `inconclusive`; 0: twice
+    /// the replicas (one for a job of one replica).
+    #[serde(default)]
+    pub max_votes: u32,
+    /// The submitter: its runners take no replica of a replicated job unless `own_runners`.
+    #[serde(default)]
+    pub owner: UserId,
+    #[serde(default)]
+    pub own_runners: bool,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl JobPolicy {
     /// Three tries (the queue runner's `--max-attempts`), a day to find a runner, the default
-    /// time limit.
+    /// time limit, one replica.
     pub const DEFAULT: JobPolicy = JobPolicy {
         max_tries: 3,
         ttl_ms: 24 * 3600 * 1000,
         timeout_ms: crate::types::JobLimits::DEFAULT.timeout_s * 1000,
+        replicas: 1,
+        quorum: 1,
+        max_votes: 0,
+        owner: UserId(0),
+        own_runners: false,
     };
+
+    /// Whether more than one attempt must run: then replicas go to distinct owners, a
+    /// replica's time-out is its runner's failure, and reports must be signed.
+    pub fn replicated(&self) -> bool {
+        self.replicas > 1 || self.quorum > 1
+    }
+
+    /// The most attempts whose outcome is a vote ([`JobPolicy::max_votes`]).
+    pub fn vote_cap(&self) -> u32 {
+        match self.max_votes {
+            0 if self.replicas <= 1 => 1,
+            0 => self.replicas.saturating_mul(2),
+            n => n.max(self.quorum),
+        }
+    }
+
+    /// The most started attempts that may end without a vote before the job is `errored`:
+    /// `max_tries` for each replica.
+    pub fn try_cap(&self) -> u32 {
+        self.max_tries.max(1).saturating_mul(self.replicas.max(1))
+    }
 }
 
 impl Default for JobPolicy {
@@ -176,6 +224,10 @@ pub struct JobSnapshot {
     pub attempts: Vec<AttemptSnapshot>,
     /// The attempt whose report stands as the job's result.
     pub result_attempt: Option<AttemptId>,
+    /// The attempts whose agreeing votes made the result (the quorum; the result attempt is
+    /// the first), once it was reached.
+    #[serde(default)]
+    pub agreeing: Vec<AttemptId>,
 }
 
 /// One attempt as the state machines see it.
@@ -199,16 +251,27 @@ pub struct AttemptSnapshot {
     pub cancel_requested: bool,
     pub phase: Option<Phase>,
     pub console_bytes: u64,
-    /// The runner's report, live or late, once it came.
+    /// The runner's report, live or late, once it came (without its signed statement, which
+    /// the storage keeps beside the attempt).
     pub report: Option<ReportRequest>,
+    /// The owner of the runner.
+    #[serde(default)]
+    pub runner_owner: UserId,
+    /// What the server's index made of the attempt's output, once it was indexed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tree: Option<OutputTree>,
 }
 
 impl JobSnapshot {
     /// A job just submitted at `now_ms`, with the effects that go with it (store it, wake the
-    /// runners' long polls). A policy of 0 tries is taken as 1: a job gets at least one.
+    /// runners' long polls). A policy of 0 tries is taken as 1: a job gets at least one; so
+    /// for replicas, and a quorum is 1 to the replicas.
     pub fn submitted(policy: JobPolicy, now_ms: u64) -> Transition {
+        let replicas = policy.replicas.max(1);
         let policy = JobPolicy {
             max_tries: policy.max_tries.max(1),
+            replicas,
+            quorum: policy.quorum.clamp(1, replicas),
             ..policy
         };
         let job = JobSnapshot {
@@ -222,6 +285,7 @@ impl JobSnapshot {
             cancel_requested: false,
             attempts: Vec::new(),
             result_attempt: None,
+            agreeing: Vec::new(),
         };
         Transition {
             job,
@@ -229,9 +293,14 @@ impl JobSnapshot {
         }
     }
 
-    /// The attempt that holds the job, if any (at most one, for now).
-    pub fn live_attempt(&self) -> Option<&AttemptSnapshot> {
-        self.attempts.iter().find(|a| a.state.is_live())
+    /// The attempts that hold the job (one at most but for a replicated job).
+    pub fn live_attempts(&self) -> impl Iterator<Item = &AttemptSnapshot> {
+        self.attempts.iter().filter(|a| a.state.is_live())
+    }
+
+    /// How many attempts hold the job.
+    pub fn live_count(&self) -> u32 {
+        u32::try_from(self.live_attempts().count()).unwrap_or(u32::MAX)
     }
 
     pub fn attempt(&self, id: AttemptId) -> Option<&AttemptSnapshot> {
@@ -248,12 +317,27 @@ impl JobSnapshot {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// Attempts that were claimed and never started (live or ended), whoever's.
+    /// The failed tries: attempts that started and ended without a vote, but for those a
+    /// cancel or the job's end stopped ([`JobPolicy::try_cap`] bounds them).
+    pub fn failed_tries(&self) -> u32 {
+        let n = self
+            .attempts
+            .iter()
+            .filter(|a| a.started_ms.is_some() && !a.state.is_live())
+            .filter(|a| a.state != AttemptState::Canceled)
+            .filter(|a| matches!(a.ballot(&self.policy), Ballot::NotAVote))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Attempts that were claimed and ended without having started, whoever's (but for those
+    /// a cancel or the job's end stopped).
     pub fn unstarted(&self) -> u32 {
         let n = self
             .attempts
             .iter()
-            .filter(|a| a.started_ms.is_none())
+            .filter(|a| a.started_ms.is_none() && !a.state.is_live())
+            .filter(|a| a.state != AttemptState::Canceled)
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }
@@ -302,12 +386,34 @@ impl JobSnapshot {
     /// The first broken invariant, if any: what every snapshot that [`step`] returns under
     /// `settings` satisfies. The server may check it on a snapshot read back from storage.
     pub fn invariant_violation(&self, settings: &Settings) -> Option<String> {
-        let live = self.attempts.iter().filter(|a| a.state.is_live()).count();
-        if live > 1 {
-            return Some(format!("{live} live attempts"));
+        let live = self.live_count();
+        let most_live = self.policy.replicas.max(self.policy.quorum).max(1);
+        if live > most_live {
+            return Some(format!("{live} live attempts of {most_live} replicas"));
         }
-        if (self.state == JobState::Running) != (live == 1) {
+        if (self.state == JobState::Running) != (live >= 1) {
             return Some(format!("job {} with {live} live attempts", self.state));
+        }
+        let votes = self.tally().votes;
+        if votes > self.policy.vote_cap() {
+            return Some(format!("{votes} votes of {}", self.policy.vote_cap()));
+        }
+        if self.policy.replicated() {
+            // Replicas go to distinct owners: no owner holds two live or voting attempts.
+            let mut owners = std::collections::HashSet::new();
+            for a in &self.attempts {
+                let holds =
+                    a.state.is_live() || !matches!(a.ballot(&self.policy), Ballot::NotAVote);
+                if holds && !owners.insert(a.runner_owner) {
+                    return Some(format!("owner {} holds two replicas", a.runner_owner));
+                }
+                if holds && a.runner_owner == self.policy.owner && !self.policy.own_runners {
+                    return Some(format!(
+                        "the submitter's runner {} holds a replica",
+                        a.runner
+                    ));
+                }
+            }
         }
         if self.state.is_terminal() != self.ended_ms.is_some() {
             return Some(format!(
@@ -315,12 +421,13 @@ impl JobSnapshot {
                 self.state, self.ended_ms
             ));
         }
-        // Tries and unstarted attempts are bounded apart, so the attempts are bounded in all.
-        if self.tries() > self.policy.max_tries {
+        // Failed tries, votes and unstarted attempts are bounded apart, so the attempts are
+        // bounded in all.
+        if self.failed_tries() > self.policy.try_cap() {
             return Some(format!(
-                "{} tries of {}",
-                self.tries(),
-                self.policy.max_tries
+                "{} failed tries of {}",
+                self.failed_tries(),
+                self.policy.try_cap()
             ));
         }
         if self.unstarted() > settings.unstarted_cap() {
@@ -359,6 +466,21 @@ impl JobSnapshot {
                     a.id, a.state, a.started_ms
                 ));
             }
+        }
+        if let Some(&first) = self.agreeing.first()
+            && self.result_attempt != Some(first)
+        {
+            return Some(format!(
+                "agreeing attempts {:?} without their result",
+                self.agreeing
+            ));
+        }
+        if self.agreeing.len() > 1 && self.agreeing.len() < self.policy.quorum as usize {
+            return Some(format!(
+                "{} agreeing attempts of a quorum of {}",
+                self.agreeing.len(),
+                self.policy.quorum
+            ));
         }
         match self.result_attempt {
             None if matches!(self.state, JobState::Succeeded | JobState::Failed) => {
@@ -415,6 +537,8 @@ pub enum Event {
     Claim {
         attempt: AttemptId,
         runner: RunnerId,
+        /// The runner's owner: replicas go to distinct owners.
+        owner: UserId,
         lease_until_ms: u64,
         accept_by_ms: u64,
     },
@@ -442,6 +566,13 @@ pub enum Event {
     /// The dispatcher found that no runner can take the queued job, and says why (it becomes the
     /// job's reason, and the expiry's if it stays so).
     Unschedulable { why: String },
+    /// The server indexed the attempt's output (after its upload; before or after its report):
+    /// what the attempt votes for in a replicated job. Recorded once; never refused but for an
+    /// unknown attempt or a different second index.
+    Indexed {
+        attempt: AttemptId,
+        tree: OutputTree,
+    },
 }
 
 /// What the storage persists or carries out after a step, in this order: the store effects
@@ -467,6 +598,12 @@ pub enum Effect {
     AttemptEnded(AttemptId, AttemptState),
     /// The job reached this terminal state: answer waiting clients, notify its owner.
     JobEnded(JobState),
+    /// A quorum was reached: these runners' votes agreed with it, these runners' disagreed
+    /// (their standing goes up and down).
+    Standing {
+        agreed: Vec<RunnerId>,
+        disagreed: Vec<RunnerId>,
+    },
 }
 
 /// A step's result: the new snapshot and its effects.
@@ -520,8 +657,18 @@ fn cooldown_in(
 pub enum Refusal {
     #[error("the job has ended ({0})")]
     JobEnded(JobState),
-    #[error("the job is {0}, not queued")]
+    #[error("the job is {0} and wants no further attempt")]
     NotQueued(JobState),
+    #[error(
+        "the submitter's own runners take no replica of this job (it was not submitted with own-runners)"
+    )]
+    OwnRunner,
+    #[error(
+        "a runner of owner {0} holds a replica of this job already: replicas go to distinct owners"
+    )]
+    OwnerHasReplica(UserId),
+    #[error("attempt {0}'s output was indexed already, differently")]
+    IndexedTwice(AttemptId),
     #[error("the job waits for its next try until {0} (Unix ms)")]
     RetryNotYet(u64),
     #[error("the job's time-to-live has passed")]
@@ -587,6 +734,9 @@ impl Refusal {
             | Refusal::DeadlineInPast
             | Refusal::DuplicateAttempt(_)
             | Refusal::RunnerDidNotStart { .. }
+            | Refusal::OwnRunner
+            | Refusal::OwnerHasReplica(_)
+            | Refusal::IndexedTwice(_)
             | Refusal::WrongAttemptState { .. }
             | Refusal::AlreadyCanceling => codes::WRONG_STATE,
         }
@@ -617,9 +767,10 @@ pub fn step(
         Event::Claim {
             attempt,
             runner,
+            owner,
             lease_until_ms,
             accept_by_ms,
-        } => run.claim(*attempt, *runner, *lease_until_ms, *accept_by_ms)?,
+        } => run.claim(*attempt, (*runner, *owner), *lease_until_ms, *accept_by_ms)?,
         Event::Start { attempt } => run.start(*attempt)?,
         Event::Heartbeat { attempt, progress } => run.heartbeat(*attempt, progress)?,
         Event::UploadBegun { attempt } => run.upload_begun(*attempt)?,
@@ -628,6 +779,7 @@ pub fn step(
         Event::Tick => run.tick(),
         Event::Cancel => run.cancel()?,
         Event::Unschedulable { why } => run.unschedulable(why)?,
+        Event::Indexed { attempt, tree } => run.indexed(*attempt, tree)?,
     }
     let mut effects = store_effects(job, &run.job);
     effects.append(&mut run.effects);

@@ -10,12 +10,13 @@ mod images;
 mod jobs;
 mod limits;
 mod runner;
+mod runners;
 
 pub use ids::{AttemptId, IdError, JobId, Role, RoleError, RunnerId, UserId};
 pub use images::ImageView;
 pub use jobs::{
-    AttemptState, AttemptView, JobState, JobView, MAX_PRIORITY, MIN_PRIORITY, OutputIndexView,
-    SubmitParams,
+    AttemptState, AttemptView, JobState, JobView, MAX_PRIORITY, MAX_REPLICAS, MIN_PRIORITY,
+    OutputIndexView, SubmitParams,
 };
 pub use limits::{Bound, JobLimits, LimitError};
 pub use runner::{
@@ -23,6 +24,7 @@ pub use runner::{
     LogOffsetResponse, MAX_CLAIM_WAIT_S, MAX_REASON_BYTES, Phase, PhaseTimes, ReportRequest,
     ReportStatus, RunnerCapabilities,
 };
+pub use runners::{RunnerView, Standing};
 
 /// A request value that is refused, naming the field (the body of an `invalid-params` error).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

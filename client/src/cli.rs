@@ -11,14 +11,17 @@ http:// is refused to anything but this machine (127.0.0.1, [::1], localhost) un
 
 Exit codes: a finished job's, as the launchers give them (0-99 its exit status, 100 failed with
 a status >= 100 or a signal, 101 invalid job, 102 timed out, 103 guest failed); 110 canceled;
-111 errored (not the job's fault) or expired; 112 refused by the server; 113 server unreachable
-or failing; 114 bad usage or protocol mismatch; 115 local failure (files, checksums, limits).
+111 errored (not the job's fault), expired or inconclusive (replicas disagreed); 112 refused by
+the server; 113 server unreachable or failing; 114 bad usage or protocol mismatch; 115 local
+failure (files, checksums, limits); 116 verification failed (construir verify: the receipt, the
+record or the output does not check).
 
 Examples:
   construir submit hello_i0.tar.xz --follow
   construir submit --dir examples/hello-c/opt/job --image i0 --output-size 64M --wait
   construir show 42
-  construir fetch 42 -o out/";
+  construir fetch 42 -o out/
+  construir verify out/ --server-key server-key.json";
 
 #[derive(clap::Parser, Debug)]
 #[command(
@@ -77,8 +80,12 @@ pub enum Command {
         #[arg(long)]
         raw: bool,
     },
-    /// Download a finished job: its output unpacked (within limits), its record and console.
+    /// Download a finished job: its output unpacked (within limits) and as its archive, its
+    /// record and console, its receipt and the server's key.
     Fetch(FetchArgs),
+    /// Check a fetched job offline: its receipt by the server's key and the runners' signed
+    /// statements, and that the record and the output archive are the ones it speaks of.
+    Verify(VerifyArgs),
     /// Cancel a job (a running one stops once its runner hears of it).
     Cancel {
         /// The job's id.
@@ -129,6 +136,17 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(MIN_PRIORITY as i64..=MAX_PRIORITY as i64))]
     pub priority: Option<i32>,
+    /// Run the job on N runners of distinct owners (1 to 8, default 1); its result stands when
+    /// --quorum of them agree on it (status, exit status, output tree).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub replicas: Option<u32>,
+    /// How many replicas must agree (1 to --replicas; default: all of them).
+    #[arg(long, value_name = "Q", value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub quorum: Option<u32>,
+    /// Let your own runners take replicas too (by default they take none of a replicated
+    /// job: a check by your own machine is no check).
+    #[arg(long)]
+    pub own_runners: bool,
     /// Wait until the job ends, then exit with its exit code.
     #[arg(long)]
     pub wait: bool,
@@ -144,10 +162,29 @@ pub struct SubmitArgs {
 pub struct FetchArgs {
     /// The job's id.
     pub id: JobId,
-    /// The directory to fetch into: output/ (the files the job wrote back), record.json (the
-    /// job as the API returns it), console.log. output/ must not exist yet.
+    /// The directory to fetch into: output/ (the files the job wrote back), output.archive (the
+    /// output as downloaded), record.json (the job as the API returns it), console.log,
+    /// receipt.json (the server's signed receipt, when it issued one) and server-key.json (the
+    /// key it signs with): what `construir verify DIR` checks. output/ must not exist yet.
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Accepted for older scripts: the archive is always kept now, as output.archive.
+    #[arg(long)]
+    pub keep_archive: bool,
+}
+
+impl FetchArgs {
+    /// The capped reader's limits, as construir-result takes them.
+    pub fn limits(&self) -> Limits {
+        self.limits.limits()
+    }
+}
+
+/// How much of a job's output archive is read, by `fetch` and by `verify`.
+#[derive(clap::Args, Debug)]
+pub struct LimitArgs {
     /// Most bytes unpacking writes into files, in all (a decompression bomb stops here).
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
     pub max_output: u64,
@@ -158,13 +195,9 @@ pub struct FetchArgs {
     /// --max-output).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_stream: Option<u64>,
-    /// Keep the downloaded archive too, as output.archive.
-    #[arg(long)]
-    pub keep_archive: bool,
 }
 
-impl FetchArgs {
-    /// The capped reader's limits, as construir-result takes them.
+impl LimitArgs {
     pub fn limits(&self) -> Limits {
         Limits {
             max_entries: self.max_entries,
@@ -173,6 +206,20 @@ impl FetchArgs {
             ..Limits::DEFAULT
         }
     }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// A directory `construir fetch` wrote: receipt.json, record.json and, when the result has
+    /// an output, output.archive.
+    pub dir: PathBuf,
+    /// The server's public key, as 64 hex digits or a file holding them or the server's
+    /// server-key JSON. Without it, DIR/server-key.json (the key fetch saved) is trusted: pass
+    /// one obtained elsewhere to check the server too.
+    #[arg(long, value_name = "KEY")]
+    pub server_key: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 fn parse_image(text: &str) -> Result<String, String> {
@@ -251,6 +298,7 @@ mod tests {
             &["construir", "submit", "j_i0.tar.xz", "--raw"],
             &["construir", "show", "-1"],
             &["construir", "fetch", "1"],
+            &["construir", "verify"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
@@ -276,5 +324,34 @@ mod tests {
             (l.max_output, l.max_stream, l.max_entries),
             (1 << 20, 2 << 20, 1_000_000)
         );
+    }
+
+    #[test]
+    fn verify_takes_a_directory_a_key_and_the_fetch_limits() {
+        let cli = Cli::try_parse_from([
+            "construir",
+            "verify",
+            "out",
+            "--server-key",
+            "k.json",
+            "--max-entries",
+            "5",
+        ])
+        .unwrap();
+        let Command::Verify(v) = cli.command else {
+            panic!()
+        };
+        assert_eq!(v.dir, PathBuf::from("out"));
+        assert_eq!(v.server_key.as_deref(), Some("k.json"));
+        assert_eq!(v.limits.limits().max_entries, 5);
+        // The flag fetch kept for older scripts is still taken.
+        let cli = Cli::try_parse_from(["construir", "fetch", "3", "-o", "d", "--keep-archive"]);
+        assert!(matches!(
+            cli.unwrap().command,
+            Command::Fetch(FetchArgs {
+                keep_archive: true,
+                ..
+            })
+        ));
     }
 }

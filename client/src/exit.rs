@@ -10,11 +10,12 @@
 //! | 102 | the job timed out |
 //! | 103 | the guest failed |
 //! | 110 | the job was canceled |
-//! | 111 | the job errored (its tries ran out, each ended by a runner's failure, not the job's) or expired (no runner took it in time) |
+//! | 111 | the job errored (its tries ran out, each ended by a runner's failure, not the job's), expired (no runner took it in time) or was inconclusive (its replicas did not agree) |
 //! | 112 | the server refused the request (a 4xx answer: unknown job, bad token, a limit, …) |
 //! | 113 | the server could not be reached, or failed (connection, TLS, timeout, a 5xx answer) |
 //! | 114 | bad usage, or the server does not speak this client's protocol |
 //! | 115 | a local failure: a file could not be read or written, or what was downloaded failed its checks (sha256, the archive's limits) |
+//! | 116 | verification failed: `construir verify` found a receipt that does not open with the server's key, or a record or an output archive that is not the one the receipt speaks of |
 
 use construir_api::types::{AttemptView, JobState, JobView, ReportStatus};
 use construir_contract::outcome::{
@@ -23,7 +24,8 @@ use construir_contract::outcome::{
 
 /// The job was canceled.
 pub const CANCELED: u8 = 110;
-/// The job errored or expired: it ended without a result, through no fault of its own.
+/// The job errored, expired or was inconclusive: it ended without a result, through no fault
+/// the client can pin on the job.
 pub const ERRORED: u8 = 111;
 /// The server refused the request (a 4xx `ApiError`).
 pub const REFUSED: u8 = 112;
@@ -33,6 +35,8 @@ pub const UNREACHABLE: u8 = 113;
 pub const USAGE: u8 = 114;
 /// A local failure, or a download that failed its checks.
 pub const LOCAL: u8 = 115;
+/// `verify` refused the fetched result: its receipt, its record or its output.
+pub const VERIFY_FAILED: u8 = 116;
 
 /// A failure that ends the command with its own exit code (an error, not a job's outcome).
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +64,9 @@ pub fn job_exit_code(job: &JobView) -> Option<u8> {
     match job.state {
         JobState::Queued | JobState::Running => None,
         JobState::Canceled => Some(CANCELED),
-        JobState::Errored | JobState::Expired => Some(ERRORED),
+        // Replicas that never agreed left no result, as an errored job did: whose fault that
+        // is (a job that is not deterministic, a runner that lies) the code cannot say.
+        JobState::Errored | JobState::Expired | JobState::Inconclusive => Some(ERRORED),
         // The state is the server's verdict; the result attempt only says which code within it.
         JobState::Succeeded => Some(0),
         JobState::Failed => Some(match result() {
@@ -106,6 +112,7 @@ mod tests {
         AttemptView {
             id: AttemptId(7),
             runner: RunnerId(1),
+            runner_owner: UserId(2),
             state: AttemptState::Reported,
             why: String::new(),
             late: false,
@@ -120,6 +127,8 @@ mod tests {
             output_size: None,
             console_size: 0,
             output_index: None,
+            vote: None,
+            signed: false,
         }
     }
 
@@ -142,6 +151,11 @@ mod tests {
             retry_not_before_ms: None,
             result_attempt: attempts.last().map(|a| a.id),
             attempts,
+            replicas: 1,
+            quorum: 1,
+            agreeing: vec![],
+            attestation: None,
+            revoked_runners: vec![],
         }
     }
 
@@ -172,6 +186,10 @@ mod tests {
         assert_eq!(job_exit_code(&job(JobState::Canceled, vec![])), Some(110));
         assert_eq!(job_exit_code(&job(JobState::Errored, vec![])), Some(111));
         assert_eq!(job_exit_code(&job(JobState::Expired, vec![])), Some(111));
+        assert_eq!(
+            job_exit_code(&job(JobState::Inconclusive, vec![])),
+            Some(111)
+        );
         let ok = attempt(Some(ReportStatus::Success), Some(0));
         assert_eq!(job_exit_code(&job(JobState::Succeeded, vec![ok])), Some(0));
         let failed = attempt(Some(ReportStatus::Failed), Some(3));
@@ -184,7 +202,15 @@ mod tests {
         lost.result_attempt = None;
         assert_eq!(job_exit_code(&lost), Some(100));
         // The codes stay clear of the launchers' 104–106.
-        for c in [CANCELED, ERRORED, REFUSED, UNREACHABLE, USAGE, LOCAL] {
+        for c in [
+            CANCELED,
+            ERRORED,
+            REFUSED,
+            UNREACHABLE,
+            USAGE,
+            LOCAL,
+            VERIFY_FAILED,
+        ] {
             assert!(c > 106, "{c}");
         }
     }

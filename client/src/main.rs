@@ -1,6 +1,7 @@
 //! construir: the submitter's client. Submits jobs to a construir server, follows their
-//! consoles, shows and lists them, fetches their output (unpacked safely) and cancels them; its
-//! exit code is the job's own when it waits for one (see [`exit`]).
+//! consoles, shows and lists them, fetches their output (unpacked safely) and cancels them, and
+//! verifies a fetched result offline against its signed receipt; its exit code is the job's own
+//! when it waits for one (see [`exit`]).
 
 mod cli;
 mod commands;

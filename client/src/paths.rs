@@ -63,6 +63,17 @@ pub fn output(id: JobId) -> String {
     format!("/api/v1/jobs/{id}/output")
 }
 
+/// `GET /api/v1/jobs/{id}/receipt`: the job's signed receipt, once a quorum agreed on it.
+pub fn receipt(id: JobId) -> String {
+    format!("/api/v1/jobs/{id}/receipt")
+}
+
+/// `GET /.well-known/construir/server-key`: the key receipts are signed with. Beside the API,
+/// under the server's URL prefix (as every path here is).
+pub fn server_key() -> String {
+    "/.well-known/construir/server-key".into()
+}
+
 /// `GET /api/v1/jobs/{id}/log?attempt=A&offset=N&wait_s=S`; without an attempt, the server
 /// takes the job's last; a wait of 0 is left out (answer at once).
 pub fn log(id: JobId, attempt: Option<AttemptId>, offset: u64, wait_s: u32) -> String {
@@ -104,6 +115,9 @@ mod tests {
             memory_mib: Some(1024),
             vcpus: Some(2),
             priority: -5,
+            replicas: Some(3),
+            quorum: Some(2),
+            own_runners: true,
         };
         let path = submit("my job_t0.tar.xz", &all);
         assert!(
@@ -120,7 +134,10 @@ mod tests {
                 "memory_mib=1024",
                 "name=my%20job_t0.tar.xz",
                 "output_size=67108864",
+                "own_runners=true",
                 "priority=-5",
+                "quorum=2",
+                "replicas=3",
                 "timeout_s=1800",
                 "vcpus=2",
             ]
@@ -131,7 +148,8 @@ mod tests {
             .filter(|p| !p.starts_with("name=") && !p.starts_with("image="))
             .map(|p| {
                 let (k, v) = p.split_once('=').unwrap();
-                (k.to_string(), v.parse::<i64>().unwrap().into())
+                // Numbers, and `true`: JSON's spelling of both is the query's.
+                (k.to_string(), serde_json::from_str(v).unwrap())
             })
             .collect();
         let mut query = serde_json::Value::Object(query);
@@ -145,6 +163,8 @@ mod tests {
         assert_eq!(cancel(JobId(4)), "/api/v1/jobs/4/cancel");
         assert_eq!(output(JobId(4)), "/api/v1/jobs/4/output");
         assert_eq!(jobs(), "/api/v1/jobs");
+        assert_eq!(receipt(JobId(4)), "/api/v1/jobs/4/receipt");
+        assert_eq!(server_key(), "/.well-known/construir/server-key");
         assert_eq!(log(JobId(4), None, 0, 0), "/api/v1/jobs/4/log?offset=0");
         assert_eq!(
             log(JobId(4), Some(AttemptId(9)), 512, 25),

@@ -223,6 +223,7 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
                     job_id: construir_api::types::JobId(1),
                     job_name: "hello_t0.tar.xz".into(),
                     image: "t0".into(),
+                    image_digest: None,
                     sha256: sha256_hex(&job),
                     size: job.len() as u64,
                     limits,

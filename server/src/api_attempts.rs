@@ -384,12 +384,35 @@ pub async fn report(
             ));
         }
     }
+    // The statement is checked against the records before anything is applied, and kept
+    // only once the report was taken (a refused report keeps nothing).
+    let stored = app
+        .db
+        .load_job(who.job)
+        .await?
+        .ok_or_else(|| Refusal::new(codes::NOT_FOUND, "no such job"))?;
+    let snapshot = stored
+        .snapshot
+        .attempt(attempt)
+        .ok_or_else(|| Refusal::new(codes::NOT_FOUND, "no such attempt"))?;
+    let runner_key = app.db.runner_key(snapshot.runner).await?;
+    let console = app.db.console_size(attempt).await?;
+    let statement =
+        crate::statements::check(&stored, snapshot, &report, runner_key.as_deref(), console)?;
     let (job, _) = app
         .apply(who.job, |_| Event::Report {
             attempt,
             report: report.clone(),
         })
         .await?;
+    if let Some(json) = &statement {
+        app.db.set_statement(attempt, json).await?;
+    }
+    // Its output may have been indexed before the report came: the vote is counted now.
+    if let Err(e) = crate::indexing::tell_job(&app, attempt).await {
+        // The housekeeping tells it later; the report itself is taken.
+        tracing::warn!("attempt {attempt}: counting its vote: {e}");
+    }
     tracing::info!(
         "job {} attempt {attempt} reported {}",
         who.job,
@@ -400,9 +423,10 @@ pub async fn report(
         .snapshot
         .attempt(attempt)
         .ok_or_else(|| Refusal::new(codes::NOT_FOUND, "no such attempt"))?;
-    Ok(Json(
-        a.view(blobs.get(&attempt).cloned().unwrap_or_default()),
-    ))
+    Ok(Json(a.view(
+        blobs.get(&attempt).cloned().unwrap_or_default(),
+        &job.snapshot.policy,
+    )))
 }
 
 #[utoipa::path(post, path = "/api/v1/runner/attempts/{id}/abort", tag = "attempts", params(("id" = u64, Path, description = "the attempt")), request_body = AbortRequest,

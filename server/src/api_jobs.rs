@@ -25,6 +25,7 @@ pub fn routes() -> Router<Shared> {
         .route("/jobs/{id}/log", get(log))
         .route("/jobs/{id}/output", get(output))
         .route("/jobs/{id}/output/index", get(output_index))
+        .route("/jobs/{id}/receipt", get(crate::receipts::receipt))
 }
 
 fn may_submit(caller: &Caller) -> Result<(), Refusal> {
@@ -72,6 +73,9 @@ pub struct SubmitQuery {
     memory_mib: Option<u32>,
     vcpus: Option<u32>,
     priority: Option<i32>,
+    replicas: Option<u32>,
+    quorum: Option<u32>,
+    own_runners: Option<bool>,
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", params(SubmitQuery),
@@ -98,6 +102,9 @@ pub async fn submit(
         memory_mib: q.memory_mib,
         vcpus: q.vcpus,
         priority: q.priority.unwrap_or(0),
+        replicas: q.replicas,
+        quorum: q.quorum,
+        own_runners: q.own_runners.unwrap_or(false),
     };
     let server_max = JobLimits {
         output_size: app.settings.max_output_size,
@@ -157,10 +164,18 @@ pub async fn submit(
     checked.map_err(|why| Refusal::new(codes::BAD_REQUEST, why))?;
     app.blobs.publish(&received).await?;
     let now = now_ms() as u64;
+    let (replicas, quorum) = params
+        .replication()
+        .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
     let policy = JobPolicy {
         max_tries: app.settings.max_tries,
         ttl_ms: app.settings.job_ttl.as_millis() as u64,
         timeout_ms: limits.timeout_s * 1000,
+        replicas,
+        quorum,
+        max_votes: 0,
+        owner,
+        own_runners: params.own_runners,
     };
     let t = JobSnapshot::submitted(policy, now);
     let image = params.image.clone().unwrap_or(name.image);

@@ -56,6 +56,10 @@ fn must_be_runner(caller: &Caller) -> Result<(), Refusal> {
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     name: String,
+    /// The runner's ed25519 public key (64 hex digits), which its reports' statements are
+    /// signed with: bound to the runner at its first registration with one, never replaced.
+    #[serde(default)]
+    public_key: Option<String>,
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -84,7 +88,33 @@ pub async fn register(
             "name: 1 to 64 letters, digits, '-', '_' or '.'",
         ));
     }
+    if let Some(key) = &req.public_key
+        && !construir_api::trust::valid_public_key(key)
+    {
+        return Err(Refusal::new(
+            codes::INVALID_PARAMS,
+            "public_key: expected an ed25519 public key, 64 lower-case hex digits",
+        ));
+    }
     let runner_id = app.db.register_runner(caller.0.user_id, &req.name).await?;
+    if app.db.runner_revoked(runner_id).await? {
+        return Err(Refusal::new(
+            codes::FORBIDDEN,
+            format!("runner {runner_id} ({}) has been revoked", req.name),
+        ));
+    }
+    if let Some(key) = &req.public_key
+        && let crate::runners::KeyBinding::Other(bound) =
+            app.db.bind_runner_key(runner_id, key).await?
+    {
+        return Err(Refusal::new(
+            codes::WRONG_STATE,
+            format!(
+                "runner {runner_id} ({}) is bound to the public key {bound}, not {key}: a                  runner's key is made once and kept in its state directory; a new machine                  registers under a new name",
+                req.name
+            ),
+        ));
+    }
     tracing::info!(
         "runner {runner_id} ({}) of {} registered",
         req.name,
@@ -136,7 +166,7 @@ pub async fn claim(
         .ok_or_else(|| {
             Refusal::new(
                 codes::FORBIDDEN,
-                format!("runner {runner} is not this token's"),
+                format!("runner {runner} is not this token's, or has been revoked"),
             )
         })?;
     let cap = runner_cap(runner, slots);
@@ -164,7 +194,8 @@ pub async fn claim(
         let claimed = if load.unstarted >= cap.unstarted {
             Claimed::AtCap
         } else {
-            try_claim(&app, runner, caller.0.token_id, &req, cap, &own).await?
+            let owner = UserId(caller.0.user_id as u64);
+            try_claim(&app, (runner, owner), caller.0.token_id, &req, cap, &own).await?
         };
         let more = match claimed {
             Claimed::Got(resp) => return Ok(Json(*resp).into_response()),
@@ -242,7 +273,7 @@ pub enum Claimed {
 /// job at once. The claim is stored only while the runner is within `cap`.
 pub async fn try_claim(
     app: &Shared,
-    runner: RunnerId,
+    (runner, owner): (RunnerId, UserId),
     claim_token: i64,
     req: &ClaimRequest,
     cap: RunnerCap,
@@ -307,12 +338,25 @@ pub async fn try_claim(
             }
             continue;
         }
+        // A replica this runner's owner may not take (its own job, or one it holds a replica
+        // of) is passed over before an attempt row is made for it.
+        let (lease_until_ms, accept_by_ms) = settings.claim_deadlines(now);
+        let trial = Event::Claim {
+            attempt: AttemptId(u64::MAX),
+            runner,
+            owner,
+            lease_until_ms,
+            accept_by_ms,
+        };
+        if step(&job.snapshot, &settings, now, &trial).is_err() {
+            continue;
+        }
         let token = tokens::generate().map_err(|e| Refusal::new(codes::INTERNAL, e.to_string()))?;
         let attempt = app
             .db
             .insert_attempt(id, runner, &tokens::digest(&token), claim_token)
             .await?;
-        let job = match claim_job(app, id, attempt, runner, cap).await? {
+        let job = match claim_job(app, id, attempt, (runner, owner), cap).await? {
             ClaimStep::Claimed(job) => job,
             ClaimStep::Lost => {
                 // Someone else got it first, or its back-off began: the next one.
@@ -336,6 +380,7 @@ pub async fn try_claim(
             job_id: id,
             job_name: job.facts.name.clone(),
             image: job.facts.image.clone(),
+            image_digest: job.facts.image_digest.clone(),
             sha256: job.facts.sha256.clone(),
             size: job.facts.size,
             limits: job.facts.limits,
@@ -377,7 +422,7 @@ async fn claim_job(
     app: &Shared,
     id: JobId,
     attempt: AttemptId,
-    runner: RunnerId,
+    (runner, owner): (RunnerId, UserId),
     cap: RunnerCap,
 ) -> Result<ClaimStep, Refusal> {
     let settings = app.step_settings();
@@ -390,6 +435,7 @@ async fn claim_job(
         let event = Event::Claim {
             attempt,
             runner,
+            owner,
             lease_until_ms,
             accept_by_ms,
         };
@@ -398,7 +444,7 @@ async fn claim_job(
         };
         if app
             .db
-            .store_job_within(id, job.version, &t.job, Some(cap))
+            .store_job_within(id, job.version, &t.job, Some(cap), &t.effects)
             .await?
         {
             job.snapshot = t.job;

@@ -642,7 +642,7 @@ async fn default_limits_follow_a_lowered_server_maximum() {
     let (_d, app) = test_app().await;
     let mut settings = app.settings.clone();
     settings.max_output_size = 64 << 20;
-    let app = crate::service::App::new(settings, app.db.clone(), app.blobs.clone());
+    let app = crate::service::App::new(settings, app.db.clone(), app.blobs.clone()).unwrap();
     let alice = token(&app, "alice", "submitter").await;
     let a = submit(&app, &alice, "small_t0.tar.xz", job("x")).await;
     assert_eq!(

@@ -250,6 +250,7 @@ pub fn router_with(app: Shared, polls: Arc<Polls>) -> Router {
         .merge(crate::api_jobs::routes())
         .merge(crate::images::routes())
         .merge(crate::api_runner::routes())
+        .merge(crate::runners::routes())
         // JSON bodies; job files, outputs and console pieces are streamed with limits of their own.
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .route_layer(middleware::from_fn(require_protocol));
@@ -264,6 +265,7 @@ pub fn router_with(app: Shared, polls: Arc<Polls>) -> Router {
         .layer(middleware::from_fn(api_answers));
     Router::new()
         .route("/healthz", get(healthz))
+        .route(crate::receipts::KEY_PATH, get(crate::receipts::server_key))
         .nest("/api/v1", api)
         .with_state(app)
 }
@@ -295,7 +297,7 @@ pub(crate) mod tests {
         .unwrap();
         let db = Db::open_embedded(d.path()).await.unwrap();
         let blobs = Blobs::open_local(d.path()).unwrap();
-        (d, App::new(settings, db, blobs))
+        (d, App::new(settings, db, blobs).unwrap())
     }
 
     async fn call(app: &Shared, req: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {

@@ -7,9 +7,11 @@
 //! housekeeping ([`catch_up`]) indexes it then.
 
 use crate::jobs::OutputIndexed;
-use crate::service::Shared;
-use construir_api::types::AttemptId;
+use crate::service::{ApplyError, Shared};
+use construir_api::state::{Event, OutputTree};
+use construir_api::types::{AttemptId, JobId};
 use construir_contract::archive::{self, Limits};
+use sqlx::Row;
 use std::collections::BTreeSet;
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -126,7 +128,85 @@ async fn index_stored(
         },
     };
     app.db.set_output_index(attempt, sha256, &indexed).await?;
+    tell_job(app, attempt).await?;
     Ok(true)
+}
+
+/// Tells the attempt's job what the index made of its output ([`Event::Indexed`]), once the
+/// attempt has an index: the vote it completes is counted. Changes nothing when the job knows
+/// it already, or has ended.
+pub async fn tell_job(app: &Shared, attempt: AttemptId) -> Result<(), IndexingError> {
+    let Some((job, tree)) = app.db.index_outcome(attempt).await? else {
+        return Ok(());
+    };
+    match app
+        .apply(job, |_| Event::Indexed {
+            attempt,
+            tree: tree.clone(),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(ApplyError::Refused(r)) => {
+            tracing::warn!("attempt {attempt}'s index was not taken by job {job}: {r}");
+            Ok(())
+        }
+        Err(ApplyError::Db(e)) => Err(e.into()),
+        Err(e) => Err(IndexingError::Failed(e.to_string())),
+    }
+}
+
+/// Tells the unended jobs the indexes of their attempts' outputs that a stopped server left
+/// untold (indexed, and the server killed before the job heard); at most `limit`.
+pub async fn tell_leftovers(app: &Shared, limit: i64) -> Result<(), IndexingError> {
+    for attempt in app.db.indexed_of_unended(limit).await? {
+        tell_job(app, attempt).await?;
+    }
+    Ok(())
+}
+
+impl crate::db::Db {
+    /// The job of `attempt` and what its output's index gave, once it was indexed.
+    pub async fn index_outcome(
+        &self,
+        attempt: AttemptId,
+    ) -> Result<Option<(JobId, OutputTree)>, crate::db::DbError> {
+        let row = sqlx::query(
+            "SELECT job_id, output_tree_sha256, output_index_error FROM attempts WHERE id = $1",
+        )
+        .bind(attempt.0 as i64)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let job = JobId(r.try_get::<i64, _>(0)? as u64);
+        let tree: Option<String> = r.try_get(1)?;
+        let error: Option<String> = r.try_get(2)?;
+        Ok(match (tree, error) {
+            (Some(t), _) => Some((job, OutputTree::Digest(t))),
+            (None, Some(_)) => Some((job, OutputTree::Unreadable)),
+            (None, None) => None,
+        })
+    }
+
+    /// Indexed attempts of jobs that have not ended (some of which their job may not know of).
+    pub async fn indexed_of_unended(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<AttemptId>, crate::db::DbError> {
+        let rows = sqlx::query(
+            "SELECT a.id FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE j.state IN ('queued', 'running') \
+             AND (a.output_tree_sha256 IS NOT NULL OR a.output_index_error IS NOT NULL) \
+             ORDER BY a.id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok(AttemptId(r.try_get::<i64, _>(0)? as u64)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(crate::db::DbError::from)
+    }
 }
 
 struct Release((usize, u64));

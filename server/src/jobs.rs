@@ -3,7 +3,7 @@
 //! is applied to exactly the state it was computed from, whatever else runs at the same time.
 
 use crate::db::{Db, DbError, now_ms};
-use construir_api::state::{AttemptBlobs, JobFacts, JobSnapshot};
+use construir_api::state::{AttemptBlobs, Effect, JobFacts, JobSnapshot};
 use construir_api::types::{
     AttemptId, JobId, JobLimits, JobState, OutputIndexView, RunnerId, UserId,
 };
@@ -38,25 +38,29 @@ pub struct NewJob {
 struct Derived {
     state: &'static str,
     claimable: i64,
+    /// How many more attempts the job wants claimed (0: none; a job of one replica wants 1
+    /// while it is queued).
+    wanted: i64,
     deadline: Option<i64>,
-    /// The runner of the live attempt, and whether it has started (1) or not (0): what a claim
-    /// counts a runner's attempts by.
+    /// The first live attempt's runner, and whether it has started (kept for the previous
+    /// release's readers; a claim counts a runner's attempts on the attempts' own rows).
     live_runner: Option<i64>,
     live_started: Option<i64>,
 }
 
 fn derived(s: &JobSnapshot) -> Derived {
     let claimable = s.retry_not_before_ms.unwrap_or(0) as i64;
+    let wanted = s.wanted();
     let deadline = if s.state.is_terminal() {
         None
     } else {
         // The time-to-live counts only while the job waits for a runner.
         let mut times = Vec::new();
-        if s.state == JobState::Queued {
+        if wanted > 0 {
             times.push(s.expires_at_ms);
         }
         times.extend(s.retry_not_before_ms);
-        if let Some(a) = s.live_attempt() {
+        for a in s.live_attempts() {
             if a.started_ms.is_none() {
                 times.push(a.accept_by_ms);
             }
@@ -64,10 +68,11 @@ fn derived(s: &JobSnapshot) -> Derived {
         }
         times.into_iter().min().map(|t| t as i64)
     };
-    let live = s.live_attempt();
+    let live = s.live_attempts().next();
     Derived {
         state: s.state.as_str(),
         claimable,
+        wanted: i64::from(wanted),
         deadline,
         live_runner: live.map(|a| a.runner.0 as i64),
         live_started: live.map(|a| i64::from(a.started_ms.is_some())),
@@ -149,8 +154,9 @@ impl Db {
         let d = derived(snapshot);
         let row = sqlx::query(
             "INSERT INTO jobs (owner, name, image, sha256, size, limits, priority, state, created_ms, \
-             claimable_ms, next_deadline_ms, snapshot, live_runner, live_started, version, image_digest) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15) \
+             claimable_ms, next_deadline_ms, snapshot, live_runner, live_started, version, image_digest, \
+             wanted) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15, $16) \
              RETURNING id",
         )
         .bind(job.owner.0 as i64)
@@ -168,6 +174,7 @@ impl Db {
         .bind(d.live_runner)
         .bind(d.live_started)
         .bind(job.image_digest.as_deref())
+        .bind(d.wanted)
         .fetch_one(self.pool())
         .await?;
         Ok(JobId(row.try_get::<i64, _>(0)? as u64))
@@ -193,32 +200,39 @@ impl Db {
         version: i64,
         snapshot: &JobSnapshot,
     ) -> Result<bool, DbError> {
-        self.store_job_within(id, version, snapshot, None).await
+        self.store_job_within(id, version, snapshot, None, &[])
+            .await
     }
 
     /// [`Db::store_job`], and, with a `cap`, only if that runner holds fewer live and fewer
-    /// unstarted attempts than it allows (the claim's check and its write are one statement;
-    /// SQLite runs one writer at a time). False if either condition failed.
+    /// unstarted attempts than it allows. One transaction: the job's row (conditional on its
+    /// version and the runner's counts, in one statement), then its attempts' live and started
+    /// marks (what the counts read), then the standing of the runners a quorum in `effects`
+    /// judged (so it changes exactly once per quorum). SQLite runs one writer at a time, so
+    /// concurrent claims of one runner cannot all pass the count. False if a condition failed
+    /// (nothing written).
     pub async fn store_job_within(
         &self,
         id: JobId,
         version: i64,
         snapshot: &JobSnapshot,
         cap: Option<RunnerCap>,
+        effects: &[Effect],
     ) -> Result<bool, DbError> {
         let d = derived(snapshot);
         let query = match cap {
             None => sqlx::query(
                 "UPDATE jobs SET state = $1, claimable_ms = $2, next_deadline_ms = $3, \
-                 snapshot = $4, live_runner = $5, live_started = $6, version = version + 1 \
-                 WHERE id = $7 AND version = $8",
+                 snapshot = $4, live_runner = $5, live_started = $6, wanted = $9, \
+                 version = version + 1 WHERE id = $7 AND version = $8",
             ),
             Some(_) => sqlx::query(
                 "UPDATE jobs SET state = $1, claimable_ms = $2, next_deadline_ms = $3, \
-                 snapshot = $4, live_runner = $5, live_started = $6, version = version + 1 \
-                 WHERE id = $7 AND version = $8 \
-                 AND (SELECT COUNT(*) FROM jobs WHERE live_runner = $9) < $10 \
-                 AND (SELECT COUNT(*) FROM jobs WHERE live_runner = $9 AND live_started = 0) < $11",
+                 snapshot = $4, live_runner = $5, live_started = $6, wanted = $9, \
+                 version = version + 1 WHERE id = $7 AND version = $8 \
+                 AND (SELECT COUNT(*) FROM attempts WHERE runner_id = $10 AND live = 1) < $11 \
+                 AND (SELECT COUNT(*) FROM attempts WHERE runner_id = $10 AND live = 1 \
+                      AND started = 0) < $12",
             ),
         };
         let mut query = query
@@ -229,23 +243,52 @@ impl Db {
             .bind(d.live_runner)
             .bind(d.live_started)
             .bind(id.0 as i64)
-            .bind(version);
+            .bind(version)
+            .bind(d.wanted);
         if let Some(c) = cap {
             query = query
                 .bind(c.runner.0 as i64)
                 .bind(i64::from(c.live))
                 .bind(i64::from(c.unstarted));
         }
-        let done = query.execute(self.pool()).await?;
-        Ok(done.rows_affected() == 1)
+        let mut tx = self.pool().begin().await?;
+        if query.execute(&mut *tx).await?.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for a in &snapshot.attempts {
+            let (live, started) = (
+                i64::from(a.state.is_live()),
+                i64::from(a.started_ms.is_some()),
+            );
+            sqlx::query(
+                "UPDATE attempts SET live = $1, started = $2 WHERE id = $3 AND job_id = $4 \
+                 AND (live <> $1 OR started <> $2)",
+            )
+            .bind(live)
+            .bind(started)
+            .bind(a.id.0 as i64)
+            .bind(id.0 as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for e in effects {
+            if let Effect::Standing { agreed, disagreed } = e {
+                crate::runners::record_standing(&mut tx, agreed, disagreed).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
-    /// The jobs whose live attempt `runner` claimed and has not started.
+    /// The jobs of which `runner` holds a live attempt it has not started.
     pub async fn unstarted_jobs(&self, runner: RunnerId) -> Result<Vec<JobId>, DbError> {
-        let rows = sqlx::query("SELECT id FROM jobs WHERE live_runner = $1 AND live_started = 0")
-            .bind(runner.0 as i64)
-            .fetch_all(self.pool())
-            .await?;
+        let rows = sqlx::query(
+            "SELECT DISTINCT job_id FROM attempts WHERE runner_id = $1 AND live = 1 AND started = 0",
+        )
+        .bind(runner.0 as i64)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter()
             .map(|r| Ok(JobId(r.try_get::<i64, _>(0)? as u64)))
             .collect::<Result<_, sqlx::Error>>()
@@ -255,8 +298,8 @@ impl Db {
     /// The live attempts `runner` holds now.
     pub async fn runner_load(&self, runner: RunnerId) -> Result<RunnerLoad, DbError> {
         let row = sqlx::query(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN live_started = 0 THEN 1 ELSE 0 END), 0) \
-             FROM jobs WHERE live_runner = $1",
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN started = 0 THEN 1 ELSE 0 END), 0) \
+             FROM attempts WHERE runner_id = $1 AND live = 1",
         )
         .bind(runner.0 as i64)
         .fetch_one(self.pool())
@@ -299,14 +342,14 @@ impl Db {
         rows.iter().map(stored_job).collect()
     }
 
-    /// Queued jobs claimable at `now`: (id, owner, priority), best first within an owner. Each
+    /// Jobs claimable at `now` (queued, or running and wanting more replicas): (id, owner, priority), best first within an owner. Each
     /// owner's best [`PER_OWNER_WINDOW`] only, so one owner's thousands of queued jobs (ones no
     /// runner can take, or all at the top priority) never push another owner's out of sight.
     pub async fn claimable(&self, now: u64) -> Result<Vec<(JobId, UserId, i32)>, DbError> {
         let rows = sqlx::query(
             "SELECT id, owner, priority FROM (SELECT id, owner, priority, ROW_NUMBER() OVER \
              (PARTITION BY owner ORDER BY priority DESC, id ASC) AS rank FROM jobs \
-             WHERE state = 'queued' AND claimable_ms <= $1) AS ranked \
+             WHERE wanted > 0 AND claimable_ms <= $1) AS ranked \
              WHERE rank <= $2 ORDER BY rank, id LIMIT 2000",
         )
         .bind(now as i64)
@@ -413,7 +456,7 @@ impl Db {
         let row = sqlx::query(
             "UPDATE runners SET last_seen_ms = $1, capabilities = $2, \
              slots = CASE WHEN slots IS NULL OR slots < $5 THEN $5 ELSE slots END \
-             WHERE id = $3 AND user_id = $4 RETURNING slots",
+             WHERE id = $3 AND user_id = $4 AND revoked_ms IS NULL RETURNING slots",
         )
         .bind(now_ms())
         .bind(caps)
@@ -466,7 +509,9 @@ impl Db {
     ) -> Result<Option<(AttemptId, JobId)>, DbError> {
         let row = sqlx::query(
             "SELECT a.id, a.job_id FROM attempts a LEFT JOIN tokens t ON t.id = a.claim_token_id \
-             WHERE a.token_sha256 = $1 AND (a.claim_token_id IS NULL OR t.revoked_ms IS NULL)",
+             JOIN runners r ON r.id = a.runner_id \
+             WHERE a.token_sha256 = $1 AND (a.claim_token_id IS NULL OR t.revoked_ms IS NULL) \
+             AND r.revoked_ms IS NULL",
         )
         .bind(token_sha256)
         .fetch_optional(self.pool())
@@ -509,8 +554,11 @@ impl Db {
         job: JobId,
     ) -> Result<HashMap<AttemptId, AttemptBlobs>, DbError> {
         let rows = sqlx::query(
-            "SELECT id, console_size, output_sha256, output_size, output_tree_sha256, \
-             output_entries, output_index_error FROM attempts WHERE job_id = $1",
+            "SELECT a.id, a.console_size, a.output_sha256, a.output_size, a.output_tree_sha256, \
+             a.output_entries, a.output_index_error, \
+             CASE WHEN a.statement IS NULL THEN 0 ELSE 1 END, \
+             CASE WHEN r.revoked_ms IS NULL THEN 0 ELSE 1 END FROM attempts a JOIN runners r ON r.id = a.runner_id \
+             WHERE a.job_id = $1",
         )
         .bind(job.0 as i64)
         .fetch_all(self.pool())
@@ -532,6 +580,8 @@ impl Db {
                             entries,
                             error,
                         }),
+                        signed: r.try_get::<i64, _>(7)? != 0,
+                        runner_revoked: r.try_get::<i64, _>(8)? != 0,
                     },
                 ))
             })

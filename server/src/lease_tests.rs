@@ -225,7 +225,7 @@ async fn short_lease_app(lease: Duration) -> (tempfile::TempDir, Shared) {
     let (d, app) = test_app().await;
     let mut settings = app.settings.clone();
     settings.lease = lease;
-    let app = App::new(settings, app.db.clone(), app.blobs.clone());
+    let app = App::new(settings, app.db.clone(), app.blobs.clone()).unwrap();
     (d, app)
 }
 

@@ -13,10 +13,14 @@ pub mod jobs;
 pub mod logs;
 pub mod openapi;
 pub mod polls;
+pub mod receipts;
 pub mod retention;
+pub mod runners;
 pub mod serve;
 pub mod service;
 pub mod settings;
+pub mod signing;
+pub mod statements;
 pub mod tokens;
 
 #[cfg(test)]
@@ -29,6 +33,8 @@ mod lease_tests;
 mod log_tests;
 #[cfg(test)]
 mod matching_tests;
+#[cfg(test)]
+mod replica_tests;
 #[cfg(test)]
 mod retention_tests;
 #[cfg(test)]

@@ -336,7 +336,7 @@ async fn an_ended_attempts_console_becomes_one_blob_read_the_same() {
 async fn restart(d: &tempfile::TempDir, app: &Shared) -> Shared {
     let db = crate::db::Db::open_embedded(d.path()).await.unwrap();
     let blobs = crate::blobs::Blobs::open_local(d.path()).unwrap();
-    App::new(app.settings.clone(), db, blobs)
+    App::new(app.settings.clone(), db, blobs).unwrap()
 }
 
 #[tokio::test]

@@ -6,7 +6,11 @@ use crate::api_attempts::{self, Uploaded};
 use crate::api_jobs;
 use crate::api_runner::{self, RegisterRequest, RegisterResponse};
 use crate::images;
+use crate::{receipts, runners};
 use construir_api::ApiError;
+use construir_api::trust::{
+    Attestation, Receipt, SignedReceipt, SignedStatement, Statement, Verdict, Vote,
+};
 use construir_api::types::*;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -26,7 +30,10 @@ use utoipa::{Modify, OpenApi};
         api_jobs::log,
         api_jobs::output,
         api_jobs::output_index,
+        receipts::receipt,
         images::list,
+        runners::list,
+        runners::revoke,
         api_runner::register,
         api_runner::claim,
         api_attempts::job_file,
@@ -60,6 +67,15 @@ use utoipa::{Modify, OpenApi};
         RegisterRequest,
         RegisterResponse,
         Uploaded,
+        RunnerView,
+        Standing,
+        Statement,
+        SignedStatement,
+        Receipt,
+        SignedReceipt,
+        Verdict,
+        Vote,
+        Attestation,
     )),
     modifiers(&Tokens)
 )]
@@ -99,11 +115,15 @@ mod tests {
             "/api/v1/runner/claim",
             "/api/v1/runner/attempts/{id}/log",
             "/api/v1/runner/attempts/{id}/report",
+            "/api/v1/jobs/{id}/receipt",
+            "/api/v1/runners",
+            "/api/v1/runners/{id}/revoke",
         ] {
             assert!(paths.contains_key(p), "{p} missing");
         }
         assert!(doc["components"]["schemas"]["ClaimResponse"].is_object());
         assert!(doc["components"]["schemas"]["ImageView"].is_object());
+        assert!(doc["components"]["schemas"]["SignedReceipt"].is_object());
         assert!(doc["paths"]["/api/v1/jobs"]["post"]["parameters"].is_array());
     }
 }

@@ -137,7 +137,7 @@ pub async fn serve(settings: Settings, limits: ServeLimits, db: Db) -> anyhow::R
         settings.data.display(),
         limits.max_connections
     );
-    let app = App::new(settings, db, blobs);
+    let app = App::new(settings, db, blobs)?;
     app.spawn_sweeper();
     let routes = router_with(app.clone(), Polls::new(limits.max_polls_per_token));
     serve_on(listener, routes, limits, async move {

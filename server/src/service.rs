@@ -34,7 +34,12 @@ pub struct App {
     /// what it has), so a stop takes a moment, not the longest poll's remaining 25 s.
     stopping: std::sync::atomic::AtomicBool,
     stop: Notify,
+    /// The key receipts are signed with (`DATA/server-key`).
+    pub signer: crate::signing::ServerSigner,
 }
+
+/// The server's signing key's file in its data directory.
+pub const KEY_FILE: &str = "server-key";
 
 /// What a client can wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -157,8 +162,15 @@ pub enum ApplyError {
 }
 
 impl App {
-    pub fn new(settings: Settings, db: Db, blobs: Blobs) -> Shared {
-        Arc::new(App {
+    /// The server on `db` and `blobs`, with the signing key of its data directory (made there on
+    /// the first start).
+    pub fn new(
+        settings: Settings,
+        db: Db,
+        blobs: Blobs,
+    ) -> Result<Shared, crate::signing::SigningError> {
+        let signer = crate::signing::ServerSigner::load_or_create(&settings.data.join(KEY_FILE))?;
+        Ok(Arc::new(App {
             settings,
             db,
             blobs,
@@ -167,7 +179,8 @@ impl App {
             unclaimed_rows: Mutex::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
-        })
+            signer,
+        }))
     }
 
     /// The server stops: every long poll, waiting or to come, answers at once.
@@ -219,7 +232,11 @@ impl App {
             if t.job == job.snapshot {
                 return Ok((job, t.effects));
             }
-            if self.db.store_job(id, job.version, &t.job).await? {
+            if self
+                .db
+                .store_job_within(id, job.version, &t.job, None, &t.effects)
+                .await?
+            {
                 job.snapshot = t.job;
                 job.version += 1;
                 self.stored(&job, &t.effects);
@@ -326,6 +343,9 @@ impl App {
         }
         if let Err(e) = crate::indexing::catch_up(self, 20).await {
             tracing::warn!("indexing outputs a stopped server left unindexed: {e}");
+        }
+        if let Err(e) = crate::indexing::tell_leftovers(self, 200).await {
+            tracing::warn!("telling jobs of their replicas' indexes: {e}");
         }
         let now = now_ms();
         if let Some(keep) = self.settings.retention {

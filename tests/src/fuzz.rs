@@ -5,12 +5,15 @@
 //! Each function must never panic, hang or touch anything outside its own temporary files,
 //! whatever the input.
 
+use construir_api::trust::{
+    KeyPair, RECEIPT_CONTEXT, STATEMENT_CONTEXT, SignedReceipt, SignedStatement,
+};
 use construir_vmm::devices::bus::BusDevice;
 use construir_vmm::disk::DiskBackend;
 use construir_vmm::virtio::block::Block;
 use construir_vmm::virtio::mmio::{MmioTransport, reg};
 use construir_vmm::virtio::{Interrupt, Queue, QueueT, VirtioDevice};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// A target's body: arbitrary bytes in, no panic out.
@@ -25,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("job_archive", job_archive),
     ("status_stream", status_stream),
     ("runner_files", runner_files),
+    ("trust_open", trust_open),
 ];
 
 /// Guest RAM of the device targets: small, so the input covers much of it.
@@ -211,4 +215,71 @@ pub fn runner_files(data: &[u8]) {
     }
     let _ = serde_json::from_slice::<Record>(data);
     let _ = std::str::from_utf8(data).map(|s| s.trim().parse::<u32>());
+}
+
+/// A fixed key, so that what the fuzzer finds replays.
+const SERVER_SEED: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+fn key() -> &'static KeyPair {
+    static KEY: OnceLock<KeyPair> = OnceLock::new();
+    KEY.get_or_init(|| KeyPair::from_seed_hex(SERVER_SEED).expect("a fixed seed"))
+}
+
+fn open_statement(signed: &SignedStatement) {
+    if let Ok(statement) = signed.open() {
+        assert!(statement.validate().is_ok(), "an opened statement is valid");
+    }
+}
+
+fn open_receipt(signed: &SignedReceipt) {
+    let public = key().public_hex();
+    if let Ok(receipt) = signed.open(&public) {
+        assert_eq!(receipt.server_key, public);
+        assert!(receipt.quorum >= 1 && receipt.votes.len() >= receipt.quorum as usize);
+        for vote in &receipt.votes {
+            assert!(
+                vote.statement.open().is_ok(),
+                "every vote of an opened receipt opens"
+            );
+        }
+    }
+}
+
+/// Hostile statements and receipts through `SignedStatement::open` and `SignedReceipt::open`:
+/// they must refuse, never panic, and what they accept must hold. The first byte picks how the
+/// rest is read: 0 a signed statement's JSON, 1 a signed receipt's JSON (opened with the fixed
+/// key), 2 a statement's text signed here with the fixed key (past the signature, into every
+/// field's check), 3 a receipt's text signed so (into the quorum, vote and attestation checks).
+pub fn trust_open(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    match mode % 4 {
+        0 => {
+            if let Ok(signed) = serde_json::from_slice::<SignedStatement>(rest) {
+                open_statement(&signed);
+            }
+        }
+        1 => {
+            if let Ok(signed) = serde_json::from_slice::<SignedReceipt>(rest) {
+                open_receipt(&signed);
+            }
+        }
+        2 => {
+            if let Ok(text) = std::str::from_utf8(rest) {
+                open_statement(&SignedStatement {
+                    signature: key().sign(STATEMENT_CONTEXT, text.as_bytes()),
+                    statement: text.to_string(),
+                });
+            }
+        }
+        _ => {
+            if let Ok(text) = std::str::from_utf8(rest) {
+                open_receipt(&SignedReceipt {
+                    signature: key().sign(RECEIPT_CONTEXT, text.as_bytes()),
+                    receipt: text.to_string(),
+                });
+            }
+        }
+    }
 }

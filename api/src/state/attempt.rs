@@ -2,15 +2,9 @@
 //! lease or an accept window.
 
 use super::{Effect, Refusal, Run};
-use crate::types::{
-    AttemptId, AttemptState, HeartbeatRequest, JobState, Phase, ReportRequest, ReportStatus,
-};
+use crate::types::{AttemptId, AttemptState, HeartbeatRequest, Phase, ReportRequest, ReportStatus};
 
 impl Run<'_> {
-    pub(super) fn live_index(&self) -> Option<usize> {
-        self.job.attempts.iter().position(|a| a.state.is_live())
-    }
-
     fn index_of(&self, attempt: AttemptId) -> Result<usize, Refusal> {
         self.job
             .attempts
@@ -92,9 +86,9 @@ impl Run<'_> {
         };
         if a.cancel_requested {
             let (id, runner) = (a.id, a.runner);
-            self.end_attempt(index, AttemptState::Canceled, format!("canceled; {why}"));
-            self.end_job(
-                JobState::Canceled,
+            self.canceled_attempt_ended(
+                index,
+                format!("canceled; {why}"),
                 format!(
                     "canceled; runner {runner} did not confirm the stop of attempt {id} ({why})"
                 ),
@@ -167,7 +161,7 @@ impl Run<'_> {
             // Only a lapsed attempt that had started is heard, and only within its late window:
             // its token dies with it after that.
             super::late_window(a, self.settings, self.now)?;
-            a.report = Some(report.clone());
+            a.report = Some(kept(report));
             a.late = true;
             self.effects.push(Effect::KeepLate(attempt));
             return Ok(());
@@ -179,31 +173,38 @@ impl Run<'_> {
                 event: "a report",
             });
         }
-        a.report = Some(report.clone());
-        let (runner, what) = (a.runner, describe(report));
+        a.report = Some(kept(report));
+        let what = describe(report);
+        let policy = self.job.policy;
         if a.cancel_requested {
-            self.end_attempt(
+            self.canceled_attempt_ended(
                 index,
-                AttemptState::Canceled,
                 format!("canceled; the runner stopped and reported: {what}"),
-            );
-            self.end_job(
-                JobState::Canceled,
                 format!("canceled; attempt {attempt} stopped ({what})"),
             );
-        } else if report.status.is_job_outcome() {
-            self.end_attempt(index, AttemptState::Reported, what.clone());
-            let state = if report.status == ReportStatus::Success {
-                JobState::Succeeded
+        } else if super::votes::counts(report.status, &policy) {
+            let wanted_before = self.job.wanted();
+            self.end_attempt(index, AttemptState::Reported, what);
+            if !matches!(
+                self.job.attempts[index].ballot(&policy),
+                super::Ballot::Pending
+            ) {
+                self.count(wanted_before);
             } else {
-                JobState::Failed
-            };
-            self.job.result_attempt = Some(attempt);
-            self.effects.push(Effect::TakeResult(attempt));
-            self.end_job(
-                state,
-                format!("attempt {attempt} on runner {runner}: {what}"),
+                self.job.state = self.unended_state();
+                self.job.reason = format!(
+                    "attempt {attempt} reported ({}); its output is being indexed",
+                    self.job.attempts[index].why
+                );
+            }
+        } else if report.status.is_job_outcome() {
+            // A replica's time-out: its runner's failure, not a vote.
+            self.end_attempt(
+                index,
+                AttemptState::Reported,
+                format!("{what}: a replica's time-out is its runner's failure, not a vote"),
             );
+            self.retry_or_error(index);
         } else {
             self.end_attempt(index, AttemptState::Aborted, what);
             self.retry_or_error(index);
@@ -225,9 +226,9 @@ impl Run<'_> {
         let a = &self.job.attempts[index];
         let why = format!("runner aborted: {}", reason.trim());
         if a.cancel_requested {
-            self.end_attempt(index, AttemptState::Canceled, format!("canceled; {why}"));
-            self.end_job(
-                JobState::Canceled,
+            self.canceled_attempt_ended(
+                index,
+                format!("canceled; {why}"),
                 format!("canceled; attempt {attempt} stopped ({why})"),
             );
         } else {
@@ -235,6 +236,15 @@ impl Run<'_> {
             self.retry_or_error(index);
         }
         Ok(())
+    }
+}
+
+/// The report as the snapshot keeps it: without its signed statement, which the storage keeps
+/// beside the attempt (the state machine decides nothing on it).
+fn kept(report: &ReportRequest) -> ReportRequest {
+    ReportRequest {
+        statement: None,
+        ..report.clone()
     }
 }
 

@@ -1,8 +1,8 @@
 //! Job-level events: claim, cancel, tick, the unschedulable note; and how a job goes on after
 //! an attempt that ended without a job outcome (requeue with a back-off, or errored).
 
-use super::{AttemptSnapshot, Effect, Refusal, Run};
-use crate::types::{AttemptId, AttemptState, JobState, RunnerId};
+use super::{AttemptSnapshot, Ballot, Effect, Refusal, Run};
+use crate::types::{AttemptId, AttemptState, JobState, RunnerId, UserId};
 
 impl Run<'_> {
     /// Refuses anything for a job that has ended.
@@ -16,13 +16,28 @@ impl Run<'_> {
     pub(super) fn claim(
         &mut self,
         attempt: AttemptId,
-        runner: RunnerId,
+        (runner, owner): (RunnerId, UserId),
         lease_until_ms: u64,
         accept_by_ms: u64,
     ) -> Result<(), Refusal> {
         self.unfinished()?;
-        if self.job.state != JobState::Queued {
+        if self.job.wanted() == 0 {
             return Err(Refusal::NotQueued(self.job.state));
+        }
+        let policy = self.job.policy;
+        if policy.replicated() {
+            if owner == policy.owner && !policy.own_runners {
+                return Err(Refusal::OwnRunner);
+            }
+            // BOINC's one result per user per work unit: an owner's runners could agree with
+            // each other whatever the job does.
+            let holds = |a: &AttemptSnapshot| {
+                a.runner_owner == owner
+                    && (a.state.is_live() || !matches!(a.ballot(&policy), Ballot::NotAVote))
+            };
+            if self.job.attempts.iter().any(holds) {
+                return Err(Refusal::OwnerHasReplica(owner));
+            }
         }
         if let Some(t) = self.job.retry_not_before_ms.filter(|t| self.now < *t) {
             return Err(Refusal::RetryNotYet(t));
@@ -67,9 +82,19 @@ impl Run<'_> {
             phase: None,
             console_bytes: 0,
             report: None,
+            runner_owner: owner,
+            output_tree: None,
         });
         self.job.state = JobState::Running;
         self.job.retry_not_before_ms = None;
+        if policy.replicated() {
+            let live = self.job.live_count();
+            self.job.reason = format!(
+                "attempt {attempt} on runner {runner}: {live} replica(s) running of {}, {}                  must agree",
+                policy.replicas, policy.quorum
+            );
+            return Ok(());
+        }
         // The try it becomes if it starts (one that never starts is not a try).
         self.job.reason = format!(
             "attempt {attempt} on runner {runner} (try {} of {})",
@@ -84,32 +109,62 @@ impl Run<'_> {
         if self.job.cancel_requested {
             return Err(Refusal::AlreadyCanceling);
         }
-        let Some(index) = self.live_index() else {
+        let live: Vec<usize> = (0..self.job.attempts.len())
+            .filter(|&i| self.job.attempts[i].state.is_live())
+            .collect();
+        if live.is_empty() {
             self.end_job(JobState::Canceled, "canceled while queued".into());
             return Ok(());
-        };
-        let a = &mut self.job.attempts[index];
-        let (id, runner) = (a.id, a.runner);
-        if a.state == AttemptState::Leased {
-            // Nothing runs yet: the attempt ends now, and the runner learns it when it tries to
-            // start (lease-lost).
-            self.end_attempt(
-                index,
-                AttemptState::Canceled,
-                "canceled before the runner started it".into(),
-            );
+        }
+        let mut asked = Vec::new();
+        let mut ended = None;
+        for index in live {
+            let a = &mut self.job.attempts[index];
+            let (id, runner) = (a.id, a.runner);
+            if a.state == AttemptState::Leased {
+                // Nothing runs yet: the attempt ends now, and the runner learns it when it
+                // tries to start (lease-lost).
+                self.end_attempt(
+                    index,
+                    AttemptState::Canceled,
+                    "canceled before the runner started it".into(),
+                );
+                ended = Some((id, runner));
+            } else {
+                a.cancel_requested = true;
+                self.effects.push(Effect::CancelRunner(id));
+                asked.push((id, runner));
+            }
+        }
+        if asked.is_empty() {
+            let (id, runner) = ended.expect("a live attempt ended");
             self.end_job(
                 JobState::Canceled,
                 format!("canceled before runner {runner} started attempt {id}"),
             );
             return Ok(());
         }
-        a.cancel_requested = true;
         self.job.cancel_requested = true;
-        self.job.reason =
-            format!("cancel requested; waiting for runner {runner} to stop attempt {id}");
-        self.effects.push(Effect::CancelRunner(id));
+        let waiting: Vec<String> = asked
+            .iter()
+            .map(|(id, runner)| format!("runner {runner} to stop attempt {id}"))
+            .collect();
+        self.job.reason = format!("cancel requested; waiting for {}", waiting.join(", "));
         Ok(())
+    }
+
+    /// After the canceled attempt at `index` ended (the runner stopped, or its lease lapsed):
+    /// the job is canceled once no attempt is live.
+    pub(super) fn canceled_attempt_ended(
+        &mut self,
+        index: usize,
+        attempt_why: String,
+        job_why: String,
+    ) {
+        self.end_attempt(index, AttemptState::Canceled, attempt_why);
+        if self.job.live_count() == 0 {
+            self.end_job(JobState::Canceled, job_why);
+        }
     }
 
     /// The sweeper: never refused, and a no-op when nothing is due.
@@ -117,10 +172,12 @@ impl Run<'_> {
         if self.job.state.is_terminal() {
             return;
         }
-        if let Some(index) = self.live_index().filter(|&i| self.lapsed(i)) {
-            self.lapse(index);
+        for index in 0..self.job.attempts.len() {
+            if !self.job.state.is_terminal() && self.lapsed(index) {
+                self.lapse(index);
+            }
         }
-        if self.job.state != JobState::Queued {
+        if self.job.state.is_terminal() || self.job.wanted() == 0 {
             return;
         }
         if self.now >= self.job.expires_at_ms {
@@ -129,6 +186,7 @@ impl Run<'_> {
                 self.job.policy.ttl_ms / 1000,
                 self.job.reason
             );
+            self.stop_live("the job expired: no runner took its other replicas in time");
             self.end_job(JobState::Expired, reason);
         } else if self.job.retry_not_before_ms.is_some_and(|t| self.now >= t) {
             self.job.retry_not_before_ms = None;
@@ -138,7 +196,7 @@ impl Run<'_> {
 
     pub(super) fn unschedulable(&mut self, why: &str) -> Result<(), Refusal> {
         self.unfinished()?;
-        if self.job.state != JobState::Queued {
+        if self.job.wanted() == 0 {
             return Err(Refusal::NotQueued(self.job.state));
         }
         self.job.reason = why.to_string();
@@ -154,11 +212,10 @@ impl Run<'_> {
         if a.started_ms.is_none() {
             return self.requeue_unstarted(id, &why);
         }
-        // Every started attempt so far ended this way (a job outcome or a cancel ends the job),
-        // so each is a failed try.
-        let tries = self.job.tries();
-        let max = self.job.policy.max_tries;
+        let tries = self.job.failed_tries();
+        let max = self.job.policy.try_cap();
         if tries >= max {
+            self.stop_live("not needed: the job errored");
             self.end_job(
                 JobState::Errored,
                 format!(
@@ -169,7 +226,7 @@ impl Run<'_> {
         }
         let wait = self.settings.backoff_ms(tries);
         let at = self.now.saturating_add(wait);
-        self.job.state = JobState::Queued;
+        self.job.state = self.unended_state();
         self.job.expires_at_ms = at.saturating_add(self.job.policy.ttl_ms);
         self.job.reason = format!(
             "attempt {id} ended ({why}); try {} of {max} after a {} s back-off",
@@ -179,6 +236,8 @@ impl Run<'_> {
         // A back-off of nothing (a setting of 0) makes the job claimable at once.
         if at > self.now {
             self.job.retry_not_before_ms = Some(at);
+            // One requeue per step: another replica's, earlier in the same tick, is replaced.
+            self.effects.retain(|e| !matches!(e, Effect::RequeueAt(_)));
             self.effects.push(Effect::RequeueAt(at));
         } else {
             self.effects.push(Effect::WakeRunners);
@@ -194,6 +253,7 @@ impl Run<'_> {
         let unstarted = self.job.unstarted();
         let cap = self.settings.unstarted_cap();
         if unstarted >= cap {
+            self.stop_live("not needed: the job errored");
             let runners: std::collections::HashSet<_> = self
                 .job
                 .attempts
@@ -211,8 +271,8 @@ impl Run<'_> {
             );
             return;
         }
-        self.job.state = JobState::Queued;
-        self.job.retry_not_before_ms = None;
+        // A back-off after another replica's failed try (in the same tick) still holds.
+        self.job.state = self.unended_state();
         self.job.expires_at_ms = self.now.saturating_add(self.job.policy.ttl_ms);
         let runner = self.job.attempt(id).map(|a| a.runner);
         let cooldown = runner.and_then(|r| self.job.unstarted_cooldown(self.settings, |x| x == r));
@@ -234,7 +294,19 @@ impl Run<'_> {
         self.effects.push(Effect::WakeRunners);
     }
 
+    /// Running while an attempt holds the job, else queued.
+    pub(super) fn unended_state(&self) -> JobState {
+        if self.job.live_count() > 0 {
+            JobState::Running
+        } else {
+            JobState::Queued
+        }
+    }
+
     pub(super) fn end_job(&mut self, state: JobState, reason: String) {
+        // A requeue earlier in the same step (another replica's lapse in one tick) is moot.
+        self.effects
+            .retain(|e| !matches!(e, Effect::RequeueAt(_) | Effect::WakeRunners));
         self.job.state = state;
         self.job.reason = reason;
         self.job.ended_ms = Some(self.now);

@@ -2,7 +2,7 @@
 //! invariants every snapshot must keep, whatever happens in whatever order.
 
 use super::*;
-use crate::types::{PhaseTimes, ReportStatus};
+use crate::types::{PhaseTimes, ReportStatus, UserId};
 
 /// splitmix64: tiny, good enough to shuffle events, and needs no dependency.
 struct Prng(u64);
@@ -49,15 +49,19 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
     match rng.below(20) {
         0..=2 => {
             let (lease_until_ms, accept_by_ms) = settings.claim_deadlines(now);
+            // Mostly a runner that had the job before (one that did not start it is refused
+            // during its cool-down, taken after it), sometimes a new one.
+            let runner = match rng.below(4) {
+                0 => 3 + rng.below(12),
+                _ => rng.below(3),
+            };
             Event::Claim {
                 // Mostly new ids, sometimes a reused one.
                 attempt: AttemptId(rng.below(8)),
-                // Mostly a runner that had the job before (one that did not start it is
-                // refused during its cool-down, taken after it), sometimes a new one.
-                runner: RunnerId(match rng.below(4) {
-                    0 => 3 + rng.below(12),
-                    _ => rng.below(3),
-                }),
+                runner: RunnerId(runner),
+                // A few owners (a runner has one), so that replicas meet the distinct-owner
+                // rule and break it.
+                owner: UserId(runner % 4),
                 lease_until_ms,
                 accept_by_ms,
             }
@@ -91,10 +95,23 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
                     job_exit_status,
                     reason: "r".into(),
                     times: PhaseTimes::default(),
-                    output_sha256: None,
+                    // One of two outputs, or none: replicas agree and disagree.
+                    output_sha256: match rng.below(3) {
+                        0 => None,
+                        n => Some(format!("{n:x}").repeat(64)),
+                    },
+                    output_tree_sha256: None,
+                    statement: None,
                 },
             }
         }
+        19 => Event::Indexed {
+            attempt,
+            tree: match rng.below(4) {
+                0 => OutputTree::Unreadable,
+                n => OutputTree::Digest(format!("{}", n % 3).repeat(64)),
+            },
+        },
         11 => Event::Abort {
             attempt,
             reason: if rng.below(8) == 0 {
@@ -149,11 +166,15 @@ fn check_step(
         if b.id != a.id || b.runner != a.runner || b.claimed_ms != a.claimed_ms {
             return Err(format!("attempt {} was rewritten", b.id));
         }
-        // An ended attempt only ever gains a late report.
+        // An ended attempt only ever gains a late report, and its output's index.
         if !b.state.is_live() {
+            if b.output_tree.is_some() && a.output_tree != b.output_tree {
+                return Err(format!("attempt {}'s index changed", b.id));
+            }
             let only_late = AttemptSnapshot {
                 late: b.late,
                 report: b.report.clone(),
+                output_tree: b.output_tree.clone(),
                 ..a.clone()
             };
             let gained_late = b.report.is_none() && a.report.is_some() && a.late;
@@ -177,18 +198,31 @@ fn check_step(
             Event::Report { report, .. } => Some(report.status),
             _ => None,
         };
+        // An index completes a vote: it may end a replicated job as the vote says.
+        let indexed = matches!(event, Event::Indexed { .. });
+        let agreed = after
+            .result_attempt
+            .and_then(|id| after.attempt(id))
+            .and_then(|a| a.report.as_ref())
+            .map(|r| r.status);
         let allowed = match after.state {
-            JobState::Succeeded => outcome == Some(ReportStatus::Success),
+            JobState::Succeeded => {
+                outcome == Some(ReportStatus::Success)
+                    || (indexed && agreed == Some(ReportStatus::Success))
+            }
             JobState::Failed => {
                 outcome.is_some_and(|s| s.is_job_outcome() && s != ReportStatus::Success)
+                    || (indexed && agreed.is_some_and(|s| s != ReportStatus::Success))
             }
             JobState::Canceled => before.cancel_requested || *event == Event::Cancel,
             // The tries ran out, or the unstarted attempts (whoever's) reached their cap.
             JobState::Errored => {
-                after.tries() == after.policy.max_tries
+                after.failed_tries() == after.policy.try_cap()
                     || after.unstarted() == settings.unstarted_cap()
             }
-            JobState::Expired => *event == Event::Tick && before.state == JobState::Queued,
+            JobState::Expired => *event == Event::Tick && before.wanted() > 0,
+            // Only votes that cannot reach a quorum.
+            JobState::Inconclusive => before.policy.quorum > 1 && (outcome.is_some() || indexed),
             JobState::Queued | JobState::Running => false,
         };
         if !allowed || (before.cancel_requested && after.state != JobState::Canceled) {
@@ -204,9 +238,18 @@ fn check_step(
             && !a.state.is_live()
             && before.attempt(a.id).is_some_and(|b| b.state.is_live())
     });
+    // (A replicated job's tick may end a started replica in the same step: that one costs.)
+    let ended_started = after.attempts.iter().any(|a| {
+        a.started_ms.is_some()
+            && !a.state.is_live()
+            && before.attempt(a.id).is_some_and(|b| b.state.is_live())
+    });
+    let new_backoff = after.retry_not_before_ms.is_some()
+        && after.retry_not_before_ms != before.retry_not_before_ms;
     if ended_unstarted
+        && !ended_started
         && after.state == JobState::Queued
-        && (after.retry_not_before_ms.is_some() || after.tries() != before.tries())
+        && (new_backoff || after.failed_tries() != before.failed_tries())
     {
         return Err("an unstarted attempt cost the job a try or a back-off".into());
     }
@@ -251,7 +294,7 @@ fn check_step(
     for e in &t.effects {
         match e {
             Effect::RequeueAt(at)
-                if after.state != JobState::Queued
+                if after.state.is_terminal()
                     || after.retry_not_before_ms != Some(*at)
                     || *at <= now =>
             {
@@ -328,10 +371,16 @@ fn random_event_sequences_keep_the_invariants() {
                 unstarted_cooldown_cap_ms: rng.below(600_000),
             }
         };
+        let replicas = 1 + rng.below(3) as u32;
         let policy = JobPolicy {
             max_tries: 1 + rng.below(4) as u32,
             ttl_ms: 1 + rng.below(3_000_000),
             timeout_ms: 1 + rng.below(600_000),
+            replicas,
+            quorum: 1 + rng.below(u64::from(replicas)) as u32,
+            max_votes: rng.below(5) as u32,
+            owner: UserId(rng.below(5)),
+            own_runners: rng.below(2) == 0,
         };
         let mut now = 1_000_000 + rng.below(1_000_000);
         let mut job = JobSnapshot::submitted(policy, now).job;
@@ -401,11 +450,19 @@ fn every_end_state_is_reached_by_random_sequences() {
     let mut rng = Prng(7);
     let mut seen = std::collections::HashSet::new();
     let mut attempt_states = std::collections::HashSet::new();
-    for _ in 0..2000 {
+    for n in 0..3000 {
+        // A third of them replicated (two replicas, both must agree); random sequences seldom
+        // get two votes in, so inconclusive has its own tests (tests/replicas.rs).
+        let replicas = if n % 3 == 0 { 2 } else { 1 };
         let policy = JobPolicy {
             max_tries: 2,
             ttl_ms: 600_000,
             timeout_ms: 60_000,
+            replicas,
+            quorum: replicas,
+            // No extra replica after a disagreement: inconclusive comes quickly.
+            max_votes: replicas,
+            ..JobPolicy::DEFAULT
         };
         let mut now = 1_000_000;
         let mut job = JobSnapshot::submitted(policy, now).job;

@@ -1,9 +1,10 @@
 //! The state machines' rules, one scenario per test, in milliseconds.
 
 use super::*;
-use crate::types::{JobLimits, PhaseTimes, ReportStatus};
+use crate::types::{JobLimits, PhaseTimes, ReportStatus, UserId};
 
 mod cancel_and_edges;
+mod replicas;
 
 /// A time far from 0, so that "0" never passes for a real time by accident.
 const T0: u64 = 1_000_000_000;
@@ -19,6 +20,7 @@ const POLICY: JobPolicy = JobPolicy {
     max_tries: 3,
     ttl_ms: 3600 * S,
     timeout_ms: 600 * S,
+    ..JobPolicy::DEFAULT
 };
 
 fn submitted() -> JobSnapshot {
@@ -48,6 +50,7 @@ fn claim(attempt: AttemptId, runner: RunnerId, now: u64) -> Event {
     Event::Claim {
         attempt,
         runner,
+        owner: UserId(runner.0),
         lease_until_ms,
         accept_by_ms,
     }
@@ -73,6 +76,8 @@ fn report(attempt: AttemptId, status: ReportStatus, job_exit_status: Option<u16>
             reason: String::new(),
             times: PhaseTimes::default(),
             output_sha256: None,
+            output_tree_sha256: None,
+            statement: None,
         },
     }
 }
@@ -703,7 +708,7 @@ fn past_the_unstarted_cap_the_job_is_errored_saying_why() {
 fn the_invariant_bounds_tries_and_unstarted_attempts_apart() {
     let job = running(&submitted(), A1, R1, T0);
     let mut too_many = job.clone();
-    for n in 0..3 {
+    for n in 0..4 {
         let mut a = job.attempts[0].clone();
         a.id = AttemptId(50 + n);
         a.state = AttemptState::Aborted;
@@ -712,7 +717,7 @@ fn the_invariant_bounds_tries_and_unstarted_attempts_apart() {
     }
     assert_eq!(
         too_many.invariant_violation(&SETTINGS).as_deref(),
-        Some("4 tries of 3")
+        Some("4 failed tries of 3")
     );
     let mut unstarted = submitted();
     for n in 0..11 {

@@ -1,8 +1,9 @@
 //! From snapshots to what clients see ([`JobView`], [`AttemptView`]), with the facts the
 //! state machines do not need (who, what, the uploads' hashes).
 
-use super::{AttemptSnapshot, JobSnapshot};
-use crate::types::{AttemptId, AttemptView, JobId, JobLimits, JobView, UserId};
+use super::{AttemptSnapshot, Ballot, JobPolicy, JobSnapshot};
+use crate::trust::attestation_of;
+use crate::types::{AttemptId, AttemptView, JobId, JobLimits, JobView, RunnerId, UserId};
 
 /// What the storage holds about a job besides its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,10 @@ pub struct AttemptBlobs {
     pub output_size: Option<u64>,
     pub console_size: u64,
     pub output_index: Option<crate::types::OutputIndexView>,
+    /// Its runner signed its report.
+    pub signed: bool,
+    /// The token its runner claimed it with has been revoked since.
+    pub runner_revoked: bool,
 }
 
 impl JobSnapshot {
@@ -35,6 +40,28 @@ impl JobSnapshot {
         facts: JobFacts,
         mut blobs: impl FnMut(AttemptId) -> AttemptBlobs,
     ) -> JobView {
+        let attempts: Vec<(AttemptView, bool)> = self
+            .attempts
+            .iter()
+            .map(|a| {
+                let b = blobs(a.id);
+                let revoked = b.runner_revoked;
+                (a.view(b, &self.policy), revoked)
+            })
+            .collect();
+        let agreeing: Vec<&AttemptSnapshot> = self
+            .agreeing
+            .iter()
+            .filter_map(|id| self.attempt(*id))
+            .collect();
+        let owners: Vec<UserId> = agreeing.iter().map(|a| a.runner_owner).collect();
+        let attestation = (!agreeing.is_empty())
+            .then(|| attestation_of(self.policy.quorum, &owners, facts.owner));
+        let revoked_runners: Vec<RunnerId> = attempts
+            .iter()
+            .filter(|(v, revoked)| *revoked && self.agreeing.contains(&v.id))
+            .map(|(v, _)| v.runner)
+            .collect();
         JobView {
             id: facts.id,
             owner: facts.owner,
@@ -51,18 +78,28 @@ impl JobSnapshot {
             reason: self.reason.clone(),
             cancel_requested: self.cancel_requested,
             retry_not_before_ms: self.retry_not_before_ms,
-            attempts: self.attempts.iter().map(|a| a.view(blobs(a.id))).collect(),
+            attempts: attempts.into_iter().map(|(v, _)| v).collect(),
             result_attempt: self.result_attempt,
+            replicas: self.policy.replicas,
+            quorum: self.policy.quorum,
+            agreeing: self.agreeing.clone(),
+            attestation,
+            revoked_runners,
         }
     }
 }
 
 impl AttemptSnapshot {
-    pub fn view(&self, blobs: AttemptBlobs) -> AttemptView {
+    pub fn view(&self, blobs: AttemptBlobs, policy: &JobPolicy) -> AttemptView {
         let report = self.report.as_ref();
+        let vote = match self.ballot(policy) {
+            Ballot::Vote(v) if policy.replicated() => Some(v.to_string()),
+            _ => None,
+        };
         AttemptView {
             id: self.id,
             runner: self.runner,
+            runner_owner: self.runner_owner,
             state: self.state,
             why: self.why.clone(),
             late: self.late,
@@ -77,6 +114,8 @@ impl AttemptSnapshot {
             output_size: blobs.output_size,
             console_size: blobs.console_size,
             output_index: blobs.output_index,
+            vote,
+            signed: blobs.signed,
         }
     }
 }

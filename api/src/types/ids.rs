@@ -14,7 +14,8 @@ macro_rules! id_type {
         /// On the wire and in paths it is a plain number; the newtype keeps a job id from being
         /// passed where an attempt id is expected.
         #[derive(
-            Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+            Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize,
+            Deserialize,
         )]
         #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         #[serde(transparent)]

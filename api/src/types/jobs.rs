@@ -29,6 +29,9 @@ pub enum JobState {
     Errored,
     /// No runner took it within its time-to-live (see `reason` for why none could).
     Expired,
+    /// Its replicas did not agree: no `quorum` of them reported the same outcome before the
+    /// job's most attempts with an outcome had run (each attempt's vote is in `attempts`).
+    Inconclusive,
 }
 
 impl JobState {
@@ -46,6 +49,7 @@ impl JobState {
             JobState::Canceled => "canceled",
             JobState::Errored => "errored",
             JobState::Expired => "expired",
+            JobState::Inconclusive => "inconclusive",
         }
     }
 }
@@ -134,9 +138,42 @@ pub struct SubmitParams {
     /// higher first). It never puts a job ahead of other submitters' fair share.
     #[serde(default)]
     pub priority: i32,
+    /// How many runners, of distinct owners, run the job (1 to [`MAX_REPLICAS`], default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// How many of them must agree on the outcome (status, exit status, output tree) for it to
+    /// stand (1 to `replicas`, default `replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<u32>,
+    /// Let the submitter's own runners take replicas of a replicated job (by default they take
+    /// none: a result the submitter's machine vouches for is no check on it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own_runners: bool,
 }
 
+/// The most replicas a job may ask for.
+pub const MAX_REPLICAS: u32 = 8;
+
 impl SubmitParams {
+    /// The replicas and quorum asked for, checked: 1 ≤ quorum ≤ replicas ≤ [`MAX_REPLICAS`].
+    pub fn replication(&self) -> Result<(u32, u32), InvalidField> {
+        let replicas = self.replicas.unwrap_or(1);
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(InvalidField::new(
+                "replicas",
+                format!("{replicas} is outside 1..={MAX_REPLICAS}"),
+            ));
+        }
+        let quorum = self.quorum.unwrap_or(replicas);
+        if !(1..=replicas).contains(&quorum) {
+            return Err(InvalidField::new(
+                "quorum",
+                format!("{quorum} is outside 1..={replicas} (the replicas)"),
+            ));
+        }
+        Ok((replicas, quorum))
+    }
+
     /// The job's limits: `defaults` with this submission's overrides, checked against
     /// `server_max`; also checks the priority and the image's spelling.
     pub fn resolve(
@@ -171,6 +208,7 @@ impl SubmitParams {
             vcpus: self.vcpus.unwrap_or(defaults.vcpus),
         };
         limits.validate(server_max)?;
+        self.replication()?;
         Ok(limits)
     }
 }
@@ -212,6 +250,27 @@ pub struct JobView {
     pub attempts: Vec<AttemptView>,
     /// The attempt whose result stands (its output is the job's output), once there is one.
     pub result_attempt: Option<AttemptId>,
+    /// How many runners run it, and how many must agree.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    #[serde(default = "one")]
+    pub quorum: u32,
+    /// The attempts whose agreeing outcome stands (the quorum), once it is reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agreeing: Vec<AttemptId>,
+    /// How far the result is vouched for, once there is one: `verified` (a quorum of 2 or more
+    /// owners agreed), `unverified` (one runner's word), `self-attested` (only the submitter's
+    /// own runners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<crate::trust::Attestation>,
+    /// Runners of the agreeing attempts whose tokens have been revoked since: the result stands
+    /// on their word, which their owners or an admin have withdrawn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_runners: Vec<RunnerId>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One attempt of a job.
@@ -219,8 +278,10 @@ pub struct JobView {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AttemptView {
     pub id: AttemptId,
-    /// The runner that claimed it.
+    /// The runner that claimed it, and that runner's owner.
     pub runner: RunnerId,
+    #[serde(default)]
+    pub runner_owner: UserId,
     pub state: AttemptState,
     /// What it is doing, or what ended it: `lease lapsed`, `runner stopped (interrupted)`,
     /// `job failed with exit status 2`, …
@@ -249,6 +310,13 @@ pub struct AttemptView {
     /// `GET /api/v1/jobs/{id}/output/index`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_index: Option<OutputIndexView>,
+    /// What it votes for in a replicated job, once known (`success 0 tree 3fa4…`); none while
+    /// its output is being indexed, or when its report is no vote (a runner's failure, late).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vote: Option<String>,
+    /// Its runner signed its report (an ed25519 statement, checked by the server).
+    #[serde(default)]
+    pub signed: bool,
 }
 
 /// What the server's index of an output says in brief.

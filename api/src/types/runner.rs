@@ -120,6 +120,10 @@ pub struct ClaimResponse {
     /// The job file's name (`hello_i0.tar.xz`).
     pub job_name: String,
     pub image: String,
+    /// The published image digest the job is pinned to, if any (its signed statement names
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     /// sha256 and size of the job file: the runner checks what it downloads against them.
     pub sha256: String,
     pub size: u64,
@@ -270,6 +274,16 @@ pub struct ReportRequest {
     /// runner did not send. Optional so that runners from before it are still understood.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_sha256: Option<String>,
+    /// The output's tree digest as the runner computed it
+    /// (`construir_contract::archive::tree_digest`): the server's own index of the output must
+    /// give the same, else the attempt's vote is disowned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tree_sha256: Option<String>,
+    /// The report as a statement signed with the runner's key ([`crate::trust::Statement`]):
+    /// the server checks it against the report and its own records. Required for a replicated
+    /// job; kept with the attempt, and put in the job's receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<crate::trust::SignedStatement>,
 }
 
 impl ReportRequest {
@@ -277,15 +291,24 @@ impl ReportRequest {
     /// agree.
     pub fn validate(&self) -> Result<(), InvalidField> {
         check_reason("reason", &self.reason, true)?;
-        if let Some(sha) = &self.output_sha256 {
-            let hex =
-                sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-            if !hex {
+        for (field, sha) in [
+            ("output_sha256", &self.output_sha256),
+            ("output_tree_sha256", &self.output_tree_sha256),
+        ] {
+            if let Some(sha) = sha
+                && !super::valid_sha256(sha)
+            {
                 return Err(InvalidField::new(
-                    "output_sha256",
+                    field,
                     "expected 64 lower-case hex digits",
                 ));
             }
+        }
+        if self.output_tree_sha256.is_some() && self.output_sha256.is_none() {
+            return Err(InvalidField::new(
+                "output_tree_sha256",
+                "a tree digest without an output",
+            ));
         }
         if let Some(code) = self.exit_code.filter(|c| !(0..=255).contains(c)) {
             return Err(InvalidField::new(
@@ -451,6 +474,8 @@ mod tests {
             reason: String::new(),
             times: PhaseTimes::default(),
             output_sha256: Some("ab".repeat(32)),
+            output_tree_sha256: None,
+            statement: None,
         };
         ok.validate().unwrap();
         for bad in ["AB".repeat(32), "ab".repeat(31), "zz".repeat(32)] {

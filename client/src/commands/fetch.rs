@@ -1,6 +1,9 @@
 //! `fetch ID -o DIR`: a finished job on this machine — `DIR/output/` (what the job wrote back,
-//! unpacked by the capped reader), `DIR/record.json` (the job as the API returns it) and
-//! `DIR/console.log` (the result attempt's console, or the last attempt's).
+//! unpacked by the capped reader), `DIR/output.archive` (the output as downloaded),
+//! `DIR/record.json` (the job as the API returns it), `DIR/console.log` (the result attempt's
+//! console, or the last attempt's), and, when the server issued them, `DIR/receipt.json` (its
+//! signed receipt for the result) and `DIR/server-key.json` (the key it signs with): what
+//! `construir verify DIR` checks, offline, later.
 //!
 //! The output is the job's own choice, names and sizes included: it is downloaded whole and
 //! checked against the sha256 the server recorded before anything is unpacked, unpacked into a
@@ -11,16 +14,29 @@ use super::{get_job, logs};
 use crate::cli::FetchArgs;
 use crate::escape::printable;
 use crate::exit::{self, fail};
-use crate::http::{Api, HttpError};
+use crate::http::{Api, HttpError, parse_json};
 use crate::paths;
-use construir_api::types::{AttemptView, JobId, valid_sha256};
+use construir_api::trust::{MAX_RECEIPT_BYTES, ServerKey, SignedReceipt};
+use construir_api::types::{AttemptView, JobId, JobState, valid_sha256};
 use construir_contract::archive;
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::Path;
 
 /// The header the output answer carries its sha256 in.
 const SHA256_HEADER: &str = "Construir-Sha256";
+
+/// The files fetch writes beside output/ that `construir verify` reads.
+pub const ARCHIVE_FILE: &str = "output.archive";
+pub const RECORD_FILE: &str = "record.json";
+pub const RECEIPT_FILE: &str = "receipt.json";
+pub const SERVER_KEY_FILE: &str = "server-key.json";
+
+/// The most bytes of a receipt's answer read: its text is quoted once more in the JSON that
+/// carries it (and a statement's in it once more again), which at worst doubles it twice.
+pub const RECEIPT_JSON_LIMIT: u64 = 4 * MAX_RECEIPT_BYTES as u64 + 4096;
+/// The most bytes of the server key's answer read: three short strings.
+pub const SERVER_KEY_JSON_LIMIT: u64 = 4096;
 
 pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
     let dir = &args.output;
@@ -47,7 +63,12 @@ pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
     }
     local(std::fs::create_dir_all(dir), "create", dir)?;
 
-    write_atomically(dir, "record.json", &mut |f| f.write_all(text.as_bytes()))?;
+    write_atomically(dir, RECORD_FILE, &mut |f| f.write_all(text.as_bytes()))?;
+    let mut wrote = vec![RECORD_FILE];
+    // Only a job outcome has a receipt: a canceled, errored or expired job has no result.
+    if matches!(job.state, JobState::Succeeded | JobState::Failed) {
+        wrote.extend(save_receipt(api, job.id, dir)?);
+    }
 
     let result = job
         .result_attempt
@@ -57,6 +78,7 @@ pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
         let mut console = local(tempfile::NamedTempFile::new_in(dir), "write in", dir)?;
         logs::stream(api, job.id, attempt.id, 0, console.as_file_mut())?;
         persist(console, &dir.join("console.log"))?;
+        wrote.push("console.log");
     }
 
     let Some(attempt) = result.filter(|a| a.output_sha256.is_some()) else {
@@ -73,9 +95,15 @@ pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
     };
     let archive = download(api, job.id, attempt, dir, job.limits.output_size)?;
     check_tree(attempt, &archive, &args)?;
+    // Kept (checked, before it is unpacked) whatever the unpacking does: it is what the
+    // receipt names and `construir verify` checks, and what a failed unpacking can be retried
+    // from.
+    let kept_at = dir.join(ARCHIVE_FILE);
+    let mut kept = persist(archive, &kept_at)?;
+    local(kept.rewind(), "read back", &kept_at)?;
+    wrote.insert(0, ARCHIVE_FILE);
     local(std::fs::create_dir(&unpack_to), "create", &unpack_to)?;
-    let source = local(archive.reopen(), "reopen the download in", dir)?;
-    let summary = archive::extract(std::io::BufReader::new(source), &unpack_to, &args.limits())
+    let summary = archive::extract(std::io::BufReader::new(kept), &unpack_to, &args.limits())
         .map_err(|e| {
             fail(
                 exit::LOCAL,
@@ -87,18 +115,55 @@ pub fn run(api: &Api, args: FetchArgs) -> anyhow::Result<u8> {
                 ),
             )
         })?;
-    if args.keep_archive {
-        persist(archive, &dir.join("output.archive"))?;
-    }
     eprintln!(
-        "construir: job {} {}: {} entries ({}) in {}, with record.json and console.log",
+        "construir: job {} {}: {} entries ({}) in {}, with {}",
         job.id,
         job.state,
         summary.entries,
         crate::format::size(summary.bytes),
-        unpack_to.display()
+        unpack_to.display(),
+        wrote.join(", ")
     );
     Ok(0)
+}
+
+/// Writes the job's receipt and the server's key into `dir` as the server sent them (after
+/// checking they are what the API says they are), for `construir verify`; the names of the
+/// files written. A server that issued no receipt (or publishes no key) answers 404: said,
+/// and skipped.
+fn save_receipt(api: &Api, id: JobId, dir: &Path) -> anyhow::Result<Vec<&'static str>> {
+    let path = paths::receipt(id);
+    let body = match api.get_bytes(&path, RECEIPT_JSON_LIMIT) {
+        Ok((_, body)) => body,
+        Err(HttpError::Refused { status: 404, .. }) => {
+            eprintln!("construir: job {id} has no receipt (the server issued none for it)");
+            return Ok(vec![]);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    parse_json::<SignedReceipt>(&format!("GET {path}"), &body)?;
+    write_atomically(dir, RECEIPT_FILE, &mut |f| f.write_all(&body))?;
+
+    let path = paths::server_key();
+    let body = match api.get_bytes(&path, SERVER_KEY_JSON_LIMIT) {
+        Ok((_, body)) => body,
+        Err(HttpError::Refused { status: 404, .. }) => {
+            eprintln!(
+                "construir: the server publishes no key at {path}: construir verify needs one \
+                 given with --server-key"
+            );
+            return Ok(vec![RECEIPT_FILE]);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let what = format!("GET {path}");
+    let key: ServerKey = parse_json(&what, &body)?;
+    key.validate().map_err(|e| HttpError::Protocol {
+        what,
+        message: e.to_string(),
+    })?;
+    write_atomically(dir, SERVER_KEY_FILE, &mut |f| f.write_all(&body))?;
+    Ok(vec![RECEIPT_FILE, SERVER_KEY_FILE])
 }
 
 /// Checks the downloaded output against the server's index of it: the tree digest the server
@@ -156,15 +221,14 @@ fn write_atomically(
     let target = dir.join(name);
     let mut tmp = local(tempfile::NamedTempFile::new_in(dir), "write in", dir)?;
     local(fill(tmp.as_file_mut()), "write", &target)?;
-    persist(tmp, &target)
+    persist(tmp, &target).map(drop)
 }
 
-/// Renames a finished temporary file to `target`: a rename replaces a link at `target` rather
-/// than writing where it points.
-fn persist(tmp: tempfile::NamedTempFile, target: &Path) -> anyhow::Result<()> {
+/// Renames a finished temporary file to `target`, and gives it back open: a rename replaces a
+/// link at `target` rather than writing where it points.
+fn persist(tmp: tempfile::NamedTempFile, target: &Path) -> anyhow::Result<std::fs::File> {
     tmp.persist(target)
-        .map_err(|e| fail(exit::LOCAL, format!("write {}: {e}", target.display())))?;
-    Ok(())
+        .map_err(|e| fail(exit::LOCAL, format!("write {}: {e}", target.display())))
 }
 
 /// The result attempt's output, downloaded into a temporary file in `dir` and checked: no more
@@ -240,7 +304,7 @@ fn download(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use crate::http::tests::{answer, fake_server};
@@ -300,18 +364,24 @@ mod tests {
                 "",
                 &job_json_with_tree(archive, recorded_sha, tree),
             ),
-            answer(
-                200,
-                true,
-                "Construir-Log-Next: 5\r\nConstruir-Log-Complete: true\r\n",
-                "hello",
-            ),
+            // A server from before receipts.
+            answer(404, false, "", "<html>404 Not Found</html>"),
+            console_answer(),
             answer(200, true, "", &body),
         ]);
         url
     }
 
-    fn text_tar(files: &[(&str, &str)]) -> Vec<u8> {
+    fn console_answer() -> crate::http::tests::Canned {
+        answer(
+            200,
+            true,
+            "Construir-Log-Next: 5\r\nConstruir-Log-Complete: true\r\n",
+            "hello",
+        )
+    }
+
+    pub(crate) fn text_tar(files: &[(&str, &str)]) -> Vec<u8> {
         // A ustar archive built by hand: headers of ASCII, octal fields, ASCII contents.
         let mut out = Vec::new();
         for (name, data) in files {
@@ -365,7 +435,13 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(left.len(), 3, "no temporary files left: {left:?}");
+        assert_eq!(left.len(), 4, "no temporary files left: {left:?}");
+        assert_eq!(
+            std::fs::read(dir.join(ARCHIVE_FILE)).unwrap(),
+            tar,
+            "kept as downloaded"
+        );
+        assert!(!dir.join(RECEIPT_FILE).exists(), "no receipt: none written");
         // Fetching into the same place again is refused before anything is asked.
         let e = run(&api, fetch_args(&dir)).unwrap_err();
         assert_eq!(e.downcast_ref::<exit::Failure>().unwrap().code, exit::USAGE);
@@ -407,5 +483,117 @@ mod tests {
             f.message
         );
         assert!(!d.path().join("bad/output").exists());
+    }
+
+    #[test]
+    fn the_receipt_and_the_servers_key_are_saved_for_verify() {
+        use construir_api::trust::{Attestation, KeyPair, Receipt, Statement, Verdict, Vote};
+        use construir_api::types::{AttemptId, ReportStatus, RunnerId, UserId};
+        let tar = text_tar(&[("hello", "built\n")]);
+        let sha = sha256_hex(&tar);
+        let tree = archive::index(&tar[..], &archive::Limits::DEFAULT)
+            .unwrap()
+            .tree_sha256;
+        let (server, runner) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let statement = Statement {
+            v: 1,
+            job_id: JobId(9),
+            attempt_id: AttemptId(4),
+            job_sha256: "ab".repeat(32),
+            image: "i0".into(),
+            image_digest: None,
+            runner_id: RunnerId(1),
+            runner_key: runner.public_hex(),
+            runner_version: "test".into(),
+            backend: "vmm".into(),
+            host_kind: "hardware".into(),
+            status: ReportStatus::Failed,
+            job_exit_status: Some(2),
+            output_sha256: Some(sha.clone()),
+            output_tree_sha256: Some(tree.clone()),
+            console_sha256: sha256_hex(b"hello"),
+            console_bytes: 5,
+            started_ms: 3,
+            ended_ms: 8,
+        };
+        let receipt = Receipt {
+            v: 1,
+            server_key: server.public_hex(),
+            job_id: JobId(9),
+            job_name: "hello_i0.tar.xz".into(),
+            job_sha256: "ab".repeat(32),
+            image: "i0".into(),
+            image_digest: None,
+            submitter: UserId(1),
+            replicas: 1,
+            quorum: 1,
+            attestation: Attestation::Unverified,
+            verdict: Verdict {
+                status: ReportStatus::Failed,
+                job_exit_status: Some(2),
+                output_sha256: Some(sha.clone()),
+                output_tree_sha256: Some(tree.clone()),
+            },
+            votes: vec![Vote {
+                runner_id: RunnerId(1),
+                owner: UserId(2),
+                statement: statement.sign(&runner),
+            }],
+            issued_ms: 9,
+        };
+        let receipt_json = serde_json::to_string(&receipt.sign(&server)).unwrap();
+        let key_json = serde_json::to_string(&ServerKey::of(&server.public_hex())).unwrap();
+        let body = String::from_utf8(tar.clone()).unwrap();
+        let (url, requests) = fake_server(vec![
+            answer(200, true, "", &job_json_with_tree(&tar, &sha, Some(&tree))),
+            answer(200, true, "", &receipt_json),
+            answer(200, true, "", &key_json),
+            console_answer(),
+            answer(200, true, "", &body),
+        ]);
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("out");
+        assert_eq!(run(&Api::new(&url, "t"), fetch_args(&dir)).unwrap(), 0);
+        let asked: Vec<String> = requests
+            .join()
+            .unwrap()
+            .iter()
+            .map(|r| r.lines().next().unwrap().to_string())
+            .collect();
+        assert_eq!(asked[1], "GET /api/v1/jobs/9/receipt HTTP/1.1");
+        assert_eq!(asked[2], "GET /.well-known/construir/server-key HTTP/1.1");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(RECEIPT_FILE)).unwrap(),
+            receipt_json
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(SERVER_KEY_FILE)).unwrap(),
+            key_json
+        );
+        // What was fetched is what verify takes.
+        let cli = Cli::try_parse_from(["construir", "verify", dir.to_str().unwrap()]).unwrap();
+        let Command::Verify(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(super::super::verify::run(&args).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_receipt_that_is_not_one_is_refused_before_it_is_written() {
+        let tar = text_tar(&[("hello", "built\n")]);
+        let (url, _server) = fake_server(vec![
+            answer(
+                200,
+                true,
+                "",
+                &job_json_with_tree(&tar, &sha256_hex(&tar), None),
+            ),
+            answer(200, true, "", r#"{"receipt": "x"}"#),
+        ]);
+        let d = tempfile::tempdir().unwrap();
+        let e = run(&Api::new(&url, "t"), fetch_args(d.path())).unwrap_err();
+        let h = e.downcast_ref::<HttpError>().unwrap();
+        assert!(h.to_string().contains("/receipt"), "{h}");
+        assert!(!d.path().join(RECEIPT_FILE).exists());
     }
 }

@@ -5,6 +5,7 @@ mod fetch;
 mod logs;
 mod show;
 mod submit;
+mod verify;
 
 use crate::cli::{Cli, Command};
 use crate::escape::printable;
@@ -16,25 +17,30 @@ use std::time::{Duration, Instant};
 /// Runs the command; the exit code it ends with.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     let Cli { global, command } = cli;
-    let config = config::resolve(
-        global.server.as_deref(),
-        global.token_file.as_deref(),
-        global.insecure,
-        &|name| std::env::var(name).ok(),
-    )?;
-    let api = Api::new(&config.server, &config.token);
+    // Resolved only by the commands that talk to a server: verify is offline, and must neither
+    // need a server and a token nor ask for them.
+    let connect = || -> anyhow::Result<Api> {
+        let config = config::resolve(
+            global.server.as_deref(),
+            global.token_file.as_deref(),
+            global.insecure,
+            &|name| std::env::var(name).ok(),
+        )?;
+        Ok(Api::new(&config.server, &config.token))
+    };
     match command {
-        Command::Submit(args) => submit::run(&api, args),
-        Command::Show { id, json } => show::show(&api, id, json),
-        Command::List { json } => show::list(&api, json),
-        Command::Cancel { id } => show::cancel(&api, id),
+        Command::Submit(args) => submit::run(&connect()?, args),
+        Command::Show { id, json } => show::show(&connect()?, id, json),
+        Command::List { json } => show::list(&connect()?, json),
+        Command::Cancel { id } => show::cancel(&connect()?, id),
         Command::Logs {
             id,
             follow,
             attempt,
             raw,
-        } => logs::run(&api, id, follow, attempt, raw),
-        Command::Fetch(args) => fetch::run(&api, args),
+        } => logs::run(&connect()?, id, follow, attempt, raw),
+        Command::Fetch(args) => fetch::run(&connect()?, args),
+        Command::Verify(args) => verify::run(&args),
     }
 }
 
@@ -138,6 +144,11 @@ mod tests {
             retry_not_before_ms: None,
             attempts: vec![],
             result_attempt: None,
+            replicas: 1,
+            quorum: 1,
+            agreeing: vec![],
+            attestation: None,
+            revoked_runners: vec![],
         };
         assert_eq!(
             progress_line(&job),
@@ -147,6 +158,7 @@ mod tests {
         job.attempts.push(AttemptView {
             id: AttemptId(8),
             runner: RunnerId(2),
+            runner_owner: UserId(5),
             state: AttemptState::Running,
             why: "booting".into(),
             late: false,
@@ -161,6 +173,8 @@ mod tests {
             output_size: None,
             console_size: 0,
             output_index: None,
+            vote: None,
+            signed: false,
         });
         assert_eq!(
             progress_line(&job),

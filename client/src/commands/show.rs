@@ -111,6 +111,28 @@ pub fn summary(job: &JobView) -> String {
         printable(&job.image),
         job.priority
     );
+    if job.replicas > 1 || job.quorum > 1 {
+        let _ = writeln!(
+            s,
+            "  replicas  {} on runners of distinct owners, {} must agree",
+            job.replicas, job.quorum
+        );
+    }
+    if let Some(att) = job.attestation {
+        let by = if job.agreeing.len() > 1 {
+            let ids: Vec<String> = job.agreeing.iter().map(|a| a.to_string()).collect();
+            format!(" (attempts {} agreed)", ids.join(", "))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "  result    {att}{by}");
+    }
+    for r in &job.revoked_runners {
+        let _ = writeln!(
+            s,
+            "            runner {r}, which took part in the result, has been revoked since"
+        );
+    }
     let _ = writeln!(
         s,
         "  job file  {}, sha256 {}",
@@ -196,7 +218,13 @@ fn attempt_lines(s: &mut String, a: &AttemptView, is_result: bool) {
     if a.late {
         result.push("a late report, kept aside".into());
     }
+    if a.signed {
+        result.push("signed".into());
+    }
     let _ = writeln!(s, "      {}", result.join(", "));
+    if let Some(v) = &a.vote {
+        let _ = writeln!(s, "      votes {}", printable(v));
+    }
     // The server's index of the output: what replicas of the job must agree on.
     if let Some(index) = &a.output_index {
         let line = match (&index.tree_sha256, &index.error) {
@@ -238,9 +266,17 @@ mod tests {
             reason: "job failed with exit status 2".into(),
             cancel_requested: false,
             retry_not_before_ms: None,
+            replicas: 1,
+            quorum: 1,
+            agreeing: vec![],
+            attestation: None,
+            revoked_runners: vec![],
             attempts: vec![AttemptView {
                 id: AttemptId(7),
                 runner: RunnerId(2),
+                runner_owner: UserId(3),
+                vote: None,
+                signed: false,
                 state: AttemptState::Reported,
                 why: "job failed with exit status 2\u{202e}".into(),
                 late: false,

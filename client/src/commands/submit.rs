@@ -101,6 +101,9 @@ pub fn params(args: &SubmitArgs) -> SubmitParams {
         memory_mib: args.memory,
         vcpus: args.vcpus,
         priority: args.priority.unwrap_or(0),
+        replicas: args.replicas,
+        quorum: args.quorum,
+        own_runners: args.own_runners,
     }
 }
 

@@ -30,13 +30,13 @@ impl RunnerApi {
 
     /// `POST /api/v1/runner/register`: the runner's id under its token's user (the same name
     /// gives the same id again).
-    pub fn register(&self, name: &str) -> Result<RunnerId, ApiFailure> {
+    pub fn register(&self, name: &str, public_key: &str) -> Result<RunnerId, ApiFailure> {
         let answer: Option<Registered> = self.client.json(
             Method::POST,
             "/api/v1/runner/register",
             &self.token,
             &[],
-            &serde_json::json!({ "name": name }),
+            &serde_json::json!({ "name": name, "public_key": public_key }),
         )?;
         answer
             .map(|r| r.runner_id)

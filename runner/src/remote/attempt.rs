@@ -67,6 +67,8 @@ pub fn report_of(outcome: &Outcome, note: Option<&str>, times: PhaseTimes) -> Re
         reason,
         times,
         output_sha256: None,
+        output_tree_sha256: None,
+        statement: None,
     };
     if report.validate().is_err() {
         report.job_exit_status = None;
@@ -235,7 +237,8 @@ fn run_and_deliver(
             ctx,
             api,
             live,
-            &report_of(&outcome, None, PhaseTimes::default()),
+            offer,
+            report_of(&outcome, None, PhaseTimes::default()),
         );
     }
     if stopped() {
@@ -300,7 +303,7 @@ fn run_and_deliver(
     }
     live.set_phase(Phase::Uploading);
     let uploading = Instant::now();
-    let (note, output_sha256) = if status.is_job_outcome() && status != ReportStatus::InvalidJob {
+    let (note, output) = if status.is_job_outcome() && status != ReportStatus::InvalidJob {
         match upload_output(ctx, api, live, &job, offer.limits.output_size) {
             Ok(delivered) => delivered,
             // The job did its part; the runner could not deliver it. Not the job's outcome:
@@ -322,8 +325,11 @@ fn run_and_deliver(
     };
     let mut report = report_of(&outcome, note.as_deref(), times);
     // The server refuses a report whose output is not the one it received and hashed.
-    report.output_sha256 = output_sha256;
-    deliver_report(ctx, api, live, &report);
+    if let Some((sha256, tree)) = output {
+        report.output_sha256 = Some(sha256);
+        report.output_tree_sha256 = tree;
+    }
+    deliver_report(ctx, api, live, offer, report);
 }
 
 /// The last `max` bytes of a log, as text.
@@ -371,16 +377,19 @@ fn download(
     }
 }
 
+/// What the report says of the output: its sha256 and tree digest.
+type Delivered = Option<(String, Option<String>)>;
+
 /// Uploads the output; returns a note for the report when the job left none to upload, and
-/// the sha256 of the output the server has, for the report; or, when this runner could not
-/// read or deliver it (its own failure, not the job's), why.
+/// the sha256 (and tree digest) of the output the server has, for the report; or, when this
+/// runner could not read or deliver it (its own failure, not the job's), why.
 fn upload_output(
     ctx: &Ctx,
     api: &AttemptApi,
     live: &Live,
     job: &Path,
     output_size: u64,
-) -> Result<(Option<String>, Option<String>), String> {
+) -> Result<(Option<String>, Delivered), String> {
     let (len, sha256) = match transfer::find_output(job, output_size) {
         Ok(Output::Archive { len, sha256 }) => (len, sha256),
         Ok(Output::None(why)) => return Ok((Some(why), None)),
@@ -391,7 +400,7 @@ fn upload_output(
     }) {
         Ok(()) => {
             tracing::info!("attempt {}: output uploaded ({len} bytes)", live.key);
-            Ok((None, Some(sha256)))
+            Ok((None, Some((sha256, super::sign::output_tree(job, len)))))
         }
         Err(e) if e.is_lease_lost() => {
             live.stop_vm(StopWhy::LeaseLost, &ctx.children);
@@ -399,12 +408,29 @@ fn upload_output(
         }
         // One output per attempt: an earlier try got through and its answer was lost. The
         // report names ours, and the server refuses it if what it got was not this.
-        Err(e) if e.code() == Some(construir_api::codes::WRONG_STATE) => Ok((None, Some(sha256))),
+        Err(e) if e.code() == Some(construir_api::codes::WRONG_STATE) => {
+            Ok((None, Some((sha256, super::sign::output_tree(job, len)))))
+        }
         Err(e) => Err(format!("the output was not delivered: {e}")),
     }
 }
 
-fn deliver_report(ctx: &Ctx, api: &AttemptApi, live: &Live, report: &ReportRequest) {
+/// Signs the report (its statement) and delivers it.
+fn deliver_report(
+    ctx: &Ctx,
+    api: &AttemptApi,
+    live: &Live,
+    offer: &ClaimResponse,
+    mut report: ReportRequest,
+) {
+    let signer = super::sign::Signer {
+        key: &ctx.key,
+        runner: ctx.runner,
+        backend: ctx.cfg.backend.name(),
+        host_kind: ctx.cfg.backend.speed_class(ctx.cfg.host),
+    };
+    report.statement = signer.statement(offer, &report, &live.console, live.taken_ms);
+    let report = &report;
     match retrying(ctx, live, "report", || api.report(report)) {
         Ok(()) => tracing::info!("attempt {}: reported {}", live.key, report.status),
         Err(e) if e.code() == Some(construir_api::codes::ALREADY_REPORTED) => {
@@ -465,6 +491,7 @@ mod tests {
             job_id: JobId(1),
             job_name: name.into(),
             image: image.into(),
+            image_digest: None,
             sha256: "0".repeat(64),
             size: 1,
             limits: JobLimits::DEFAULT,

@@ -181,6 +181,7 @@ mod tests {
             job_id: construir_api::types::JobId(1),
             job_name: "a_t0.tar.xz".into(),
             image: "t0".into(),
+            image_digest: None,
             sha256: "0".repeat(64),
             size,
             limits,

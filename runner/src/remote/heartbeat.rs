@@ -37,6 +37,8 @@ pub struct Live {
     /// Its key in the children registry (the attempt id).
     pub key: String,
     pub console: PathBuf,
+    /// When the runner took it on (Unix ms, its own clock: its statement says so).
+    pub taken_ms: u64,
     /// Set when the runner stops the VM: the run core then takes its interrupted exit as
     /// [`crate::runcore::Ran::Interrupted`].
     pub stop: AtomicBool,
@@ -56,6 +58,7 @@ impl Live {
         Live {
             key,
             console,
+            taken_ms: super::sign::now_ms(),
             stop: AtomicBool::new(false),
             why: Mutex::new(None),
             phase: Mutex::new(Phase::Downloading),

@@ -20,6 +20,7 @@ pub mod client;
 pub mod heartbeat;
 pub mod logs;
 pub mod retry;
+pub mod sign;
 pub mod transfer;
 
 use crate::backend::Backend;
@@ -28,7 +29,8 @@ use crate::runner::STOP;
 use api::RunnerApi;
 use caps::{Budget, Lent};
 use client::{ApiFailure, Client};
-use construir_api::types::{ClaimRequest, RunnerCapabilities, RunnerId};
+use construir_api::trust::KeyPair;
+use construir_api::types::{ClaimRequest, ClaimResponse, RunnerCapabilities, RunnerId};
 use construir_contract::host::HostKind;
 use heartbeat::{Live, StopWhy};
 use retry::{Backoff, sleep_unless};
@@ -74,6 +76,8 @@ pub struct Ctx {
     /// Everything about attempts, on another client, which the shutdown leaves alone.
     calls: Client,
     runner: RunnerId,
+    /// Signs its reports' statements.
+    key: KeyPair,
     children: Arc<Children>,
     budget: Mutex<Budget>,
     /// The attempts being handled, by key, for the shutdown.
@@ -163,7 +167,8 @@ pub fn run(cfg: RemoteConfig) -> anyhow::Result<()> {
     let api = RunnerApi::new(client.clone(), cfg.token.clone());
     let calls = Client::new(cfg.server.clone());
     stale_attempts(&cfg.dir.join("remote"));
-    let Some(runner) = register(&api, &cfg.name)? else {
+    let key = sign::runner_key(&cfg.dir)?;
+    let Some(runner) = register(&api, &cfg.name, &key.public_hex())? else {
         return Ok(());
     };
     eprintln!(
@@ -181,6 +186,7 @@ pub fn run(cfg: RemoteConfig) -> anyhow::Result<()> {
         api,
         calls,
         runner,
+        key,
         children: Arc::default(),
         budget: Mutex::default(),
         attempts: Mutex::default(),
@@ -256,10 +262,10 @@ fn stale_attempts(dir: &Path) {
 }
 
 /// Registers, trying again while the server cannot be reached; `None` if stopped meanwhile.
-fn register(api: &RunnerApi, name: &str) -> anyhow::Result<Option<RunnerId>> {
+fn register(api: &RunnerApi, name: &str, key: &str) -> anyhow::Result<Option<RunnerId>> {
     let mut backoff = Backoff::default();
     loop {
-        match api.register(name) {
+        match api.register(name, key) {
             Ok(id) => return Ok(Some(id)),
             Err(e) if e.is_transient() => {
                 tracing::warn!("register at {}: {e}; trying again", api.client.base());

@@ -316,15 +316,29 @@ impl Farm {
         }
     }
 
+    /// A runner token of user `owner`, in a file of its own (mode 0600).
+    pub fn runner_token_of(&self, owner: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.root.join(format!("{owner}.token"));
+        std::fs::write(&path, token(&self.server.data, owner, "runner") + "\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
     /// A pull runner named `name` (its directory `ROOT/name`, its log `ROOT/name.log`) against
-    /// `url` (the server's, or a proxy's).
+    /// `url` (the server's, or a proxy's), of user bob.
     pub fn runner(&self, name: &str, url: &str, extra: &[&str]) -> Proc {
+        self.runner_with(&self.runner_token, name, url, extra)
+    }
+
+    /// [`Farm::runner`] with the runner token in `token_file` (another owner's).
+    pub fn runner_with(&self, token_file: &Path, name: &str, url: &str, extra: &[&str]) -> Proc {
         let log = self.root.join(format!("{name}.log"));
         self.logs.lock().unwrap().push(log.clone());
         let child = Command::new(binary("construir-runner"))
             .args(["--server", url, "--name", name])
             .arg("--token-file")
-            .arg(&self.runner_token)
+            .arg(token_file)
             .arg("--dir")
             .arg(self.root.join(name))
             .args(["--backend", "qemu", "--images-dir"])
@@ -453,6 +467,16 @@ impl Farm {
             .ok()
             .flatten()
             .unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The client binary against this server, as the submitter, with `args`.
+    pub fn client(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("construir"))
+            .args(args)
+            .env("CONSTRUIR_SERVER", &self.server.url)
+            .env("CONSTRUIR_TOKEN", &self.submitter)
+            .output()
+            .expect("run construir")
     }
 
     /// `construir show ID --json`, the client binary against this server.

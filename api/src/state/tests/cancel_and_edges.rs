@@ -173,6 +173,8 @@ fn events_that_do_not_apply_are_refused_and_change_nothing() {
             reason: String::new(),
             times: PhaseTimes::default(),
             output_sha256: None,
+            output_tree_sha256: None,
+            statement: None,
         },
     };
     let cases: Vec<(&JobSnapshot, u64, Event, &str)> = vec![
@@ -292,6 +294,8 @@ fn snapshots_become_the_documented_views() {
         output_size: Some(10),
         console_size: 5,
         output_index: None,
+        signed: false,
+        runner_revoked: false,
     });
     assert_eq!(
         (view.state, view.result_attempt),

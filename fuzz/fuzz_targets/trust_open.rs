@@ -1,0 +1,3 @@
+#![no_main]
+//! See construir_tests::fuzz::trust_open.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| construir_tests::fuzz::trust_open(data));
