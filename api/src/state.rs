@@ -157,6 +157,11 @@ pub struct JobPolicy {
     pub owner: UserId,
     #[serde(default)]
     pub own_runners: bool,
+    /// Let replicas run on runners of different host classes (backend and host kind: a TCG
+    /// runner and a KVM one); by default every replica runs on the class of the first, so that
+    /// their CPU models and speeds match.
+    #[serde(default)]
+    pub any_class: bool,
 }
 
 fn one() -> u32 {
@@ -175,6 +180,7 @@ impl JobPolicy {
         max_votes: 0,
         owner: UserId(0),
         own_runners: false,
+        any_class: false,
     };
 
     /// Whether more than one attempt must run: then replicas go to distinct owners, a
@@ -260,6 +266,9 @@ pub struct AttemptSnapshot {
     /// What the server's index made of the attempt's output, once it was indexed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_tree: Option<OutputTree>,
+    /// The runner's host class when it claimed (`qemu/none`, `vmm/hardware`).
+    #[serde(default)]
+    pub runner_class: String,
 }
 
 impl JobSnapshot {
@@ -539,6 +548,9 @@ pub enum Event {
         runner: RunnerId,
         /// The runner's owner: replicas go to distinct owners.
         owner: UserId,
+        /// The runner's host class (backend and host kind): replicas run on one class unless the
+        /// job allows any.
+        class: String,
         lease_until_ms: u64,
         accept_by_ms: u64,
     },
@@ -667,6 +679,8 @@ pub enum Refusal {
         "a runner of owner {0} holds a replica of this job already: replicas go to distinct owners"
     )]
     OwnerHasReplica(UserId),
+    #[error("this job's replicas run on {held} runners, not {offered} ones")]
+    OtherClass { held: String, offered: String },
     #[error("attempt {0}'s output was indexed already, differently")]
     IndexedTwice(AttemptId),
     #[error("the job waits for its next try until {0} (Unix ms)")]
@@ -736,6 +750,7 @@ impl Refusal {
             | Refusal::RunnerDidNotStart { .. }
             | Refusal::OwnRunner
             | Refusal::OwnerHasReplica(_)
+            | Refusal::OtherClass { .. }
             | Refusal::IndexedTwice(_)
             | Refusal::WrongAttemptState { .. }
             | Refusal::AlreadyCanceling => codes::WRONG_STATE,
@@ -768,9 +783,15 @@ pub fn step(
             attempt,
             runner,
             owner,
+            class,
             lease_until_ms,
             accept_by_ms,
-        } => run.claim(*attempt, (*runner, *owner), *lease_until_ms, *accept_by_ms)?,
+        } => run.claim(
+            *attempt,
+            (*runner, *owner, class),
+            *lease_until_ms,
+            *accept_by_ms,
+        )?,
         Event::Start { attempt } => run.start(*attempt)?,
         Event::Heartbeat { attempt, progress } => run.heartbeat(*attempt, progress)?,
         Event::UploadBegun { attempt } => run.upload_begun(*attempt)?,

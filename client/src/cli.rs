@@ -147,6 +147,10 @@ pub struct SubmitArgs {
     /// job: a check by your own machine is no check).
     #[arg(long)]
     pub own_runners: bool,
+    /// Let replicas run on runners of different host classes (a TCG runner and a KVM one: other
+    /// CPU models and speeds); by default all run on the class of the first.
+    #[arg(long)]
+    pub any_host_class: bool,
     /// Wait until the job ends, then exit with its exit code.
     #[arg(long)]
     pub wait: bool,

@@ -118,6 +118,7 @@ mod tests {
             replicas: Some(3),
             quorum: Some(2),
             own_runners: true,
+            any_class: false,
         };
         let path = submit("my job_t0.tar.xz", &all);
         assert!(

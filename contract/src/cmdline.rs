@@ -55,6 +55,10 @@ pub const EMULATED_HOST_PARAMS: &[&str] = &[
 /// `construir.time=SECONDS`: the host's wall clock (Unix seconds) when it started the VM. The init
 /// sets the guest clock from it when the guest has no better clock (TCG has no kvmclock).
 pub const PARAM_TIME: &str = "construir.time";
+/// `construir.clock=SECONDS`: the time (Unix seconds) the job's clock starts at, fixed by whoever
+/// runs it (the server fixes one per job, so that its replicas see the same time). The init sets
+/// the guest's clock to it unconditionally, and the job's `SOURCE_DATE_EPOCH` to it.
+pub const PARAM_CLOCK: &str = "construir.clock";
 /// `construir.timeout=SECONDS`: the job's time limit, enforced inside the guest by the init.
 pub const PARAM_TIMEOUT: &str = "construir.timeout";
 /// `construir.job=DEVICE`: the job disk, `/dev/vdb` unless given.
@@ -82,8 +86,8 @@ impl KernelCmdline {
     }
 
     /// The whole line for running one job on `host`: the base and host-kind parameters, the host's
-    /// clock now, and the job's time limit (at least 1 s).
-    pub fn for_job(host: HostKind, timeout: std::time::Duration) -> Self {
+    /// clock now, the job's fixed clock if it has one, and the job's time limit (at least 1 s).
+    pub fn for_job(host: HostKind, timeout: std::time::Duration, clock: Option<u64>) -> Self {
         let mut line = Self::for_host(host);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -91,6 +95,7 @@ impl KernelCmdline {
             .unwrap_or(0);
         line.push_guest_params(&GuestParams {
             host_time: Some(now),
+            job_clock: clock,
             timeout_secs: Some(timeout.as_secs().max(1)),
             ..GuestParams::default()
         });
@@ -107,6 +112,9 @@ impl KernelCmdline {
     pub fn push_guest_params(&mut self, guest: &GuestParams) -> &mut Self {
         if let Some(t) = guest.host_time {
             self.push(format!("{PARAM_TIME}={t}"));
+        }
+        if let Some(t) = guest.job_clock {
+            self.push(format!("{PARAM_CLOCK}={t}"));
         }
         if let Some(t) = guest.timeout_secs {
             self.push(format!("{PARAM_TIMEOUT}={t}"));
@@ -133,6 +141,8 @@ impl std::fmt::Display for KernelCmdline {
 pub struct GuestParams {
     /// Host wall clock at VM start, Unix seconds.
     pub host_time: Option<u64>,
+    /// The job's fixed clock, Unix seconds ([`PARAM_CLOCK`]).
+    pub job_clock: Option<u64>,
     /// The job's time limit in seconds (`None`: no in-guest limit).
     pub timeout_secs: Option<u64>,
     /// The job disk's device path.
@@ -145,6 +155,7 @@ impl Default for GuestParams {
     fn default() -> Self {
         Self {
             host_time: None,
+            job_clock: None,
             timeout_secs: None,
             job_device: DEFAULT_JOB_DEVICE.to_string(),
             emulated: false,
@@ -182,6 +193,7 @@ impl GuestParams {
             };
             match key {
                 PARAM_TIME => params.host_time = Some(number("expected Unix seconds")?),
+                PARAM_CLOCK => params.job_clock = Some(number("expected Unix seconds")?),
                 PARAM_TIMEOUT => {
                     let secs = number("expected a number of seconds")?;
                     params.timeout_secs = (secs > 0).then_some(secs);
@@ -246,6 +258,7 @@ mod tests {
     fn guest_params_round_trip_through_the_command_line() {
         let want = GuestParams {
             host_time: Some(1_795_000_000),
+            job_clock: Some(1_700_000_000),
             timeout_secs: Some(90),
             job_device: "/dev/vdc".into(),
             emulated: true,
@@ -258,13 +271,20 @@ mod tests {
     #[test]
     fn a_job_line_carries_the_clock_and_the_limit() {
         let p = GuestParams::parse(
-            &KernelCmdline::for_job(HostKind::NoKvm, std::time::Duration::from_millis(10))
+            &KernelCmdline::for_job(HostKind::NoKvm, std::time::Duration::from_millis(10), None)
                 .to_string(),
         )
         .unwrap();
         assert_eq!(p.timeout_secs, Some(1));
         assert!(p.host_time.unwrap() > 1_700_000_000);
         assert!(!p.emulated);
+        assert_eq!(p.job_clock, None, "no fixed clock unless given");
+        let fixed =
+            KernelCmdline::for_job(HostKind::NoKvm, std::time::Duration::from_secs(5), Some(42));
+        assert_eq!(
+            GuestParams::parse(&fixed.to_string()).unwrap().job_clock,
+            Some(42)
+        );
     }
 
     #[test]
@@ -279,6 +299,7 @@ mod tests {
         );
         for bad in [
             "construir.time=soon",
+            "construir.clock=yesterday",
             "construir.timeout=-1",
             "construir.timeout",
             "construir.job=vdb",

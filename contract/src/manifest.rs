@@ -69,6 +69,20 @@ pub enum ManifestError {
 /// it reads every byte of the virtual disk.
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 40;
 
+/// Largest kernel file an image may have (a vmlinux is tens of MiB): what a server publishes and
+/// a runner downloads at most.
+pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
+
+/// Largest qcow2 file an image declaring `virtual_size` may have: the virtual size, plus an
+/// eighth and 64 MiB for qcow2's own tables (a fully allocated qcow2 is a little larger than its
+/// virtual size; [`MAX_VIRTUAL_SIZE`] caps that). What a server publishes and a runner downloads
+/// at most.
+pub fn max_qcow2_bytes(virtual_size: u64) -> u64 {
+    virtual_size
+        .saturating_add(virtual_size / 8)
+        .saturating_add(64 << 20)
+}
+
 /// Largest manifest file read (a real one is a few KiB, mostly the package list).
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 

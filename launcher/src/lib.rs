@@ -45,6 +45,11 @@ pub struct JobArgs {
     /// The job's time limit (90s, 30m, 2h); boot time is allowed on top.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Start the guest's clock at this time (Unix seconds) and give the job it as
+    /// SOURCE_DATE_EPOCH, whatever the host's clock says (default: the host's time, and no
+    /// SOURCE_DATE_EPOCH). A server fixes one per job, so that every replica sees one time.
+    #[arg(long, value_name = "UNIX_SECONDS")]
+    pub clock: Option<u64>,
     /// Console: a file, - for stdout, or none (default: stderr).
     #[arg(long)]
     pub console: Option<String>,

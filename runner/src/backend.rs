@@ -84,6 +84,9 @@ impl Backend {
         if let Some(cap) = limits.console_cap {
             cmd.arg("--console-cap").arg(cap.to_string());
         }
+        if let Some(t) = limits.clock {
+            cmd.arg("--clock").arg(t.to_string());
+        }
         cmd
     }
 

@@ -81,6 +81,11 @@ struct Cli {
     /// Pull mode: the most output one job may upload (64M, 1G).
     #[arg(long, default_value = "1G", value_parser = construir_launcher::jobfile::parse_size, value_name = "SIZE")]
     max_output_size: u64,
+    /// Pull mode: the most disk the cache of images fetched from the server by digest may use
+    /// (DIR/image-cache; the least recently used go first; 0: fetch none, run only the
+    /// --images-dir images on jobs pinned to no digest).
+    #[arg(long, default_value = "20G", value_parser = construir_launcher::jobfile::parse_size, value_name = "SIZE")]
+    cache_size: u64,
     /// A program with the launchers' command line to use as the backend (tests).
     #[arg(long, hide = true)]
     backend_program: Option<PathBuf>,
@@ -268,6 +273,7 @@ fn remote_config(
             output_size: cli.max_output_size,
         },
         grace: cli.grace,
+        cache_size: cli.cache_size,
     })
 }
 
@@ -334,6 +340,12 @@ mod tests {
         Cli::try_parse_from(std::iter::once("construir-runner").chain(args.iter().copied()))
     }
 
+    /// The --cache-size a command line gives.
+    fn parse_size_flag(args: &[&str]) -> u64 {
+        let base = ["--server", "https://x", "--token-file", "/t"];
+        parse(&[&base[..], args].concat()).unwrap().cache_size
+    }
+
     #[test]
     fn the_local_mode_is_as_it_was() {
         let cli = parse(&["--dir", "/srv/c", "--jobs", "2", "--timeout", "90s"]).unwrap();
@@ -372,6 +384,10 @@ mod tests {
             (cli.max_output_size, cli.max_job_size),
             (256 << 20, 2 << 30)
         );
+        assert_eq!(
+            cli.cache_size,
+            construir_runner::remote::images::DEFAULT_CACHE_SIZE
+        );
         let d = tempfile::tempdir().unwrap();
         let token = d.path().join("token");
         std::fs::write(&token, "secret\n").unwrap();
@@ -384,6 +400,20 @@ mod tests {
             exe: "/bin/true".into(),
         };
         let cfg = remote_config(&cli, backend.clone(), HostKind::NoKvm, 3).unwrap();
+        assert_eq!(cfg.cache_size, 20 << 30);
+        assert_eq!(parse_size_flag(&["--cache-size", "512M"]), 512 << 20);
+        assert_eq!(parse_size_flag(&["--cache-size", "0"]), 0, "fetch none");
+        assert!(
+            parse(&[
+                "--server",
+                "https://x",
+                "--token-file",
+                "/t",
+                "--cache-size",
+                "lots"
+            ])
+            .is_err()
+        );
         assert_eq!(cfg.token, "secret");
         assert_eq!(cfg.name, "attic");
         assert_eq!(cfg.server, "https://farm.example.org");

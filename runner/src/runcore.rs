@@ -38,6 +38,8 @@ pub struct VmLimits {
     pub memory_mib: Option<u32>,
     pub vcpus: Option<u32>,
     pub console_cap: Option<u64>,
+    /// The job's fixed clock (Unix seconds; a server's job has one), for `--clock`.
+    pub clock: Option<u64>,
 }
 
 /// One run to make.
@@ -415,10 +417,12 @@ mod tests {
             memory_mib: Some(256),
             vcpus: Some(2),
             console_cap: Some(4096),
+            clock: Some(1_700_000_000),
         };
         let Ran::Done(o) = run_with(&b, d.path(), &AtomicBool::new(false), limits) else {
             panic!()
         };
+        assert!(o.reason.contains("--clock 1700000000"), "{}", o.reason);
         assert!(o.reason.contains("--memory 256M"), "{}", o.reason);
         assert!(o.reason.contains("--vcpus 2"), "{}", o.reason);
         assert!(o.reason.contains("--console-cap 4096"), "{}", o.reason);

@@ -2,8 +2,10 @@
 //! following docs/api.md and construir-api's rules) and a stand-in backend (a shell script with
 //! the launchers' command line): the runner binary registers, claims, starts, downloads, runs,
 //! streams the console, uploads the output cut at the archive's end and reports; a cancel, a
-//! misfit, a flaky server and a SIGTERM each end the way the API says. No VM: tests/tests/remote.rs
-//! is the same with construir-server and QEMU.
+//! misfit, a flaky server and a SIGTERM each end the way the API says; a job pinned to a
+//! published image runs on that image, fetched from the server by digest (resumed after a broken
+//! transfer), and one whose image the server serves corrupt is reported, never run. No VM:
+//! tests/tests/remote.rs is the same with construir-server and QEMU.
 
 use construir_api::types::{ClaimRequest, ClaimResponse, JobLimits, ReportRequest};
 use std::collections::HashMap;
@@ -24,10 +26,12 @@ const ATTEMPT_TOKEN: &str = "attempt-secret";
 const BACKEND: &str = r#"#!/bin/sh
 args="$*"
 while [ $# -gt 0 ]; do
-  case "$1" in --job) job=$2; shift ;; --console) con=$2; shift ;; esac
+  case "$1" in --job) job=$2; shift ;; --console) con=$2; shift ;; --images-dir) imgs=$2; shift ;; esac
   shift
 done
 echo "args: $args" > "$con"
+# What the launcher would boot: the image's files, as the runner laid them out.
+(cd "$imgs" && sha256sum t0.json t0.qcow2 kernels/*) > "$FAKE_OUT/images.sha256"
 if [ "$(head -c 5 "$job")" = "sleep" ]; then
   trap 'echo "{\"status\":\"interrupted\",\"reason\":\"interrupted\"}"; exit 106' TERM
   while :; do sleep 0.1; done
@@ -67,6 +71,19 @@ struct State {
     /// Answer this many claims with a proxy's 429 (no protocol header) first.
     foreign_claims: u32,
     bad_tokens: u32,
+    /// Published images: digest → part (`manifest`, `kernel`, `disk`) → bytes.
+    images: HashMap<String, HashMap<String, Vec<u8>>>,
+    /// The sha256 the server says a part has (its record: a blob overwritten after publishing
+    /// keeps it), by digest and part; else that of the bytes.
+    image_sha256: HashMap<(String, String), String>,
+    /// Jobs are pinned to this digest.
+    pin: Option<String>,
+    /// Image requests: path and Range header.
+    image_requests: Vec<(String, Option<String>)>,
+    /// The next transfer of this part is cut after this many bytes.
+    cut_image: Option<(String, usize)>,
+    /// Image requests wait this long first (a slow line), the state not held meanwhile.
+    image_delay: Duration,
 }
 
 struct Server {
@@ -171,8 +188,9 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
         "{target}"
     );
     let token = headers.get("authorization").cloned().unwrap_or_default();
-    let runner_call =
-        path.starts_with("/api/v1/runner/register") || path.starts_with("/api/v1/runner/claim");
+    let runner_call = path.starts_with("/api/v1/runner/register")
+        || path.starts_with("/api/v1/runner/claim")
+        || path.starts_with("/api/v1/images/");
     let want = if runner_call {
         RUNNER_TOKEN
     } else {
@@ -200,6 +218,17 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
         return respond(&conn, 503, None, b"<html>bad gateway</html>");
     }
     let json = |v: serde_json::Value| v.to_string().into_bytes();
+    if let ("GET", Some(rest)) = (method.as_str(), path.strip_prefix("/api/v1/images/")) {
+        s.image_requests
+            .push((path.to_string(), headers.get("range").cloned()));
+        let delay = s.image_delay;
+        if !delay.is_zero() {
+            drop(s);
+            std::thread::sleep(delay);
+            s = lock.lock().unwrap();
+        }
+        return serve_image(&conn, &mut s, rest, headers.get("range"));
+    }
     let (status, answer) = match (method.as_str(), path) {
         ("POST", "/api/v1/runner/register") => (200, json(serde_json::json!({"runner_id": 7}))),
         ("POST", "/api/v1/runner/claim") => {
@@ -223,7 +252,7 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
                     job_id: construir_api::types::JobId(1),
                     job_name: "hello_t0.tar.xz".into(),
                     image: "t0".into(),
-                    image_digest: None,
+                    image_digest: s.pin.clone(),
                     sha256: sha256_hex(&job),
                     size: job.len() as u64,
                     limits,
@@ -231,6 +260,7 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
                     lease_until_ms: u64::MAX / 2,
                     heartbeat_interval_s: 1,
                     lease_s: 30,
+                    clock_s: None,
                 };
                 s.job = job;
                 s.log.clear();
@@ -296,6 +326,61 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) {
     respond(&conn, status, Some(protocol), &answer);
 }
 
+/// `GET /api/v1/images/DIGEST/PART` as docs/api.md says: the part's bytes with its sha256, one
+/// `bytes=N-` range (206), 416 past the end, 404 for what is not published.
+fn serve_image(mut conn: &TcpStream, s: &mut State, rest: &str, range: Option<&String>) {
+    let (digest, part) = rest.split_once('/').unwrap_or((rest, ""));
+    let Some(bytes) = s.images.get(digest).and_then(|i| i.get(part)).cloned() else {
+        return respond(
+            conn,
+            404,
+            Some("1"),
+            br#"{"error":"not-found","message":"no image published under that digest"}"#,
+        );
+    };
+    let sha = s
+        .image_sha256
+        .get(&(digest.to_string(), part.to_string()))
+        .cloned()
+        .unwrap_or_else(|| sha256_hex(&bytes));
+    let from: usize = range
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap_or(0);
+    let len = bytes.len();
+    if from > 0 && from >= len {
+        let head = format!(
+            "HTTP/1.1 416 X\r\nConstruir-Protocol: 1\r\nContent-Range: bytes */{len}\r\n\
+             Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        let _ = conn.write_all(head.as_bytes());
+        return;
+    }
+    let (status, extra) = if from > 0 {
+        (
+            206,
+            format!("Content-Range: bytes {from}-{}/{len}\r\n", len - 1),
+        )
+    } else {
+        (200, String::new())
+    };
+    let body = &bytes[from..];
+    let head = format!(
+        "HTTP/1.1 {status} X\r\nConstruir-Protocol: 1\r\nConstruir-Sha256: {sha}\r\n{extra}\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes());
+    // A broken transfer: the connection closes part way, the length promised not met.
+    let cut = match s.cut_image.take() {
+        Some((p, at)) if p == part => at.min(body.len()),
+        other => {
+            s.cut_image = other;
+            body.len()
+        }
+    };
+    let _ = conn.write_all(&body[..cut]);
+}
+
 struct Runner {
     child: Child,
     _dir: tempfile::TempDir,
@@ -304,18 +389,17 @@ struct Runner {
 
 impl Runner {
     fn start(server: &Server, extra: &[&str]) -> Runner {
+        Runner::start_with(server, extra, true)
+    }
+
+    /// A runner whose --images-dir holds t0 (`local_image`), or is empty.
+    fn start_with(server: &Server, extra: &[&str], local_image: bool) -> Runner {
         let dir = tempfile::tempdir().unwrap();
         let images = dir.path().join("images");
-        std::fs::create_dir_all(images.join("kernels")).unwrap();
-        let manifest = serde_json::json!({
-            "index": "t0", "description": "test", "disk": "t0.qcow2", "disk_format": "qcow2",
-            "disk_sha256": "a".repeat(64), "virtual_size": 1 << 20, "kernel": "kernels/vmlinux-k",
-            "kernel_sha256": "b".repeat(64), "memory_mib": 128, "vcpus": 1,
-            "init_sha256": "c".repeat(64), "installed": [], "build_key": "k"
-        });
-        std::fs::write(images.join("t0.json"), manifest.to_string()).unwrap();
-        std::fs::write(images.join("t0.qcow2"), b"disk").unwrap();
-        std::fs::write(images.join("kernels/vmlinux-k"), b"kernel").unwrap();
+        std::fs::create_dir_all(&images).unwrap();
+        if local_image {
+            write_local_t0(&images);
+        }
         let backend = dir.path().join("backend");
         std::fs::write(&backend, BACKEND).unwrap();
         std::fs::set_permissions(&backend, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -387,6 +471,47 @@ impl Drop for Runner {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Image t0 in an images directory, as image/build leaves it (its sha256s made up: the stand-in
+/// backend boots nothing).
+fn write_local_t0(images: &std::path::Path) {
+    std::fs::create_dir_all(images.join("kernels")).unwrap();
+    let manifest = serde_json::json!({
+        "index": "t0", "description": "test", "disk": "t0.qcow2", "disk_format": "qcow2",
+        "disk_sha256": "a".repeat(64), "virtual_size": 1 << 20, "kernel": "kernels/vmlinux-k",
+        "kernel_sha256": "b".repeat(64), "memory_mib": 128, "vcpus": 1,
+        "init_sha256": "c".repeat(64), "installed": [], "build_key": "k"
+    });
+    std::fs::write(images.join("t0.json"), manifest.to_string()).unwrap();
+    std::fs::write(images.join("t0.qcow2"), b"disk").unwrap();
+    std::fs::write(images.join("kernels/vmlinux-k"), b"kernel").unwrap();
+}
+
+/// Publishes image t0 on the stand-in server (a disk of `disk_len` bytes) and pins jobs to it;
+/// returns its digest and its parts.
+fn publish_t0(server: &Server, disk_len: usize) -> (String, HashMap<String, Vec<u8>>) {
+    let kernel = b"an ELF vmlinux, as far as the stand-in backend cares".to_vec();
+    let disk: Vec<u8> = (0..disk_len).map(|i| (i % 253) as u8).collect();
+    let manifest = serde_json::to_vec_pretty(&serde_json::json!({
+        "index": "t0", "description": "published", "disk": "t0.qcow2", "disk_format": "qcow2",
+        "disk_sha256": sha256_hex(&disk), "virtual_size": 1 << 20,
+        "kernel": "kernels/vmlinux-p", "kernel_sha256": sha256_hex(&kernel), "memory_mib": 128,
+        "vcpus": 1, "init_sha256": "c".repeat(64), "installed": [], "build_key": "k"
+    }))
+    .unwrap();
+    let digest = sha256_hex(&manifest);
+    let parts: HashMap<String, Vec<u8>> = [
+        ("manifest".to_string(), manifest),
+        ("kernel".to_string(), kernel),
+        ("disk".to_string(), disk),
+    ]
+    .into();
+    server.with(|s| {
+        s.images.insert(digest.clone(), parts.clone());
+        s.pin = Some(digest.clone());
+    });
+    (digest, parts)
 }
 
 fn limits() -> JobLimits {
@@ -621,4 +746,129 @@ fn plain_http_to_another_host_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--insecure"), "{err}");
+}
+
+#[test]
+fn a_job_pinned_to_a_digest_runs_on_the_image_fetched_from_the_server() {
+    if no_namespaces() {
+        return;
+    }
+    let server = Server::start();
+    let (digest, parts) = publish_t0(&server, 600_000);
+    server.with(|s| {
+        s.queue.push((job(b"ABCD"), limits()));
+        // The disk's first transfer breaks off: the runner asks for the rest only.
+        s.cut_image = Some(("disk".into(), 250_000));
+        // Slow enough for heartbeats (every second here) to go out while it fetches.
+        s.image_delay = Duration::from_millis(800);
+    });
+    // Nothing in --images-dir: everything comes from the server.
+    let mut runner = Runner::start_with(&server, &["--cache-size", "1G"], false);
+    server.wait_for("the report", Duration::from_secs(60), |s| {
+        !s.reports.is_empty() || !s.aborts.is_empty()
+    });
+    server.with(|s| {
+        assert!(s.aborts.is_empty(), "{:?}", s.aborts);
+        assert_eq!(s.reports[0].status.as_str(), "success", "{:?}", s.reports);
+        let caps = &s.claims[0].capabilities;
+        assert!(caps.images.is_empty(), "{:?}", caps.images);
+        assert!(caps.fetch_images && caps.image_digests.is_empty());
+        assert_eq!(caps.image_cache_bytes, 1 << 30);
+        let base = format!("/api/v1/images/{digest}");
+        let asked: Vec<(String, Option<String>)> = s.image_requests.clone();
+        assert_eq!(
+            asked,
+            [
+                (format!("{base}/manifest"), None),
+                (format!("{base}/kernel"), None),
+                (format!("{base}/disk"), None),
+                (format!("{base}/disk"), Some("bytes=250000-".into())),
+            ]
+        );
+        // The VM was given the digest's directory, holding exactly the published bits.
+        let log = String::from_utf8_lossy(&s.log);
+        assert!(
+            log.contains(&format!("image-cache/{digest} ")),
+            "{}",
+            &log[..300.min(log.len())]
+        );
+        // The heartbeats held the lease while it fetched.
+        assert!(
+            s.heartbeats.iter().any(|h| h["phase"] == "downloading"),
+            "{:?}",
+            s.heartbeats
+        );
+    });
+    let listed = std::fs::read_to_string(runner.out.join("images.sha256")).unwrap();
+    for (name, part) in [
+        ("t0.json", "manifest"),
+        ("t0.qcow2", "disk"),
+        ("kernels/vmlinux-p", "kernel"),
+    ] {
+        let line = format!("{}  {name}", sha256_hex(&parts[part]));
+        assert!(listed.contains(&line), "{line} in {listed}");
+    }
+    assert_eq!(sha256_hex(&parts["manifest"]), digest);
+    // The next claim says it holds the digest; a second job of it fetches nothing.
+    server.wait_for("the next claim", Duration::from_secs(10), |s| {
+        s.claims.len() >= 2
+    });
+    server.with(|s| {
+        assert_eq!(
+            s.claims.last().unwrap().capabilities.image_digests,
+            [digest.as_str()]
+        );
+        s.queue.push((job(b"EFGH"), limits()));
+    });
+    server.wait_for("the second report", Duration::from_secs(60), |s| {
+        s.reports.len() >= 2
+    });
+    server.with(|s| {
+        s.image_delay = Duration::ZERO;
+        assert_eq!(s.reports[1].status.as_str(), "success");
+        assert_eq!(s.image_requests.len(), 4, "nothing fetched again");
+    });
+    assert!(runner.stop().success());
+}
+
+#[test]
+fn an_image_the_server_serves_corrupt_is_refused_and_reported_never_run() {
+    if no_namespaces() {
+        return;
+    }
+    let server = Server::start();
+    let (digest, parts) = publish_t0(&server, 200_000);
+    server.with(|s| {
+        // The blob overwritten after publishing: the server still says the published sha256.
+        let disk = s.images.get_mut(&digest).unwrap().get_mut("disk").unwrap();
+        disk[100_000] ^= 0xff;
+        s.image_sha256
+            .insert((digest.clone(), "disk".into()), sha256_hex(&parts["disk"]));
+        s.queue.push((job(b"ABCD"), limits()));
+    });
+    let mut runner = Runner::start_with(&server, &[], false);
+    server.wait_for("the report", Duration::from_secs(60), |s| {
+        !s.reports.is_empty() || !s.aborts.is_empty()
+    });
+    let corrupt = server.with(|s| sha256_hex(&s.images[&digest]["disk"]));
+    server.with(|s| {
+        assert!(s.aborts.is_empty(), "{:?}", s.aborts);
+        let report = &s.reports[0];
+        assert_eq!(report.status.as_str(), "unknown-image", "{report:?}");
+        assert!(
+            report.reason.contains("disk")
+                && report.reason.contains(&corrupt)
+                && report.reason.contains(&sha256_hex(&parts["disk"])),
+            "{}",
+            report.reason
+        );
+        assert!(s.output.is_none(), "nothing uploaded");
+        assert!(s.log.is_empty(), "no console: the VM never started");
+        assert!(!s.heartbeats.iter().any(|h| h["phase"] == "running"));
+    });
+    assert!(
+        !runner.out.join("images.sha256").exists(),
+        "the backend never ran"
+    );
+    assert!(runner.stop().success());
 }

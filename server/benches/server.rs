@@ -310,6 +310,9 @@ fn caps(images: &[&str], free_slots: u32) -> RunnerCapabilities {
         max_output_size: 4 << 30,
         free_slots,
         free_memory_mib: 4096,
+        image_digests: Vec::new(),
+        fetch_images: false,
+        image_cache_bytes: 0,
     }
 }
 

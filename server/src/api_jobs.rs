@@ -76,6 +76,7 @@ pub struct SubmitQuery {
     replicas: Option<u32>,
     quorum: Option<u32>,
     own_runners: Option<bool>,
+    any_class: Option<bool>,
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", params(SubmitQuery),
@@ -105,6 +106,7 @@ pub async fn submit(
         replicas: q.replicas,
         quorum: q.quorum,
         own_runners: q.own_runners.unwrap_or(false),
+        any_class: q.any_class.unwrap_or(false),
     };
     let server_max = JobLimits {
         output_size: app.settings.max_output_size,
@@ -176,6 +178,7 @@ pub async fn submit(
         max_votes: 0,
         owner,
         own_runners: params.own_runners,
+        any_class: params.any_class,
     };
     let t = JobSnapshot::submitted(policy, now);
     let image = params.image.clone().unwrap_or(name.image);

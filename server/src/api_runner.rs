@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use construir_api::fit::fits;
+use construir_api::fit::{Pinned, fits};
 use construir_api::state::{Cooldown, Event, step};
 use construir_api::types::{AttemptId, ClaimRequest, ClaimResponse, JobId, RunnerId, UserId};
 use construir_api::{ApiError, codes};
@@ -298,6 +298,11 @@ pub async fn try_claim(
     order.sort();
     let settings = app.step_settings();
     let mut lost_any = false;
+    // The runner's host class: a replicated job's replicas run on one.
+    let class = format!(
+        "{}/{}",
+        req.capabilities.backend, req.capabilities.host_kind
+    );
     for (_, _, id) in order {
         let Some(job) = app.db.load_job(id).await? else {
             continue;
@@ -324,8 +329,19 @@ pub async fn try_claim(
             }
             continue;
         }
+        // A pinned job weighs its image's size against a fetching runner's cache (cached: this
+        // runs for every candidate). An image row gone would be a bug: weighed as no bytes.
+        let pinned_bytes = match &job.facts.image_digest {
+            Some(d) => app.db.image_bytes(d).await?.unwrap_or(0),
+            None => 0,
+        };
+        let pinned = job.facts.image_digest.as_deref().map(|digest| Pinned {
+            digest,
+            bytes: pinned_bytes,
+        });
         if let Err(misfit) = fits(
             &job.facts.image,
+            pinned,
             job.facts.size,
             &job.facts.limits,
             &req.capabilities,
@@ -345,6 +361,7 @@ pub async fn try_claim(
             attempt: AttemptId(u64::MAX),
             runner,
             owner,
+            class: class.clone(),
             lease_until_ms,
             accept_by_ms,
         };
@@ -356,7 +373,7 @@ pub async fn try_claim(
             .db
             .insert_attempt(id, runner, &tokens::digest(&token), claim_token)
             .await?;
-        let job = match claim_job(app, id, attempt, (runner, owner), cap).await? {
+        let job = match claim_job(app, id, attempt, (runner, owner, &class), cap).await? {
             ClaimStep::Claimed(job) => job,
             ClaimStep::Lost => {
                 // Someone else got it first, or its back-off began: the next one.
@@ -388,6 +405,7 @@ pub async fn try_claim(
             lease_until_ms: a.lease_until_ms,
             heartbeat_interval_s: (settings.lease_ms / 3000).max(1),
             lease_s: settings.lease_ms / 1000,
+            clock_s: Some(job.snapshot.created_ms / 1000),
         })));
     }
     Ok(if lost_any {
@@ -422,7 +440,7 @@ async fn claim_job(
     app: &Shared,
     id: JobId,
     attempt: AttemptId,
-    (runner, owner): (RunnerId, UserId),
+    (runner, owner, class): (RunnerId, UserId, &str),
     cap: RunnerCap,
 ) -> Result<ClaimStep, Refusal> {
     let settings = app.step_settings();
@@ -436,6 +454,7 @@ async fn claim_job(
             attempt,
             runner,
             owner,
+            class: class.to_string(),
             lease_until_ms,
             accept_by_ms,
         };

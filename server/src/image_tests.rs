@@ -1,7 +1,7 @@
 //! Images served by digest: publishing from an images directory, listing, republishing, a new
 //! build, refused manifests, jobs pinned at submit, and the orphan collector keeping image blobs.
 
-use crate::flow_tests::{job, send, submit, token};
+use crate::flow_tests::{Answer, job, send, submit, token};
 use crate::http::tests::test_app;
 use crate::images::{ImageError, publish};
 use crate::service::Shared;
@@ -298,4 +298,181 @@ async fn the_orphan_collector_keeps_image_blobs() {
             "{blob} collected"
         );
     }
+}
+
+/// `GET /api/v1/images/{digest}/{part}` with `token` (and a `Range` header).
+async fn fetch_part(app: &Shared, token: &str, path: &str, range: Option<&str>) -> Answer {
+    let extra: Vec<(&str, String)> = range
+        .map(|r| ("Range", r.to_string()))
+        .into_iter()
+        .collect();
+    send(app, Method::GET, path, token, Body::empty(), &extra).await
+}
+
+#[tokio::test]
+async fn runners_fetch_an_images_parts_by_digest_whole_or_from_a_range() {
+    let (_d, app) = test_app().await;
+    let images = tempfile::tempdir().unwrap();
+    let qcow2: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let manifest = write_image(images.path(), "t0", &qcow2);
+    let published = publish(&app.db, &app.blobs, images.path(), "t0")
+        .await
+        .unwrap();
+    let d = &published.digest;
+    let kernel = std::fs::read(images.path().join(KERNEL)).unwrap();
+    let runner = token(&app, "volunteer", "runner").await;
+    let admin = token(&app, "root", "admin").await;
+    for (part, bytes) in [
+        ("manifest", &manifest),
+        ("kernel", &kernel),
+        ("disk", &qcow2),
+    ] {
+        for who in [&runner, &admin] {
+            let a = fetch_part(&app, who, &format!("/api/v1/images/{d}/{part}"), None).await;
+            assert_eq!(a.status, StatusCode::OK, "{part}");
+            assert!(a.body == *bytes, "{part}: byte for byte");
+            assert_eq!(a.headers["Construir-Sha256"], sha(bytes).as_str(), "{part}");
+            assert_eq!(
+                a.headers["Content-Length"],
+                bytes.len().to_string().as_str()
+            );
+            assert_eq!(a.headers["Construir-Protocol"], "1");
+        }
+    }
+    assert_eq!(sha(&manifest), *d, "the manifest's sha256 is the digest");
+
+    // A resumed download: the tail from the middle, or one slice.
+    let disk = format!("/api/v1/images/{d}/disk");
+    let a = fetch_part(&app, &runner, &disk, Some("bytes=123456-")).await;
+    assert_eq!(a.status, StatusCode::PARTIAL_CONTENT);
+    assert!(a.body == qcow2[123_456..], "the tail");
+    assert_eq!(
+        a.headers["Content-Range"],
+        format!("bytes 123456-199999/{}", qcow2.len()).as_str()
+    );
+    assert_eq!(a.headers["Content-Length"], "76544");
+    assert_eq!(
+        a.headers["Construir-Sha256"],
+        sha(&qcow2).as_str(),
+        "the whole part's"
+    );
+    let a = fetch_part(&app, &runner, &disk, Some("bytes=10-19")).await;
+    assert_eq!(a.status, StatusCode::PARTIAL_CONTENT);
+    assert!(a.body == qcow2[10..20]);
+
+    // Past the end, or several ranges at once: 416, an API error saying the size.
+    for bad in ["bytes=200000-", "bytes=999999-1000000", "bytes=0-1,5-6"] {
+        let a = fetch_part(&app, &runner, &disk, Some(bad)).await;
+        assert_eq!(a.status, StatusCode::RANGE_NOT_SATISFIABLE, "{bad}");
+        assert_eq!(a.headers["Content-Range"], "bytes */200000", "{bad}");
+        assert_eq!(a.json()["error"], "bad-request", "{bad}");
+        let message = a.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains("200000 bytes"), "{bad}: {message}");
+        assert_eq!(a.headers["Construir-Protocol"], "1");
+    }
+
+    // Unknown digests and parts: 404, saying which.
+    let other = "0".repeat(64);
+    for (path, says) in [
+        (format!("/api/v1/images/{other}/disk"), other.as_str()),
+        (
+            "/api/v1/images/not-a-digest/disk".to_string(),
+            "not-a-digest",
+        ),
+        (format!("/api/v1/images/{d}/initrd"), "initrd"),
+    ] {
+        let a = fetch_part(&app, &runner, &path, None).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(a.json()["error"], "not-found");
+        let message = a.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(says), "{path}: {message}");
+    }
+
+    // Submitters have no use for images' bytes; no token, no bytes.
+    let alice = token(&app, "alice", "submitter").await;
+    let a = fetch_part(&app, &alice, &disk, None).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(a.json()["error"], "forbidden");
+    assert!(a.headers.get("Construir-Sha256").is_none());
+    let a = fetch_part(&app, "nope", &disk, None).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+
+    // What a claim weighs against a fetching runner's cache: the three parts together.
+    let total = (manifest.len() + kernel.len() + qcow2.len()) as u64;
+    assert_eq!(app.db.image_bytes(d).await.unwrap(), Some(total));
+    assert_eq!(app.db.image_bytes(d).await.unwrap(), Some(total), "cached");
+    assert_eq!(app.db.image_bytes(&other).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_pinned_job_goes_to_a_runner_that_holds_or_fetches_its_digest_only() {
+    use crate::matching_tests::{claim, register, show};
+    let (_d, app) = test_app().await;
+    let images = tempfile::tempdir().unwrap();
+    write_image(images.path(), "t0", &vec![7u8; 3 << 20]);
+    let published = publish(&app.db, &app.blobs, images.path(), "t0")
+        .await
+        .unwrap();
+    let total = app
+        .db
+        .image_bytes(&published.digest)
+        .await
+        .unwrap()
+        .unwrap();
+    let alice = token(&app, "alice", "submitter").await;
+    let a = submit(&app, &alice, "one_t0.tar.xz", job("one")).await;
+    let id = a.json()["id"].as_u64().unwrap();
+    let bob = token(&app, "bob", "runner").await;
+    let runner = register(&app, &bob, "home").await;
+
+    // A local t0 is not the published one: not given, and the job says why.
+    let local_only = crate::flow_tests::caps();
+    assert_eq!(
+        claim(&app, &bob, &runner, local_only).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let reason = show(&app, &alice, id).await["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let short = &published.digest[..12];
+    assert!(
+        reason.contains(&format!("t0@{short}")) && reason.contains("fetches images of 4 MiB"),
+        "{reason}"
+    );
+    // A cache one byte too small: still not.
+    let mut small = crate::flow_tests::caps();
+    small["images"] = serde_json::json!([]);
+    small["fetch_images"] = true.into();
+    small["image_cache_bytes"] = (total - 1).into();
+    assert_eq!(
+        claim(&app, &bob, &runner, small.clone()).await.status,
+        StatusCode::NO_CONTENT
+    );
+    // Room enough: given, with the digest to fetch.
+    small["image_cache_bytes"] = total.into();
+    let got = claim(&app, &bob, &runner, small).await;
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert_eq!(got.json()["image_digest"], published.digest.as_str());
+
+    // One that holds it complete needs no cache at all.
+    let b = submit(&app, &alice, "two_t0.tar.xz", job("two")).await;
+    assert_eq!(b.status, StatusCode::CREATED);
+    let mut holds = crate::flow_tests::caps();
+    holds["images"] = serde_json::json!([]);
+    holds["image_digests"] = serde_json::json!([published.digest]);
+    let other = register(&app, &bob, "attic").await;
+    let got = claim(&app, &bob, &other, holds).await;
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert_eq!(got.json()["job_id"], b.json()["id"]);
 }

@@ -1,7 +1,8 @@
 //! Images served by the server, by digest: `construir-server image publish INDEX` stores an
 //! image's kernel, qcow2 and manifest (from the images directory `image/build` fills) as blobs
 //! and records them; `GET /api/v1/images` lists them; a job is pinned at submit to its index's
-//! current digest ([`Db::current_image`]).
+//! current digest ([`Db::current_image`]); runners fetch the three parts by digest from
+//! `GET /api/v1/images/{digest}/{part}` ([`part`]), resumably (HTTP ranges).
 //!
 //! **The digest** of an image is the sha256 of its manifest file's bytes. The manifest names the
 //! kernel's and the qcow2's sha256 (`kernel_sha256`, `disk_sha256`), and publishing refuses an
@@ -11,7 +12,8 @@
 //! The manifest is checked as the contract checks it ([`ImageManifest::check`]: plain file
 //! names, sha256s, capped sizes, its index matching its file name), read at most
 //! [`MAX_MANIFEST_BYTES`]; the kernel is capped at [`MAX_KERNEL_BYTES`] and the qcow2 file by the
-//! virtual size it declares ([`max_qcow2_bytes`]).
+//! virtual size it declares ([`max_qcow2_bytes`]): the contract's caps, which runners apply to
+//! what they download too.
 //!
 //! Rows are never deleted: a new build of an index becomes its current digest, older digests stay
 //! listed and their blobs stay named (`retention::referenced`).
@@ -20,26 +22,27 @@ use crate::blobs::{BlobError, Blobs, Received};
 use crate::db::{Db, DbError, now_ms};
 use crate::http::{Caller, Refusal};
 use crate::service::Shared;
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use construir_api::types::ImageView;
-use construir_contract::manifest::{ImageManifest, MAX_MANIFEST_BYTES, ManifestError, valid_index};
+use construir_api::{ApiError, codes};
+use construir_contract::manifest::{
+    ImageManifest, MAX_KERNEL_BYTES, MAX_MANIFEST_BYTES, ManifestError, max_qcow2_bytes,
+    valid_index, valid_sha256,
+};
 use sqlx::Row;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 use tokio::io::AsyncReadExt;
+use tower::ServiceExt;
 
-/// Largest kernel file published (a vmlinux is tens of MiB).
-pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
-
-/// Largest qcow2 file published for a declared virtual size: the virtual size, plus an eighth
-/// and 64 MiB for qcow2's own tables (a fully allocated qcow2 is a little larger than its
-/// virtual size; [`construir_contract::manifest::MAX_VIRTUAL_SIZE`] caps that).
-pub fn max_qcow2_bytes(virtual_size: u64) -> u64 {
-    virtual_size
-        .saturating_add(virtual_size / 8)
-        .saturating_add(64 << 20)
-}
+/// The header naming the sha256 of the bytes a blob answer carries (the whole blob's, also on a
+/// range), as the job output's answer has it.
+pub const SHA256_HEADER: &str = "Construir-Sha256";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -292,8 +295,111 @@ impl Db {
     }
 }
 
+/// The three parts of an image, as the blob path names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Manifest,
+    Kernel,
+    Disk,
+}
+
+impl Part {
+    pub const ALL: [Part; 3] = [Part::Manifest, Part::Kernel, Part::Disk];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Manifest => "manifest",
+            Part::Kernel => "kernel",
+            Part::Disk => "disk",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Part> {
+        Part::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// A published image's blobs: each part's sha256 and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageBlobs {
+    pub manifest: (String, u64),
+    pub kernel: (String, u64),
+    pub qcow2: (String, u64),
+}
+
+impl ImageBlobs {
+    pub fn part(&self, part: Part) -> &(String, u64) {
+        match part {
+            Part::Manifest => &self.manifest,
+            Part::Kernel => &self.kernel,
+            Part::Disk => &self.qcow2,
+        }
+    }
+
+    /// What a runner downloads and keeps of it: the three sizes together.
+    pub fn total(&self) -> u64 {
+        self.manifest
+            .1
+            .saturating_add(self.kernel.1)
+            .saturating_add(self.qcow2.1)
+    }
+}
+
+/// Images' total sizes by digest, for [`Db::image_bytes`]. One map for every database: a
+/// digest's sizes are a function of its bytes (the digest pins the manifest, which pins the
+/// kernel's and the qcow2's sha256s), so an entry can never be wrong for another server's
+/// database either; only images found are kept (one not published yet may be soon).
+static IMAGE_BYTES: LazyLock<Mutex<HashMap<String, u64>>> = LazyLock::new(Mutex::default);
+
+/// The most digests [`IMAGE_BYTES`] keeps before it starts over (an image is published a few
+/// times a year; this only bounds a memory that could otherwise grow without end).
+const IMAGE_BYTES_KEPT: usize = 4096;
+
+impl Db {
+    /// The blobs of the image published under `digest`, if one is.
+    pub async fn image_blobs(&self, digest: &str) -> Result<Option<ImageBlobs>, DbError> {
+        let row = sqlx::query(
+            "SELECT manifest_sha256, manifest_size, kernel_sha256, kernel_size, qcow2_sha256, \
+             qcow2_size FROM images WHERE digest = $1",
+        )
+        .bind(digest)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let size = |i| r.try_get::<i64, _>(i).map(|n| n.max(0) as u64);
+        Ok(Some(ImageBlobs {
+            manifest: (r.try_get(0)?, size(1)?),
+            kernel: (r.try_get(2)?, size(3)?),
+            qcow2: (r.try_get(4)?, size(5)?),
+        }))
+    }
+
+    /// The total size (kernel, qcow2 and manifest) of the image published under `digest`, if
+    /// one is: what a runner's cache must hold to fetch it. Cached, since a claim asks it for
+    /// every pinned candidate job.
+    pub async fn image_bytes(&self, digest: &str) -> Result<Option<u64>, DbError> {
+        if let Some(n) = IMAGE_BYTES.lock().expect("image sizes").get(digest) {
+            return Ok(Some(*n));
+        }
+        let Some(blobs) = self.image_blobs(digest).await? else {
+            return Ok(None);
+        };
+        let total = blobs.total();
+        let mut cache = IMAGE_BYTES.lock().expect("image sizes");
+        if cache.len() >= IMAGE_BYTES_KEPT {
+            cache.clear();
+        }
+        cache.insert(digest.to_string(), total);
+        Ok(Some(total))
+    }
+}
+
 pub fn routes() -> Router<Shared> {
-    Router::new().route("/images", get(list))
+    Router::new()
+        .route("/images", get(list))
+        .route("/images/{digest}/{part}", get(part))
 }
 
 #[utoipa::path(get, path = "/api/v1/images", tag = "images",
@@ -304,4 +410,118 @@ pub async fn list(
     _caller: Caller,
 ) -> Result<Json<Vec<ImageView>>, Refusal> {
     Ok(Json(app.db.list_images().await?))
+}
+
+/// The first characters of what a caller sent, for a message (quoted with `{:?}`, which
+/// escapes what is not printable).
+fn excerpt(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+#[utoipa::path(get, path = "/api/v1/images/{digest}/{part}", tag = "images",
+    params(("digest" = String, Path, description = "the image's digest (the sha256 of its manifest)"),
+        ("part" = String, Path, description = "`manifest`, `kernel` or `disk` (the qcow2)"),
+        ("Range" = Option<String>, Header, description = "one range, `bytes=N-` or `bytes=N-M`, to resume a download")),
+    responses((status = 200, description = "the part's bytes, with Content-Length and Construir-Sha256 (the part's sha256)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "the range asked for, with Content-Range (Construir-Sha256 is the whole part's)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 416, description = "a range past the part's end (Content-Range: bytes */SIZE), or several ranges", body = ApiError),
+        (status = 403, description = "not a runner's (or an admin's) token", body = ApiError),
+        (status = 404, description = "no image of that digest, or no such part", body = ApiError),
+        (status = 401, description = "no or bad token", body = ApiError)),
+    security(("token" = [])))]
+pub async fn part(
+    State(app): State<Shared>,
+    caller: Caller,
+    UrlPath((digest, part)): UrlPath<(String, String)>,
+    request: Request,
+) -> Result<Response, Refusal> {
+    // Runners fetch images to run jobs; a submitter has no use for gigabytes of qcow2.
+    if caller.0.role != "runner" && caller.0.role != "admin" {
+        return Err(Refusal::new(
+            codes::FORBIDDEN,
+            "an image's parts are served to runners (a token of role runner or admin)",
+        ));
+    }
+    let Some(which) = Part::parse(&part) else {
+        return Err(Refusal::new(
+            codes::NOT_FOUND,
+            format!(
+                "no part {:?} of an image: manifest, kernel or disk",
+                excerpt(&part)
+            ),
+        ));
+    };
+    let blobs = if valid_sha256(&digest) {
+        app.db.image_blobs(&digest).await?
+    } else {
+        None
+    };
+    let Some(blobs) = blobs else {
+        return Err(Refusal::new(
+            codes::NOT_FOUND,
+            format!("no image published under digest {:?}", excerpt(&digest)),
+        ));
+    };
+    let (sha256, size) = blobs.part(which).clone();
+    // The local store's file, served with HTTP ranges (tower-http's ServeFile: one range, 206,
+    // 416), so a runner resumes a broken download where it stopped.
+    let file = app.blobs.local_file(&sha256);
+    let asked = request
+        .headers()
+        .get(header::RANGE)
+        .map(|v| format!(" {:?}", excerpt(&String::from_utf8_lossy(v.as_bytes()))))
+        .unwrap_or_default();
+    let served = tower_http::services::ServeFile::new(&file)
+        .oneshot(request)
+        .await
+        .map_err(|e| {
+            tracing::error!("serving {}: {e}", file.display());
+            Refusal::new(
+                codes::INTERNAL,
+                "the server could not read the image; try again",
+            )
+        })?;
+    let mut response = match served.status() {
+        StatusCode::NOT_FOUND => {
+            tracing::error!(
+                "image {digest}: its {} blob {sha256} is missing from the blob store",
+                which.name()
+            );
+            return Err(Refusal::new(
+                codes::INTERNAL,
+                format!("the server has lost image {digest}'s {}", which.name()),
+            ));
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            // As an API error (the JSON body the API answers refusals with), keeping the
+            // Content-Range that says the part's size.
+            let range = served
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .cloned()
+                .unwrap_or_else(|| {
+                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii")
+                });
+            let mut answer = (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                Json(ApiError::new(
+                    codes::BAD_REQUEST,
+                    format!(
+                        "the range{asked} is not within image {digest}'s {} ({size} bytes; one \
+                         range at a time)",
+                        which.name()
+                    ),
+                )),
+            )
+                .into_response();
+            answer.headers_mut().insert(header::CONTENT_RANGE, range);
+            answer
+        }
+        _ => served.map(axum::body::Body::new),
+    };
+    response.headers_mut().insert(
+        SHA256_HEADER,
+        HeaderValue::from_str(&sha256).expect("a sha256 is ascii"),
+    );
+    Ok(response)
 }

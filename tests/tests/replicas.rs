@@ -7,6 +7,7 @@
 
 mod support;
 
+use construir_tests::TestJob;
 use support::Farm;
 
 fn text(bytes: &[u8]) -> String {
@@ -133,5 +134,85 @@ fn two_owners_runners_agree_and_the_fetched_result_verifies_offline() {
     let runners: serde_json::Value = serde_json::from_slice(&runners).unwrap();
     for r in runners.as_array().unwrap() {
         assert_eq!(r["standing"]["agreed"], 1, "{r}");
+    }
+}
+
+#[test]
+fn replicas_see_one_clock_and_one_cpu_and_construir_output_makes_one_archive() {
+    use construir_tools::pack::JobFile;
+    let farm = Farm::start(&[]);
+    let carol = farm.runner_token_of("carol");
+    let _bob = farm.runner("bob-1", &farm.server.url, &[]);
+    let _carol = farm.runner_with(&carol, "carol-1", &farm.server.url, &[]);
+    let script = "#!/bin/sh\nset -e\nmkdir -p /tmp/out\n\
+        echo \"seconds $(date -u +%s)\"\n\
+        date -u +%Y-%m-%dT%H:%M > /tmp/out/date.txt\n\
+        echo \"$SOURCE_DATE_EPOCH\" > /tmp/out/epoch.txt\n\
+        grep -m1 '^flags' /proc/cpuinfo > /tmp/out/flags.txt\n\
+        cat /tmp/out/date.txt /tmp/out/epoch.txt /tmp/out/flags.txt\n\
+        cd /tmp && construir-output out\n";
+    let job = TestJob::new("clock", "t0", &[JobFile::script(script)], 1 << 20);
+    let out = farm.client(&[
+        "submit",
+        job.path.to_str().unwrap(),
+        "--replicas",
+        "2",
+        "--wait",
+        "--memory",
+        "256M",
+        "--vcpus",
+        "1",
+        "--timeout",
+        "5m",
+        "--output-size",
+        "1M",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let id: u64 = text(&out.stdout).trim().parse().expect("the job's id");
+    let view = farm.show_json(id);
+    assert_eq!(view["attestation"], "verified", "{view:#}");
+    let epoch = view["created_ms"].as_u64().unwrap() / 1000;
+    let attempts = view["attempts"].as_array().unwrap();
+    let shas: Vec<&str> = attempts
+        .iter()
+        .map(|a| a["output_sha256"].as_str().expect("an output"))
+        .collect();
+    assert_eq!(shas.len(), 2);
+    assert_eq!(
+        shas[0], shas[1],
+        "construir-output: one archive, bit for bit"
+    );
+    let (output, _) = farm.get(&format!("/api/v1/jobs/{id}/output"));
+    let file = |name: &str| {
+        let bytes = construir_contract::archive::read_file(&output[..], name, 4096)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no {name} in the output"));
+        text(&bytes).trim().to_string()
+    };
+    assert_eq!(
+        file("out/epoch.txt"),
+        epoch.to_string(),
+        "SOURCE_DATE_EPOCH"
+    );
+    assert!(
+        file("out/flags.txt").starts_with("flags"),
+        "{}",
+        file("out/flags.txt")
+    );
+    // Each console: the clock started at the job's time, not the host's.
+    for a in attempts {
+        let (log, _) = farm.get(&format!("/api/v1/jobs/{id}/log?attempt={}", a["id"]));
+        let log = text(&log);
+        let seconds: u64 = log
+            .lines()
+            .find_map(|l| l.strip_prefix("seconds "))
+            .unwrap_or_else(|| panic!("no date in the console: {log}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            (epoch..epoch + 30).contains(&seconds),
+            "the guest's clock {seconds} starts at the job's {epoch}"
+        );
     }
 }

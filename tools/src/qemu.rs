@@ -97,6 +97,8 @@ pub struct LaunchConfig {
     pub vcpus: u32,
     /// The job's time limit (enforced in the guest).
     pub job_timeout: Duration,
+    /// The job's fixed clock (Unix seconds), if it has one.
+    pub clock: Option<u64>,
     /// Extra time the host allows for boot and shutdown before it kills the VM.
     pub boot_allowance: Duration,
     pub console_cap: u64,
@@ -151,6 +153,9 @@ pub enum LaunchError {
 /// then stops the VM.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// The CPU model of a TCG guest.
+pub const TCG_CPU: &str = "Nehalem";
+
 /// The kernel command line for a launch.
 pub fn kernel_cmdline(config: &LaunchConfig) -> KernelCmdline {
     let host = if config.accel == Accel::Kvm {
@@ -158,7 +163,7 @@ pub fn kernel_cmdline(config: &LaunchConfig) -> KernelCmdline {
     } else {
         HostKind::NoKvm
     };
-    let mut cmdline = KernelCmdline::for_job(host, config.job_timeout);
+    let mut cmdline = KernelCmdline::for_job(host, config.job_timeout, config.clock);
     if config.machine == Machine::Pc {
         // The last root= wins; the init links /dev/vd[ab] to the IDE disks.
         cmdline.push("root=/dev/sda");
@@ -210,8 +215,11 @@ pub fn qemu_args(
         Accel::Tcg => {
             push("-accel");
             push("tcg");
+            // One CPU model, not `max` (whatever this QEMU emulates): a job sees the same CPUID
+            // on every TCG runner, whichever QEMU version it has. Nehalem is x86-64-v2 (SSE4.2,
+            // POPCNT): what distributions build for.
             push("-cpu");
-            push("max");
+            push(TCG_CPU);
         }
     }
     if config.machine == Machine::Microvm {
@@ -524,6 +532,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             job_timeout: Duration::from_secs(30),
+            clock: None,
             kernel_args: Vec::new(),
             machine: Machine::Microvm,
             boot_allowance: boot_allowance(accel, host),

@@ -115,7 +115,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<u8> {
     let root = OverlayDisk::new(base, base_size, &tmp, "construir-root")
         .context("create the root disk's overlay")?;
 
-    let mut cmdline = KernelCmdline::for_job(host, cli.timeout);
+    let mut cmdline = KernelCmdline::for_job(host, cli.timeout, cli.clock);
     for param in &cli.kernel_args {
         cmdline.push(param.clone());
     }

@@ -16,7 +16,7 @@ impl Run<'_> {
     pub(super) fn claim(
         &mut self,
         attempt: AttemptId,
-        (runner, owner): (RunnerId, UserId),
+        (runner, owner, class): (RunnerId, UserId, &str),
         lease_until_ms: u64,
         accept_by_ms: u64,
     ) -> Result<(), Refusal> {
@@ -37,6 +37,19 @@ impl Run<'_> {
             };
             if self.job.attempts.iter().any(holds) {
                 return Err(Refusal::OwnerHasReplica(owner));
+            }
+            // One host class for all replicas (BOINC's homogeneous redundancy), the first's.
+            let counted = |a: &&AttemptSnapshot| {
+                a.state.is_live() || !matches!(a.ballot(&policy), Ballot::NotAVote)
+            };
+            if let Some(first) = self.job.attempts.iter().find(counted)
+                && !policy.any_class
+                && first.runner_class != class
+            {
+                return Err(Refusal::OtherClass {
+                    held: first.runner_class.clone(),
+                    offered: class.to_string(),
+                });
             }
         }
         if let Some(t) = self.job.retry_not_before_ms.filter(|t| self.now < *t) {
@@ -84,6 +97,7 @@ impl Run<'_> {
             report: None,
             runner_owner: owner,
             output_tree: None,
+            runner_class: class.to_string(),
         });
         self.job.state = JobState::Running;
         self.job.retry_not_before_ms = None;

@@ -62,6 +62,13 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
                 // A few owners (a runner has one), so that replicas meet the distinct-owner
                 // rule and break it.
                 owner: UserId(runner % 4),
+                // Two classes: replicas meet the one-class rule and break it.
+                class: if runner % 5 == 0 {
+                    "vmm/hardware"
+                } else {
+                    "qemu/none"
+                }
+                .into(),
                 lease_until_ms,
                 accept_by_ms,
             }
@@ -381,6 +388,7 @@ fn random_event_sequences_keep_the_invariants() {
             max_votes: rng.below(5) as u32,
             owner: UserId(rng.below(5)),
             own_runners: rng.below(2) == 0,
+            any_class: rng.below(2) == 0,
         };
         let mut now = 1_000_000 + rng.below(1_000_000);
         let mut job = JobSnapshot::submitted(policy, now).job;

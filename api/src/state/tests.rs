@@ -51,6 +51,7 @@ fn claim(attempt: AttemptId, runner: RunnerId, now: u64) -> Event {
         attempt,
         runner,
         owner: UserId(runner.0),
+        class: "qemu/none".into(),
         lease_until_ms,
         accept_by_ms,
     }

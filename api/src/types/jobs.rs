@@ -149,6 +149,10 @@ pub struct SubmitParams {
     /// none: a result the submitter's machine vouches for is no check on it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub own_runners: bool,
+    /// Let replicas run on runners of different host classes (a TCG runner and a KVM one); by
+    /// default all run on the first one's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub any_class: bool,
 }
 
 /// The most replicas a job may ask for.

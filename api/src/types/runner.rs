@@ -45,11 +45,23 @@ pub struct RunnerCapabilities {
     /// Jobs it can start now, and the host memory it has free for them, in MiB.
     pub free_slots: u32,
     pub free_memory_mib: u32,
+    /// The published images it holds complete, by digest (64 lower-case hex digits; at most
+    /// [`MAX_IMAGES`]): it runs a job pinned to one of them without fetching anything.
+    #[serde(default)]
+    pub image_digests: Vec<String>,
+    /// Whether it fetches published images it lacks from the server, by digest.
+    #[serde(default)]
+    pub fetch_images: bool,
+    /// The bytes its image cache holds at most (its `--cache-size`): an image larger than this
+    /// it cannot fetch.
+    #[serde(default)]
+    pub image_cache_bytes: u64,
 }
 
 impl RunnerCapabilities {
     /// Checks what a runner may get wrong: names (lower-case letters, digits, `_`, `-`, at most
-    /// 32 bytes), the image list (1 to 64 valid indices).
+    /// 32 bytes), the image list (at most 64 valid indices, and at least one unless it holds or
+    /// fetches published images), the digests (at most 64 sha256s).
     pub fn validate(&self) -> Result<(), InvalidField> {
         for (field, value) in [
             ("capabilities.arch", &self.arch),
@@ -66,10 +78,31 @@ impl RunnerCapabilities {
                 ));
             }
         }
-        if self.images.is_empty() || self.images.len() > MAX_IMAGES {
+        // A runner with no local image may still run pinned jobs: the ones it holds by digest,
+        // or any it fetches.
+        let by_digest = self.fetch_images || !self.image_digests.is_empty();
+        if (self.images.is_empty() && !by_digest) || self.images.len() > MAX_IMAGES {
             return Err(InvalidField::new(
                 "capabilities.images",
-                format!("expected 1 to {MAX_IMAGES} images"),
+                format!(
+                    "expected 1 to {MAX_IMAGES} images (or none, from a runner that holds or \
+                     fetches images by digest)"
+                ),
+            ));
+        }
+        if self.image_digests.len() > MAX_IMAGES {
+            return Err(InvalidField::new(
+                "capabilities.image_digests",
+                format!("expected at most {MAX_IMAGES} digests"),
+            ));
+        }
+        if let Some(bad) = self.image_digests.iter().find(|d| !super::valid_sha256(d)) {
+            return Err(InvalidField::new(
+                "capabilities.image_digests",
+                format!(
+                    "{:?} is not an image digest (64 lower-case hex digits)",
+                    bad.chars().take(80).collect::<String>()
+                ),
             ));
         }
         if let Some(bad) = self.images.iter().find(|i| !valid_image_index(i)) {
@@ -137,6 +170,11 @@ pub struct ClaimResponse {
     pub heartbeat_interval_s: u64,
     /// How far each heartbeat extends the lease, in seconds.
     pub lease_s: u64,
+    /// The time (Unix seconds) the job's guest clock starts at, fixed by the server for the job
+    /// (its submission), so that every replica sees the same time; the guest gets it as
+    /// `SOURCE_DATE_EPOCH` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_s: Option<u64>,
 }
 
 /// What a runner is doing with an attempt.
@@ -401,6 +439,9 @@ mod tests {
             max_output_size: 8 << 30,
             free_slots: 2,
             free_memory_mib: 3072,
+            image_digests: Vec::new(),
+            fetch_images: false,
+            image_cache_bytes: 0,
         }
     }
 
@@ -423,6 +464,46 @@ mod tests {
         assert_eq!(claim.validate().unwrap_err().field, "capabilities.arch");
         let text = serde_json::json!({"capabilities": caps(), "wait_s": 5, "slots": 1}).to_string();
         assert!(serde_json::from_str::<ClaimRequest>(&text).is_err());
+    }
+
+    #[test]
+    fn digests_are_sha256s_and_a_runner_that_fetches_needs_no_local_image() {
+        let mut c = caps();
+        c.image_digests = vec!["ab".repeat(32)];
+        c.validate().unwrap();
+        c.image_digests = vec!["AB".repeat(32)];
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "capabilities.image_digests"
+        );
+        c.image_digests = vec!["ab".repeat(33)];
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "capabilities.image_digests"
+        );
+        c.image_digests = vec!["0".repeat(64); MAX_IMAGES + 1];
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "capabilities.image_digests"
+        );
+        // No local image: fine for a runner that fetches, or holds digests; not otherwise.
+        c.image_digests.clear();
+        c.images.clear();
+        assert_eq!(c.validate().unwrap_err().field, "capabilities.images");
+        c.fetch_images = true;
+        c.image_cache_bytes = 20 << 30;
+        c.validate().unwrap();
+        c.fetch_images = false;
+        c.image_digests = vec!["0".repeat(64)];
+        c.validate().unwrap();
+        // Older runners send none of the three fields.
+        let mut old = serde_json::to_value(caps()).unwrap();
+        for f in ["image_digests", "fetch_images", "image_cache_bytes"] {
+            old.as_object_mut().unwrap().remove(f);
+        }
+        let c: RunnerCapabilities = serde_json::from_value(old).unwrap();
+        assert!(c.image_digests.is_empty() && !c.fetch_images && c.image_cache_bytes == 0);
+        c.validate().unwrap();
     }
 
     #[test]

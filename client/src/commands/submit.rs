@@ -104,6 +104,7 @@ pub fn params(args: &SubmitArgs) -> SubmitParams {
         replicas: args.replicas,
         quorum: args.quorum,
         own_runners: args.own_runners,
+        any_class: args.any_host_class,
     }
 }
 

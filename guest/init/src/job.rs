@@ -111,7 +111,7 @@ pub fn report_for_wait_status(status: libc::c_int) -> GuestReport {
 ///
 /// fork/exec by hand: std's `Command` falls back to a socketpair-based path when it needs a
 /// working directory or a pre-exec hook, and this kernel has no sockets at all (CONFIG_NET=n).
-fn spawn_job(script: &str) -> std::io::Result<libc::pid_t> {
+fn spawn_job(script: &str, source_date_epoch: Option<u64>) -> std::io::Result<libc::pid_t> {
     use std::ffi::CString;
     let cstr = |s: &str| {
         CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
@@ -120,10 +120,14 @@ fn spawn_job(script: &str) -> std::io::Result<libc::pid_t> {
     let shell = cstr("/bin/sh")?;
     let dir = cstr(&format!("/{JOB_DIR}"))?;
     let null = cstr("/dev/null")?;
-    let env: Vec<CString> = JOB_ENV
+    let mut env: Vec<CString> = JOB_ENV
         .iter()
         .map(|(k, v)| cstr(&format!("{k}={v}")))
         .collect::<Result<_, _>>()?;
+    // The job's fixed clock, for tools that stamp their outputs (reproducible-builds.org).
+    if let Some(t) = source_date_epoch {
+        env.push(cstr(&format!("SOURCE_DATE_EPOCH={t}"))?);
+    }
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
     let argv = [path.as_ptr(), std::ptr::null()];
@@ -175,10 +179,10 @@ fn spawn_job(script: &str) -> std::io::Result<libc::pid_t> {
 }
 
 /// Runs the job script and waits for it, killing everything at the time limit.
-pub fn run(timeout_secs: Option<u64>) -> anyhow::Result<GuestReport> {
+pub fn run(timeout_secs: Option<u64>, clock: Option<u64>) -> anyhow::Result<GuestReport> {
     let script = Path::new("/").join(JOB_SCRIPT);
     let script = script.to_str().expect("constant path");
-    let pid = match spawn_job(script) {
+    let pid = match spawn_job(script, clock) {
         Ok(pid) => pid,
         Err(e) => {
             say!("cannot start {script}: {e}; reporting exit status 127 as a shell would");

@@ -6,10 +6,14 @@
 //! environment and the in-guest time limit; kill what the job left behind; `sync`; report the
 //! outcome on the status port; reboot (the i8042 reset ends the VM).
 //!
+//! Called as `construir-output` (the image installs it under that name too), it writes a job's
+//! output deterministically instead (output.rs).
+//!
 //! It never hangs and never exits: every failure, a panic included, is printed, reported as
 //! "init failed" and followed by the reboot. See `construir_contract::status` for the port protocol.
 
 mod job;
+mod output;
 mod setup;
 mod status_port;
 
@@ -26,6 +30,14 @@ macro_rules! say {
 pub(crate) use say;
 
 fn main() {
+    // The same binary is the image's construir-output (a job's deterministic output).
+    let args: Vec<String> = std::env::args().collect();
+    if args
+        .first()
+        .is_some_and(|a| a.rsplit('/').next() == Some(output::NAME))
+    {
+        std::process::exit(output::main(&args[1..]));
+    }
     let started = Instant::now();
     status_port::enable();
     status_port::send(&[op::INIT_STARTED]);
@@ -56,13 +68,13 @@ fn run() -> anyhow::Result<GuestReport> {
     setup::alias_disks()?;
     let cmdline = std::fs::read_to_string("/proc/cmdline")?;
     let params = GuestParams::parse(&cmdline)?;
-    setup::set_clock(params.host_time);
+    setup::set_clock(params.host_time, params.job_clock);
     match job::unpack(&params.job_device)? {
         job::Unpacked::Ready => {}
         job::Unpacked::Invalid(report) => return Ok(report),
     }
     status_port::send(&[op::JOB_UNPACKED]);
-    job::run(params.timeout_secs)
+    job::run(params.timeout_secs, params.job_clock)
 }
 
 /// Ends the guest: no process of the job survives, the disks are synced, the outcome is on the

@@ -162,11 +162,14 @@ fn clock_seconds(clock: libc::clockid_t) -> i64 {
     ts.tv_sec
 }
 
-/// Sets the wall clock from the host's time when the guest's is behind it.
-pub fn set_clock(host_time: Option<u64>) {
+/// Sets the wall clock: to the job's fixed time when it has one (unconditionally: its replicas
+/// on other runners start at the same time, whatever their hosts' clocks say), else from the
+/// host's time when the guest's is behind it.
+pub fn set_clock(host_time: Option<u64>, job_clock: Option<u64>) {
     let now = clock_seconds(libc::CLOCK_REALTIME);
     let uptime = clock_seconds(libc::CLOCK_BOOTTIME);
-    let Some(target) = clock_correction(now, host_time, uptime) else {
+    let fixed = job_clock.and_then(|t| i64::try_from(t).ok());
+    let Some(target) = fixed.or_else(|| clock_correction(now, host_time, uptime)) else {
         return;
     };
     let ts = libc::timespec {
@@ -175,7 +178,12 @@ pub fn set_clock(host_time: Option<u64>) {
     };
     // SAFETY: ts is a valid timespec; CLOCK_REALTIME may be set by root.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == 0 {
-        say!("clock was at {now}, set to the host's time {target} (Unix seconds)");
+        let whose = if fixed.is_some() {
+            "the job's fixed"
+        } else {
+            "the host's"
+        };
+        say!("clock was at {now}, set to {whose} time {target} (Unix seconds)");
     } else {
         say!("cannot set the clock: {}", std::io::Error::last_os_error());
     }

@@ -20,7 +20,6 @@ use construir_api::types::{
     RunnerCapabilities,
 };
 use construir_contract::jobname::parse_job_name;
-use construir_contract::manifest::Image;
 use construir_contract::text::printable;
 use std::ffi::OsStr;
 use std::path::Path;
@@ -227,20 +226,32 @@ fn run_and_deliver(
         };
     }
     let download_ms = downloading.elapsed().as_millis() as u64;
-    if Image::load(&ctx.cfg.images_dir, &offer.image).is_err() {
-        let outcome = Outcome {
-            status: "unknown-image".into(),
-            reason: format!("this runner does not have image {} after all", offer.image),
-            ..Outcome::default()
-        };
-        return deliver_report(
-            ctx,
-            api,
-            live,
-            offer,
-            report_of(&outcome, None, PhaseTimes::default()),
-        );
-    }
+    // The image: --images-dir's, or the pinned digest's, fetched into the cache if need be.
+    let images = match super::images::prepare(ctx, offer, live, &stopped) {
+        Ok(images) => images,
+        Err(e) if e.is_image() => {
+            let outcome = Outcome {
+                status: "unknown-image".into(),
+                reason: e.to_string(),
+                ..Outcome::default()
+            };
+            return deliver_report(
+                ctx,
+                api,
+                live,
+                offer,
+                report_of(&outcome, None, PhaseTimes::default()),
+            );
+        }
+        Err(e) => {
+            return match live.why() {
+                Some(StopWhy::LeaseLost) => {}
+                Some(StopWhy::Canceled) => give_up(ctx, api, "canceled before its VM started"),
+                _ if STOP.load(Ordering::SeqCst) => give_up(ctx, api, SHUTDOWN_REASON),
+                _ => give_up(ctx, api, &format!("the image could not be fetched: {e}")),
+            };
+        }
+    };
     if stopped() {
         return match live.why() {
             Some(StopWhy::LeaseLost) => {}
@@ -253,7 +264,7 @@ fn run_and_deliver(
     let ran = run_vm(&RunSpec {
         backend: &ctx.cfg.backend,
         host: ctx.cfg.host,
-        images_dir: &ctx.cfg.images_dir,
+        images_dir: images.dir(),
         job: &job,
         console: &live.console,
         backend_log: &dir.join(BACKEND_LOG),
@@ -262,6 +273,7 @@ fn run_and_deliver(
             memory_mib: Some(offer.limits.memory_mib),
             vcpus: Some(offer.limits.vcpus),
             console_cap: Some(offer.limits.console_cap),
+            clock: offer.clock_s,
         },
         max_job_size: ctx.cfg.lent.job_size,
         stop: &live.stop,
@@ -499,6 +511,7 @@ mod tests {
             lease_until_ms: 0,
             heartbeat_interval_s: 30,
             lease_s: 90,
+            clock_s: None,
         }
     }
 

@@ -3,7 +3,7 @@
 //! resources, not to slot counts, and a changed runner (an image added, a job running) never
 //! gets work it cannot do.
 
-use construir_api::fit::{Misfit, fits};
+use construir_api::fit::{Misfit, Pinned, fits};
 use construir_api::types::{ClaimResponse, RunnerCapabilities};
 use construir_contract::manifest::{Image, valid_index};
 use std::path::Path;
@@ -60,13 +60,16 @@ impl Budget {
     }
 }
 
-/// The capabilities a claim sends.
+/// The capabilities a claim sends: `images` in `--images-dir`, `image_digests` complete in the
+/// cache, which holds at most `cache_bytes` (0: it fetches none).
 pub fn capabilities(
     lent: &Lent,
     budget: &Budget,
     backend: &str,
     speed_class: &str,
     images: Vec<String>,
+    image_digests: Vec<String>,
+    cache_bytes: u64,
 ) -> RunnerCapabilities {
     let (free_slots, free_memory_mib) = budget.free(lent);
     RunnerCapabilities {
@@ -81,13 +84,21 @@ pub fn capabilities(
         max_output_size: lent.output_size,
         free_slots,
         free_memory_mib,
+        image_digests,
+        fetch_images: cache_bytes > 0,
+        image_cache_bytes: cache_bytes,
     }
 }
 
 /// Whether an offer fits what is offered: the runner checks every claim answer itself, so that
 /// its limits hold whatever a server sends.
 pub fn check_offer(offer: &ClaimResponse, caps: &RunnerCapabilities) -> Result<(), Misfit> {
-    fits(&offer.image, offer.size, &offer.limits, caps)?;
+    // The image's size is not in the offer: the fetch holds it to the cache's bound.
+    let pinned = offer
+        .image_digest
+        .as_deref()
+        .map(|digest| Pinned { digest, bytes: 0 });
+    fits(&offer.image, pinned, offer.size, &offer.limits, caps)?;
     // The console is kept on the volunteer's disk too: no larger than the output it lends.
     if offer.limits.console_cap > caps.max_output_size {
         return Err(Misfit::Output {
@@ -120,6 +131,32 @@ pub fn images_in(dir: &Path) -> Vec<String> {
     images.sort();
     images.truncate(MAX_IMAGES);
     images
+}
+
+/// The digests complete in the image cache `root` (see [`super::images`]), the most recently
+/// used first, at most [`MAX_IMAGES`].
+pub fn digests_in(root: &Path) -> Vec<String> {
+    use super::images::{COMPLETE, USED};
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut held: Vec<(std::time::SystemTime, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if !construir_contract::manifest::valid_sha256(&name)
+                || !e.path().join(COMPLETE).is_file()
+            {
+                return None;
+            }
+            let used = std::fs::metadata(e.path().join(USED))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            Some((used, name))
+        })
+        .collect();
+    held.sort_by(|a, b| b.cmp(a));
+    held.into_iter().take(MAX_IMAGES).map(|(_, d)| d).collect()
 }
 
 #[cfg(test)]
@@ -162,7 +199,7 @@ mod tests {
             running: 1,
             memory_mib: 1024,
         };
-        let caps = capabilities(&lent, &busy, "qemu", "none", vec!["t0".into()]);
+        let caps = capabilities(&lent, &busy, "qemu", "none", vec!["t0".into()], vec![], 0);
         caps.validate().unwrap();
         assert_eq!(caps.arch, std::env::consts::ARCH);
         assert_eq!((caps.free_slots, caps.free_memory_mib), (1, 2048));
@@ -189,6 +226,7 @@ mod tests {
             lease_until_ms: 0,
             heartbeat_interval_s: 30,
             lease_s: 90,
+            clock_s: None,
         };
         let small = JobLimits {
             memory_mib: 512,
@@ -209,6 +247,81 @@ mod tests {
             ..small
         };
         assert!(check_offer(&offer(long, 1), &caps).is_err());
+    }
+
+    #[test]
+    fn a_runner_that_fetches_offers_pinned_images_with_no_local_one() {
+        let d = "ab".repeat(32);
+        let caps = capabilities(
+            &lent(),
+            &Budget::default(),
+            "qemu",
+            "none",
+            vec![],
+            vec![],
+            1 << 30,
+        );
+        caps.validate().unwrap();
+        assert!(caps.fetch_images && caps.image_cache_bytes == 1 << 30);
+        let offer = |digest: Option<String>| ClaimResponse {
+            attempt_id: construir_api::types::AttemptId(1),
+            attempt_token: "t".into(),
+            job_id: construir_api::types::JobId(1),
+            job_name: "a_t0.tar.xz".into(),
+            image: "t0".into(),
+            image_digest: digest,
+            sha256: "0".repeat(64),
+            size: 1,
+            limits: JobLimits {
+                output_size: 1 << 20,
+                console_cap: 1 << 20,
+                ..JobLimits::DEFAULT
+            },
+            accept_by_ms: 0,
+            lease_until_ms: 0,
+            heartbeat_interval_s: 30,
+            lease_s: 90,
+            clock_s: None,
+        };
+        check_offer(&offer(Some(d.clone())), &caps).unwrap();
+        assert!(check_offer(&offer(None), &caps).is_err(), "no local t0");
+        // --cache-size 0: only what it holds by digest.
+        let holds = capabilities(
+            &lent(),
+            &Budget::default(),
+            "qemu",
+            "none",
+            vec![],
+            vec![d.clone()],
+            0,
+        );
+        assert!(!holds.fetch_images);
+        check_offer(&offer(Some(d)), &holds).unwrap();
+        assert!(check_offer(&offer(Some("cd".repeat(32))), &holds).is_err());
+    }
+
+    #[test]
+    fn the_cache_offers_its_complete_digests_newest_first() {
+        use crate::remote::images::{COMPLETE, USED};
+        let d = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        for (digest, complete, used) in [
+            ("a".repeat(64), true, Some(old)),
+            ("b".repeat(64), true, None),
+            ("c".repeat(64), false, None),
+            ("not-a-digest".to_string(), true, None),
+        ] {
+            let dir = d.path().join(&digest);
+            std::fs::create_dir(&dir).unwrap();
+            if complete {
+                std::fs::write(dir.join(COMPLETE), "t0").unwrap();
+            }
+            let f = std::fs::File::create(dir.join(USED)).unwrap();
+            f.set_modified(used.unwrap_or_else(std::time::SystemTime::now))
+                .unwrap();
+        }
+        assert_eq!(digests_in(d.path()), ["b".repeat(64), "a".repeat(64)]);
+        assert!(digests_in(&d.path().join("missing")).is_empty());
     }
 
     #[test]

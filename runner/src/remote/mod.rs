@@ -18,6 +18,7 @@ mod attempt;
 pub mod caps;
 pub mod client;
 pub mod heartbeat;
+pub mod images;
 pub mod logs;
 pub mod retry;
 pub mod sign;
@@ -66,6 +67,9 @@ pub struct RemoteConfig {
     pub host: HostKind,
     pub lent: Lent,
     pub grace: Duration,
+    /// The most bytes `DIR/image-cache/` keeps of images fetched by digest (`--cache-size`; 0:
+    /// fetch none).
+    pub cache_size: u64,
 }
 
 /// What the workers share.
@@ -88,6 +92,8 @@ pub struct Ctx {
     deadline: Mutex<Option<Instant>>,
     /// A failure that ends the runner (another protocol version, a refused token).
     fatal: Mutex<Option<String>>,
+    /// Images fetched by digest, and which attempts use them.
+    pub images: images::ImageCache,
 }
 
 impl Ctx {
@@ -99,6 +105,8 @@ impl Ctx {
             self.cfg.backend.name(),
             self.cfg.backend.speed_class(self.cfg.host),
             caps::images_in(&self.cfg.images_dir),
+            caps::digests_in(self.images.root()),
+            self.images.bound(),
         )
     }
 
@@ -182,7 +190,6 @@ pub fn run(cfg: RemoteConfig) -> anyhow::Result<()> {
     );
     let workers = cfg.lent.jobs.max(1);
     let ctx = Arc::new(Ctx {
-        cfg,
         api,
         calls,
         runner,
@@ -193,6 +200,8 @@ pub fn run(cfg: RemoteConfig) -> anyhow::Result<()> {
         claim_gate: Mutex::new(()),
         deadline: Mutex::new(None),
         fatal: Mutex::new(None),
+        images: images::ImageCache::new(cfg.dir.join(images::CACHE_DIR), cfg.cache_size),
+        cfg,
     });
     let handles: Vec<_> = (0..workers)
         .map(|slot| {
@@ -322,9 +331,14 @@ fn claim(
     ctx: &Ctx,
     capabilities: &RunnerCapabilities,
 ) -> Result<Option<construir_api::types::ClaimResponse>, ApiFailure> {
-    if capabilities.images.is_empty() {
+    // A runner that fetches images, or holds some by digest, has pinned jobs to offer for.
+    if capabilities.images.is_empty()
+        && !capabilities.fetch_images
+        && capabilities.image_digests.is_empty()
+    {
         tracing::warn!(
-            "no images in {}: nothing to offer; looking again in 30 s",
+            "no images in {} and none fetched (--cache-size 0): nothing to offer; looking \
+             again in 30 s",
             ctx.cfg.images_dir.display()
         );
         sleep_unless(&STOP, Duration::from_secs(30));

@@ -96,6 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         memory_mib: job.memory.map_or(image.manifest.memory_mib, |m| m as u32),
         vcpus: job.vcpus.map_or(image.manifest.vcpus, u32::from),
         job_timeout: job.timeout,
+        clock: job.clock,
         boot_allowance: qemu::boot_allowance(accel, host),
         console_cap: job.console_cap,
         kernel_args: job.kernel_args.clone(),

@@ -27,6 +27,7 @@ fn claim_by(attempt: AttemptId, runner: RunnerId, owner: UserId, now: u64) -> Ev
         attempt,
         runner,
         owner,
+        class: "qemu/none".into(),
         lease_until_ms,
         accept_by_ms,
     }
@@ -274,4 +275,31 @@ fn a_quorum_reached_stops_the_replicas_still_running() {
         "{}",
         t.job.attempts[2].why
     );
+}
+
+#[test]
+fn replicas_run_on_the_first_ones_host_class_unless_the_job_allows_any() {
+    let job = replicated(2, 2);
+    let job = ok(&job, T0, claim_by(A1, R1, UserId(10), T0)).job;
+    let mut kvm = claim_by(A2, R2, UserId(20), T0);
+    if let Event::Claim { class, .. } = &mut kvm {
+        *class = "vmm/hardware".into();
+    }
+    assert_eq!(
+        refused(&job, T0, kvm.clone()),
+        Refusal::OtherClass {
+            held: "qemu/none".into(),
+            offered: "vmm/hardware".into()
+        }
+    );
+    let any = JobSnapshot::submitted(
+        JobPolicy {
+            any_class: true,
+            ..job.policy
+        },
+        T0,
+    )
+    .job;
+    let any = ok(&any, T0, claim_by(A1, R1, UserId(10), T0)).job;
+    ok(&any, T0, kvm);
 }
