@@ -269,6 +269,9 @@ pub struct AttemptSnapshot {
     /// The runner's host class when it claimed (`qemu/none`, `vmm/hardware`).
     #[serde(default)]
     pub runner_class: String,
+    /// Its runner was revoked before the job ended: its vote does not count.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub voided: bool,
 }
 
 impl JobSnapshot {
@@ -585,6 +588,10 @@ pub enum Event {
         attempt: AttemptId,
         tree: OutputTree,
     },
+    /// The runner was revoked: its live attempts end (as its failures), and its votes no longer
+    /// count towards a quorum not yet reached. Never refused; a no-op for a job it has no part
+    /// in, or that has ended.
+    RunnerRevoked { runner: RunnerId },
 }
 
 /// What the storage persists or carries out after a step, in this order: the store effects
@@ -801,6 +808,7 @@ pub fn step(
         Event::Cancel => run.cancel()?,
         Event::Unschedulable { why } => run.unschedulable(why)?,
         Event::Indexed { attempt, tree } => run.indexed(*attempt, tree)?,
+        Event::RunnerRevoked { runner } => run.runner_revoked(*runner),
     }
     let mut effects = store_effects(job, &run.job);
     effects.append(&mut run.effects);

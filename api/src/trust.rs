@@ -375,8 +375,8 @@ fn check_name(field: &'static str, value: &str) -> Result<(), InvalidField> {
 }
 
 /// An outcome's consistency: the status and the job's exit status agree (as
-/// `ReportRequest::validate` says), the digests are digests, and there is a tree digest exactly
-/// when there is an output.
+/// `ReportRequest::validate` says), the digests are digests, and there is no tree digest
+/// without an output (an output may come without one: its runner could not read it).
 fn check_outcome(
     status: ReportStatus,
     job_exit_status: Option<u16>,
@@ -403,10 +403,9 @@ fn check_outcome(
             check_sha256("output_tree_sha256", tree)
         }
         (None, None) => Ok(()),
-        (Some(_), None) => Err(InvalidField::new(
-            "output_tree_sha256",
-            "missing: an output must come with its tree digest",
-        )),
+        // An output its runner could not read as an archive (its tree is then the server's
+        // index, or none): the sha256 alone.
+        (Some(sha), None) => check_sha256("output_sha256", sha),
         (None, Some(_)) => Err(InvalidField::new(
             "output_tree_sha256",
             "given without an output_sha256",

@@ -23,7 +23,7 @@ pub use cut::{ArchiveEnd, CutError, archive_end};
 #[cfg(feature = "manifest")]
 pub use index::{
     EntryKind, IndexEntry, MAX_INDEX_NAME_BYTES, OutputIndex, TREE_DIGEST_TAG, escape_path, index,
-    tree_digest,
+    index_limits, tree_digest,
 };
 pub use limits::Limits;
 use limits::{Budgeted, Exceeded, Meter};

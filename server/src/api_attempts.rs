@@ -363,6 +363,25 @@ pub async fn report(
         .validate()
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
     let attempt = who.attempt;
+    let replicated = app
+        .db
+        .load_job(who.job)
+        .await?
+        .is_some_and(|j| j.snapshot.policy.replicated());
+    if replicated
+        && report.output_sha256.is_none()
+        && let Some((ours, size)) = app.db.attempt_output(attempt).await?
+    {
+        // Else its vote would say "no output" while the job's output, if it won, would be
+        // what it uploaded. (A job of one replica takes the report of a runner from before
+        // reports named their output.)
+        return Err(Refusal::new(
+            codes::INVALID_PARAMS,
+            format!(
+                "output_sha256: the server received an output for attempt {attempt} ({ours},                  {size} bytes), and the report must name it; nothing was recorded"
+            ),
+        ));
+    }
     if let Some(theirs) = &report.output_sha256 {
         // An output is set once, so what is read here cannot change under the report.
         let why = match app.db.attempt_output(attempt).await? {
@@ -400,14 +419,15 @@ pub async fn report(
     let statement =
         crate::statements::check(&stored, snapshot, &report, runner_key.as_deref(), console)?;
     let (job, _) = app
-        .apply(who.job, |_| Event::Report {
-            attempt,
-            report: report.clone(),
-        })
+        .apply_keeping(
+            who.job,
+            |_| Event::Report {
+                attempt,
+                report: report.clone(),
+            },
+            statement.as_deref().map(|json| (attempt, json)),
+        )
         .await?;
-    if let Some(json) = &statement {
-        app.db.set_statement(attempt, json).await?;
-    }
     // Its output may have been indexed before the report came: the vote is counted now.
     if let Err(e) = crate::indexing::tell_job(&app, attempt).await {
         // The housekeeping tells it later; the report itself is taken.

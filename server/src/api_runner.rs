@@ -298,6 +298,8 @@ pub async fn try_claim(
     order.sort();
     let settings = app.step_settings();
     let mut lost_any = false;
+    // A replicated job takes only signed reports: a runner without a key gets none of them.
+    let keyed = app.db.runner_key(runner).await?.is_some();
     // The runner's host class: a replicated job's replicas run on one.
     let class = format!(
         "{}/{}",
@@ -352,6 +354,9 @@ pub async fn try_claim(
                     .apply(id, |_| Event::Unschedulable { why: why.clone() })
                     .await;
             }
+            continue;
+        }
+        if job.snapshot.policy.replicated() && !keyed {
             continue;
         }
         // A replica this runner's owner may not take (its own job, or one it holds a replica
@@ -463,7 +468,7 @@ async fn claim_job(
         };
         if app
             .db
-            .store_job_within(id, job.version, &t.job, Some(cap), &t.effects)
+            .store_job_within(id, job.version, &t.job, Some(cap), &t.effects, None)
             .await?
         {
             job.snapshot = t.job;

@@ -22,15 +22,10 @@ static INDEXING: LazyLock<Arc<tokio::sync::Semaphore>> =
 /// Attempts being indexed in this process, by app (tests run many apps in one process).
 static UNDER_WAY: Mutex<BTreeSet<(usize, u64)>> = Mutex::new(BTreeSet::new());
 
-/// What indexing an output whose job allows `output_size` bytes may cost: its decompressed tar
-/// at most 32 times that (between 64 MiB and 8 GiB: build outputs compress a few times, a bomb
-/// by thousands), at most 200,000 entries.
+/// What indexing an output whose job allows `output_size` bytes may cost
+/// ([`archive::index_limits`]: the runner signs a tree digest computed within the same).
 pub fn limits_for(output_size: u64) -> Limits {
-    Limits {
-        max_stream: output_size.saturating_mul(32).clamp(64 << 20, 8 << 30),
-        max_entries: 200_000,
-        ..Limits::DEFAULT
-    }
+    archive::index_limits(output_size)
 }
 
 /// Indexes attempt `attempt`'s output `sha256` in the background.
@@ -48,8 +43,11 @@ pub fn spawn(app: &Shared, attempt: AttemptId, sha256: String, output_size: u64)
 pub async fn catch_up(app: &Shared, limit: i64) -> Result<usize, IndexingError> {
     let mut done = 0;
     for (attempt, sha256, output_size) in app.db.unindexed_outputs(limit).await? {
-        if index_stored(app, attempt, &sha256, output_size).await? {
-            done += 1;
+        // One output's trouble (a missing blob) must not hold up the others'.
+        match index_stored(app, attempt, &sha256, output_size).await {
+            Ok(true) => done += 1,
+            Ok(false) => {}
+            Err(e) => tracing::warn!("indexing the output of attempt {attempt}: {e}"),
         }
     }
     Ok(done)
@@ -146,21 +144,26 @@ pub async fn tell_job(app: &Shared, attempt: AttemptId) -> Result<(), IndexingEr
         })
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(_) => {}
         Err(ApplyError::Refused(r)) => {
             tracing::warn!("attempt {attempt}'s index was not taken by job {job}: {r}");
-            Ok(())
         }
-        Err(ApplyError::Db(e)) => Err(e.into()),
-        Err(e) => Err(IndexingError::Failed(e.to_string())),
+        Err(ApplyError::Db(e)) => return Err(e.into()),
+        Err(e) => return Err(IndexingError::Failed(e.to_string())),
     }
+    // Told (after the step is stored): a crash before this tells it again, which changes
+    // nothing the second time.
+    app.db.mark_told(attempt).await?;
+    Ok(())
 }
 
 /// Tells the unended jobs the indexes of their attempts' outputs that a stopped server left
 /// untold (indexed, and the server killed before the job heard); at most `limit`.
 pub async fn tell_leftovers(app: &Shared, limit: i64) -> Result<(), IndexingError> {
     for attempt in app.db.indexed_of_unended(limit).await? {
-        tell_job(app, attempt).await?;
+        if let Err(e) = tell_job(app, attempt).await {
+            tracing::warn!("telling the job of attempt {attempt} its index: {e}");
+        }
     }
     Ok(())
 }
@@ -188,14 +191,24 @@ impl crate::db::Db {
         })
     }
 
-    /// Indexed attempts of jobs that have not ended (some of which their job may not know of).
+    /// Notes that `attempt`'s job knows what its output's index gave.
+    pub async fn mark_told(&self, attempt: AttemptId) -> Result<(), crate::db::DbError> {
+        sqlx::query("UPDATE attempts SET told = 1 WHERE id = $1")
+            .bind(attempt.0 as i64)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Indexed attempts of jobs that have not ended whose job was not told of the index (a
+    /// server killed between the two).
     pub async fn indexed_of_unended(
         &self,
         limit: i64,
     ) -> Result<Vec<AttemptId>, crate::db::DbError> {
         let rows = sqlx::query(
             "SELECT a.id FROM attempts a JOIN jobs j ON j.id = a.job_id \
-             WHERE j.state IN ('queued', 'running') \
+             WHERE j.state IN ('queued', 'running') AND a.told = 0 \
              AND (a.output_tree_sha256 IS NOT NULL OR a.output_index_error IS NOT NULL) \
              ORDER BY a.id LIMIT $1",
         )

@@ -54,9 +54,10 @@ fn derived(s: &JobSnapshot) -> Derived {
     let deadline = if s.state.is_terminal() {
         None
     } else {
-        // The time-to-live counts only while the job waits for a runner.
+        // The time-to-live counts only while the job waits for a runner (and no replica in
+        // flight could still conclude it).
         let mut times = Vec::new();
-        if wanted > 0 {
+        if s.expirable() {
             times.push(s.expires_at_ms);
         }
         times.extend(s.retry_not_before_ms);
@@ -200,7 +201,7 @@ impl Db {
         version: i64,
         snapshot: &JobSnapshot,
     ) -> Result<bool, DbError> {
-        self.store_job_within(id, version, snapshot, None, &[])
+        self.store_job_within(id, version, snapshot, None, &[], None)
             .await
     }
 
@@ -208,7 +209,7 @@ impl Db {
     /// unstarted attempts than it allows. One transaction: the job's row (conditional on its
     /// version and the runner's counts, in one statement), then its attempts' live and started
     /// marks (what the counts read), then the standing of the runners a quorum in `effects`
-    /// judged (so it changes exactly once per quorum). SQLite runs one writer at a time, so
+    /// judged (so it changes exactly once per quorum), and the report's `statement` if any. SQLite runs one writer at a time, so
     /// concurrent claims of one runner cannot all pass the count. False if a condition failed
     /// (nothing written).
     pub async fn store_job_within(
@@ -218,6 +219,7 @@ impl Db {
         snapshot: &JobSnapshot,
         cap: Option<RunnerCap>,
         effects: &[Effect],
+        statement: Option<(AttemptId, &str)>,
     ) -> Result<bool, DbError> {
         let d = derived(snapshot);
         let query = match cap {
@@ -276,6 +278,16 @@ impl Db {
             if let Effect::Standing { agreed, disagreed } = e {
                 crate::runners::record_standing(&mut tx, agreed, disagreed).await?;
             }
+        }
+        // A report's signed statement is kept with the step that takes the report: a receipt
+        // never lacks the statement of a vote that counted.
+        if let Some((attempt, json)) = statement {
+            sqlx::query("UPDATE attempts SET statement = $1 WHERE id = $2 AND job_id = $3")
+                .bind(json)
+                .bind(attempt.0 as i64)
+                .bind(id.0 as i64)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(true)

@@ -72,18 +72,28 @@ pub async fn receipt_of(app: &Shared, job: &StoredJob) -> Result<SignedReceipt, 
             ),
         ));
     }
-    let output = blobs.get(&s.agreeing[0]).cloned().unwrap_or_default();
-    let tree = output
-        .output_index
-        .as_ref()
-        .and_then(|i| i.tree_sha256.clone());
-    if output.output_sha256.is_some() && tree.is_none() {
+    // The output as the report named it (the server checked it is the one it received, and the
+    // record keeps it when retention has deleted the bytes) and the tree as the server indexed
+    // it (none for an output it could not read).
+    let index = blobs
+        .get(&s.agreeing[0])
+        .and_then(|b| b.output_index.clone());
+    // (A job of one replica may have a report from a runner that did not name its output.)
+    let output_sha256 = first.output_sha256.clone().or_else(|| {
+        blobs
+            .get(&s.agreeing[0])
+            .and_then(|b| b.output_sha256.clone())
+    });
+    if output_sha256.is_some() && index.is_none() {
         return Err(none(
             job,
             "its output has not been indexed yet; ask again soon",
         ));
     }
-    if output.output_sha256.is_some() && first.output_tree_sha256 != tree {
+    let tree = index.and_then(|i| i.tree_sha256);
+    if let (Some(ours), Some(said)) = (&tree, &first.output_tree_sha256)
+        && ours != said
+    {
         return Err(none(
             job,
             "its runner's statement names another output tree than the server's index of the \
@@ -106,7 +116,7 @@ pub async fn receipt_of(app: &Shared, job: &StoredJob) -> Result<SignedReceipt, 
         verdict: Verdict {
             status: first.status,
             job_exit_status: first.job_exit_status,
-            output_sha256: output.output_sha256,
+            output_sha256,
             output_tree_sha256: tree,
         },
         votes,

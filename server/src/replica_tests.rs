@@ -337,16 +337,16 @@ async fn two_owners_that_agree_make_a_verified_result_with_a_receipt_that_opens(
     let list = runners(&app, &alice).await;
     assert_eq!(standing_of(&list, &bob.runner), (1, 1, 0));
     assert_eq!(standing_of(&list, &carol.runner), (1, 1, 0));
-    // Revoking one of them marks the result it took part in.
-    let revoke = send(
-        &app,
-        Method::POST,
-        &format!("/api/v1/runners/{}/revoke", bob.runner),
-        &bob.token,
-        Body::empty(),
-        &[],
-    )
-    .await;
+    // Revoking one of them marks the result it took part in: a person's call (a runner token,
+    // which may be what was stolen, cannot), not someone else's.
+    let path = format!("/api/v1/runners/{}/revoke", bob.runner);
+    let by_runner = send(&app, Method::POST, &path, &bob.token, Body::empty(), &[]).await;
+    assert_eq!(by_runner.status, StatusCode::FORBIDDEN);
+    let carols = token(&app, "carol", "submitter").await;
+    let by_other = send(&app, Method::POST, &path, &carols, Body::empty(), &[]).await;
+    assert_eq!(by_other.status, StatusCode::NOT_FOUND);
+    let bobs = token(&app, "bob", "submitter").await;
+    let revoke = send(&app, Method::POST, &path, &bobs, Body::empty(), &[]).await;
     assert_eq!(
         revoke.status,
         StatusCode::OK,
@@ -418,6 +418,23 @@ async fn replayed_foreign_unsigned_and_contradicting_statements_are_refused() {
         );
         String::from_utf8_lossy(&r.body).to_string()
     };
+    // An output uploaded, and a report (and statement) that names none: its vote would say
+    // "no output" while its upload could become the job's output.
+    let mut none = statement_of(&app, &mallory, &m, &run).await;
+    none.output_sha256 = None;
+    none.output_tree_sha256 = None;
+    let r = json_call(
+        &app,
+        Method::POST,
+        &format!("{}/report", m.base),
+        &m.token,
+        json!({"status": "success", "exit_code": 0, "job_exit_status": 0,
+               "statement": none.sign(&mallory.key)}),
+        &[],
+    )
+    .await;
+    let why = refused(&r, "no output named");
+    assert!(why.contains("must name it"), "{why}");
     // Unsigned.
     let why = refused(&report(&app, &m, &run, None).await, "unsigned");
     assert!(why.contains("must carry a statement"), "{why}");

@@ -106,6 +106,39 @@ impl Db {
         Ok(done.rows_affected() == 1)
     }
 
+    /// The unended jobs in which `runner` has an attempt.
+    pub async fn unended_jobs_of_runner(
+        &self,
+        runner: RunnerId,
+    ) -> Result<Vec<construir_api::types::JobId>, DbError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT a.job_id FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.runner_id = $1 AND j.state IN ('queued', 'running')",
+        )
+        .bind(runner.0 as i64)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok(construir_api::types::JobId(r.try_get::<i64, _>(0)? as u64)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
+    /// Revoked runners with attempts in unended jobs.
+    pub async fn revoked_with_unended_jobs(&self) -> Result<Vec<RunnerId>, DbError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT r.id FROM runners r JOIN attempts a ON a.runner_id = r.id \
+             JOIN jobs j ON j.id = a.job_id \
+             WHERE r.revoked_ms IS NOT NULL AND j.state IN ('queued', 'running') LIMIT 100",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok(RunnerId(r.try_get::<i64, _>(0)? as u64)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
     /// Every runner, oldest first, with its owner's name and its standing.
     pub async fn list_runners(&self) -> Result<Vec<RunnerView>, DbError> {
         let rows = sqlx::query(
@@ -156,6 +189,14 @@ pub async fn revoke(
     caller: Caller,
     Path(id): Path<u64>,
 ) -> Result<Json<serde_json::Value>, Refusal> {
+    // A person's call: a runner token (which sits on the volunteer's machine, and may be what
+    // was stolen) cannot revoke runners.
+    if caller.0.role == "runner" {
+        return Err(Refusal::new(
+            codes::FORBIDDEN,
+            "a runner token cannot revoke runners: use a submitter or admin token of the owner",
+        ));
+    }
     let owner = (caller.0.role != "admin").then_some(UserId(caller.0.user_id as u64));
     if !app.db.revoke_runner(RunnerId(id), owner).await? {
         return Err(Refusal::new(
@@ -164,5 +205,34 @@ pub async fn revoke(
         ));
     }
     tracing::info!("runner {id} revoked by {}", caller.0.user);
+    tell_revoked(&app, RunnerId(id)).await?;
     Ok(Json(serde_json::json!({"revoked": id})))
+}
+
+/// Tells every unended job that `runner` took part in that it was revoked (its live attempts
+/// end, its votes stop counting). The housekeeping does it again for every revoked runner, so a
+/// server killed half-way finishes it; a job told twice changes nothing the second time.
+pub async fn tell_revoked(app: &Shared, runner: RunnerId) -> Result<(), Refusal> {
+    for job in app.db.unended_jobs_of_runner(runner).await? {
+        match app
+            .apply(job, |_| construir_api::state::Event::RunnerRevoked {
+                runner,
+            })
+            .await
+        {
+            Ok(_) | Err(crate::service::ApplyError::NoJob) => {}
+            Err(e) => tracing::warn!("telling job {job} that runner {runner} was revoked: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// [`tell_revoked`] for every revoked runner that has attempts in unended jobs.
+pub async fn tell_all_revoked(app: &Shared) -> Result<(), DbError> {
+    for runner in app.db.revoked_with_unended_jobs().await? {
+        if let Err(e) = tell_revoked(app, runner).await {
+            tracing::warn!("telling the jobs of revoked runner {runner}: {e:?}");
+        }
+    }
+    Ok(())
 }

@@ -220,6 +220,17 @@ impl App {
         id: JobId,
         make: impl Fn(&StoredJob) -> Event,
     ) -> Result<(StoredJob, Vec<Effect>), ApplyError> {
+        self.apply_keeping(id, make, None).await
+    }
+
+    /// [`App::apply`], keeping `statement` (an attempt's signed statement, as JSON) in the same
+    /// transaction as the step.
+    pub async fn apply_keeping(
+        &self,
+        id: JobId,
+        make: impl Fn(&StoredJob) -> Event,
+        statement: Option<(AttemptId, &str)>,
+    ) -> Result<(StoredJob, Vec<Effect>), ApplyError> {
         for _ in 0..20 {
             let mut job = self.db.load_job(id).await?.ok_or(ApplyError::NoJob)?;
             let event = make(&job);
@@ -234,7 +245,7 @@ impl App {
             }
             if self
                 .db
-                .store_job_within(id, job.version, &t.job, None, &t.effects)
+                .store_job_within(id, job.version, &t.job, None, &t.effects, statement)
                 .await?
             {
                 job.snapshot = t.job;
@@ -346,6 +357,9 @@ impl App {
         }
         if let Err(e) = crate::indexing::tell_leftovers(self, 200).await {
             tracing::warn!("telling jobs of their replicas' indexes: {e}");
+        }
+        if let Err(e) = crate::runners::tell_all_revoked(self).await {
+            tracing::warn!("telling jobs of revoked runners: {e}");
         }
         let now = now_ms();
         if let Some(keep) = self.settings.retention {

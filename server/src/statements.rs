@@ -152,16 +152,6 @@ fn first_difference(
 }
 
 impl Db {
-    /// Keeps attempt `attempt`'s checked statement (once: a report is taken once).
-    pub async fn set_statement(&self, attempt: AttemptId, json: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE attempts SET statement = $1 WHERE id = $2 AND statement IS NULL")
-            .bind(json)
-            .bind(attempt.0 as i64)
-            .execute(self.pool())
-            .await?;
-        Ok(())
-    }
-
     /// The kept statements of a job's attempts.
     pub async fn statements_of(
         &self,

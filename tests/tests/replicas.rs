@@ -1,7 +1,7 @@
 //! Replicas end to end: construir-server, two pull runners of two owners (real VMs, QEMU's TCG,
 //! image t0) and the client binary. `construir submit --replicas 2 --wait` ends verified: both
-//! runners' outputs have one tree, bit for bit in every file (the archives themselves differ in
-//! their times, which the tree digest leaves out). `construir fetch` brings the result and its
+//! runners' outputs have one tree, bit for bit in every file (a plain tar's times may differ
+//! between the archives, which the tree digest and the receipt leave out). `construir fetch` brings the result and its
 //! receipt, and `construir verify` accepts it offline with the server's key, and refuses a
 //! changed byte of the output or of the receipt, saying which.
 

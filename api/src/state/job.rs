@@ -38,11 +38,11 @@ impl Run<'_> {
             if self.job.attempts.iter().any(holds) {
                 return Err(Refusal::OwnerHasReplica(owner));
             }
-            // One host class for all replicas (BOINC's homogeneous redundancy), the first's.
-            let counted = |a: &&AttemptSnapshot| {
-                a.state.is_live() || !matches!(a.ballot(&policy), Ballot::NotAVote)
-            };
-            if let Some(first) = self.job.attempts.iter().find(counted)
+            // Replicas in flight together run on one host class (BOINC's homogeneous
+            // redundancy): the class of the one running. Votes cast do not hold it, so a runner
+            // that declared a class no one else has cannot keep a job from its other replicas
+            // past its own run.
+            if let Some(first) = self.job.attempts.iter().find(|a| a.state.is_live())
                 && !policy.any_class
                 && first.runner_class != class
             {
@@ -98,6 +98,7 @@ impl Run<'_> {
             runner_owner: owner,
             output_tree: None,
             runner_class: class.to_string(),
+            voided: false,
         });
         self.job.state = JobState::Running;
         self.job.retry_not_before_ms = None;
@@ -194,7 +195,7 @@ impl Run<'_> {
         if self.job.state.is_terminal() || self.job.wanted() == 0 {
             return;
         }
-        if self.now >= self.job.expires_at_ms {
+        if self.now >= self.job.expires_at_ms && self.job.expirable() {
             let reason = format!(
                 "no runner took it within its time-to-live ({} s): {}",
                 self.job.policy.ttl_ms / 1000,

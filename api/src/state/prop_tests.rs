@@ -129,6 +129,9 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
         },
         12..=16 => Event::Tick,
         17 => Event::Cancel,
+        _ if rng.below(4) == 0 => Event::RunnerRevoked {
+            runner: RunnerId(rng.below(4)),
+        },
         _ => Event::Unschedulable {
             why: format!("reason {}", rng.below(3)),
         },
@@ -178,10 +181,14 @@ fn check_step(
             if b.output_tree.is_some() && a.output_tree != b.output_tree {
                 return Err(format!("attempt {}'s index changed", b.id));
             }
+            if b.voided && !a.voided {
+                return Err(format!("attempt {}'s vote came back", b.id));
+            }
             let only_late = AttemptSnapshot {
                 late: b.late,
                 report: b.report.clone(),
                 output_tree: b.output_tree.clone(),
+                voided: b.voided,
                 ..a.clone()
             };
             let gained_late = b.report.is_none() && a.report.is_some() && a.late;

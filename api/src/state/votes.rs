@@ -80,7 +80,11 @@ impl AttemptSnapshot {
         let Some(report) = self.report.as_ref() else {
             return Ballot::NotAVote;
         };
-        if self.late || self.state != AttemptState::Reported || !counts(report.status, policy) {
+        if self.late
+            || self.voided
+            || self.state != AttemptState::Reported
+            || !counts(report.status, policy)
+        {
             return Ballot::NotAVote;
         }
         let output = match (&report.output_sha256, &self.output_tree) {
@@ -172,6 +176,20 @@ impl JobSnapshot {
         let need = for_replicas.max(for_quorum).saturating_sub(t.live);
         let room = p.vote_cap().saturating_sub(t.votes + t.pending + t.live);
         need.min(room)
+    }
+}
+
+impl JobSnapshot {
+    /// Whether the job may expire now if its time-to-live has passed: it wants attempts, and
+    /// the ones in flight (live, or waiting for their output's index) could not make a quorum
+    /// with the votes cast even if they all agreed. A replica still running that could conclude
+    /// the job is never cut off by the expiry.
+    pub fn expirable(&self) -> bool {
+        if self.wanted() == 0 {
+            return false;
+        }
+        let t = self.tally();
+        t.best_owners + t.pending + t.live < self.policy.quorum
     }
 }
 
@@ -321,6 +339,52 @@ impl Run<'_> {
                 votes.join("; ")
             ),
         );
+    }
+
+    /// Runner `runner` was revoked: its live attempts end as aborted (its failures), its votes
+    /// are voided, and the job goes on without them (wanting more replicas if it now does).
+    pub(super) fn runner_revoked(&mut self, runner: RunnerId) {
+        if self.job.state.is_terminal() {
+            return;
+        }
+        let wanted_before = self.job.wanted();
+        let mut voided = false;
+        for i in 0..self.job.attempts.len() {
+            if self.job.attempts[i].runner != runner || self.job.state.is_terminal() {
+                continue;
+            }
+            if self.job.attempts[i].state.is_live() {
+                if self.job.attempts[i].cancel_requested {
+                    let id = self.job.attempts[i].id;
+                    self.canceled_attempt_ended(
+                        i,
+                        "canceled; its runner was revoked".into(),
+                        format!("canceled; attempt {id}'s runner was revoked"),
+                    );
+                } else {
+                    self.end_attempt(i, AttemptState::Aborted, "its runner was revoked".into());
+                    self.retry_or_error(i);
+                }
+            } else if !matches!(
+                self.job.attempts[i].ballot(&self.job.policy),
+                Ballot::NotAVote
+            ) {
+                self.job.attempts[i].voided = true;
+                voided = true;
+            }
+        }
+        if voided && !self.job.state.is_terminal() {
+            self.job.state = self.unended_state();
+            let wanted = self.job.wanted();
+            self.job.reason = format!(
+                "runner {runner} was revoked: its vote does not count; {wanted} more replica(s) \
+                 wanted"
+            );
+            if wanted > 0 && wanted_before == 0 {
+                self.job.expires_at_ms = self.now.saturating_add(self.job.policy.ttl_ms);
+                self.effects.push(Effect::WakeRunners);
+            }
+        }
     }
 
     /// Ends every live attempt as canceled, with `why`: the job ends without them.

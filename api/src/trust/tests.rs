@@ -251,10 +251,7 @@ fn statements_with_bad_fields_unknown_fields_or_too_many_bytes_are_refused() {
         ("backend", Box::new(|s| s.backend = "VMM".into())),
         ("host_kind", Box::new(|s| s.host_kind = String::new())),
         ("job_exit_status", Box::new(|s| s.job_exit_status = Some(1))),
-        (
-            "output_tree_sha256",
-            Box::new(|s| s.output_tree_sha256 = None),
-        ),
+        // (An output without a tree is its runner's unreadable output: valid.)
         ("output_tree_sha256", Box::new(|s| s.output_sha256 = None)),
         (
             "console_sha256",
@@ -375,13 +372,42 @@ fn a_vote_for_another_job_or_verdict_is_refused_naming_the_field() {
         ),
         (
             "output_sha256",
-            Box::new(|s| s.output_sha256 = Some(hex64("01"))),
+            Box::new(|s| {
+                s.output_sha256 = None;
+                s.output_tree_sha256 = None;
+            }),
         ),
         (
             "output_tree_sha256",
             Box::new(|s| s.output_tree_sha256 = Some(hex64("02"))),
         ),
     ];
+    // Another archive of the same tree agrees (a tar's times differ between runners); the
+    // first vote's archive is the verdict's, exactly; a vote whose runner could not read its
+    // output (no tree) stands on the server's index.
+    let mut f = fixture();
+    let mut s = statement(&f.runners[1], 5, 12);
+    s.output_sha256 = Some(hex64("01"));
+    f.receipt.votes[1].statement = s.sign(&f.runners[1]);
+    f.open().expect("another archive of the same tree agrees");
+    let mut f = fixture();
+    let mut s = statement(&f.runners[1], 5, 12);
+    s.output_tree_sha256 = None;
+    f.receipt.votes[1].statement = s.sign(&f.runners[1]);
+    f.open()
+        .expect("an unread tree stands on the server's index");
+    let mut f = fixture();
+    let mut s = statement(&f.runners[0], 3, 11);
+    s.output_sha256 = Some(hex64("01"));
+    f.receipt.votes[0].statement = s.sign(&f.runners[0]);
+    match f.open() {
+        Err(TrustError::VoteMismatch {
+            vote: 1,
+            field: "output_sha256",
+            ..
+        }) => {}
+        other => panic!("the first vote's archive is the verdict's: {other:?}"),
+    }
     for (field, change) in cases {
         let mut f = fixture();
         let mut s = statement(&f.runners[1], 5, 12);

@@ -31,7 +31,7 @@ pub struct RunnerView {
     /// registered one.
     pub public_key: Option<String>,
     pub standing: Standing,
-    /// Every runner token of its owner has been revoked: it can do nothing more, and results
-    /// it took part in say so.
+    /// It was revoked (by its owner or an admin): it claims and reports nothing more, its votes
+    /// in jobs not yet ended stop counting, and results it took part in say so.
     pub revoked: bool,
 }

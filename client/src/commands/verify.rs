@@ -215,11 +215,13 @@ fn summary(receipt: &Receipt) -> String {
         (Some(sha), None) => format!("output sha256 {sha}"),
         _ => "no output".to_string(),
     };
+    // The attestation first: a script reading the line sees at once whether the result is
+    // verified by a quorum, or only checked to be the server's and one runner's word.
     format!(
-        "verified: job {} {outcome}, {}; {} of {} agreeing runners ({}), quorum {}; {output}; \
-         signed by server key {}",
-        receipt.job_id,
+        "{}: job {} {outcome}, its receipt and output check out; {} of {} agreeing runners ({}), \
+         quorum {}; {output}; signed by server key {}",
         receipt.attestation,
+        receipt.job_id,
         receipt.votes.len(),
         receipt.replicas,
         runners.join(", "),
@@ -496,8 +498,8 @@ mod tests {
         let line = verify(f.dir.path(), &f.server.public_hex(), &Limits::DEFAULT).unwrap();
         let ids = &f.runner_key_ids;
         let start = format!(
-            "verified: job 9 succeeded, verified; 2 of 2 agreeing runners (3 of user 4 key {}, \
-             5 of user 7 key {}), quorum 2; output sha256 ",
+            "verified: job 9 succeeded, its receipt and output check out; 2 of 2 agreeing \
+             runners (3 of user 4 key {}, 5 of user 7 key {}), quorum 2; output sha256 ",
             ids[0], ids[1]
         );
         assert!(line.starts_with(&start), "{line}");

@@ -124,6 +124,18 @@ pub struct OutputIndex {
     pub tree_sha256: String,
 }
 
+/// What indexing an output whose job allows `output_size` bytes may cost: its decompressed tar
+/// at most 32 times that (between 64 MiB and 8 GiB: build outputs compress a few times, a bomb
+/// by thousands), at most 200,000 entries. The server indexes with these, and a runner computes
+/// the tree digest it signs with the same, so both read the same archives.
+pub fn index_limits(output_size: u64) -> Limits {
+    Limits {
+        max_stream: output_size.saturating_mul(32).clamp(64 << 20, 8 << 30),
+        max_entries: 200_000,
+        ..Limits::DEFAULT
+    }
+}
+
 /// Indexes the archive at the start of `source`, within `limits` and
 /// [`MAX_INDEX_NAME_BYTES`], hashing every entry's data.
 pub fn index(source: impl Read, limits: &Limits) -> Result<OutputIndex, ArchiveError> {

@@ -110,6 +110,24 @@ fn collect(dir: &Path, paths: &[String]) -> Result<Vec<Entry>, String> {
                 "{p:?}: give paths relative to the directory, without .."
             ));
         }
+        // Every component but the last is a directory of its own, not a link: what is written
+        // is what is under DIR, under the names given.
+        let parts: Vec<&str> = name
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        let mut at = dir.to_path_buf();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            at.push(part);
+            let meta =
+                std::fs::symlink_metadata(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+            if !meta.is_dir() {
+                return Err(format!(
+                    "{p:?}: {} is not a directory (a symbolic link is not followed)",
+                    at.display()
+                ));
+            }
+        }
         walk(&dir.join(name), name, &mut out)?;
     }
     out.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
@@ -302,5 +320,11 @@ mod tests {
             (PathBuf::from("/tmp"), vec!["out".to_string()])
         );
         assert!(collect(d.path(), &["missing".into()]).is_err());
+        // A link in the middle of a path is not followed out of the directory.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "s").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
+        let e = collect(d.path(), &["link/secret".into()]).unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
     }
 }

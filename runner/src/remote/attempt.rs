@@ -412,7 +412,10 @@ fn upload_output(
     }) {
         Ok(()) => {
             tracing::info!("attempt {}: output uploaded ({len} bytes)", live.key);
-            Ok((None, Some((sha256, super::sign::output_tree(job, len)))))
+            Ok((
+                None,
+                Some((sha256, super::sign::output_tree(job, len, output_size))),
+            ))
         }
         Err(e) if e.is_lease_lost() => {
             live.stop_vm(StopWhy::LeaseLost, &ctx.children);
@@ -420,9 +423,10 @@ fn upload_output(
         }
         // One output per attempt: an earlier try got through and its answer was lost. The
         // report names ours, and the server refuses it if what it got was not this.
-        Err(e) if e.code() == Some(construir_api::codes::WRONG_STATE) => {
-            Ok((None, Some((sha256, super::sign::output_tree(job, len)))))
-        }
+        Err(e) if e.code() == Some(construir_api::codes::WRONG_STATE) => Ok((
+            None,
+            Some((sha256, super::sign::output_tree(job, len, output_size))),
+        )),
         Err(e) => Err(format!("the output was not delivered: {e}")),
     }
 }

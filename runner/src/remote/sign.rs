@@ -9,7 +9,7 @@ use super::ClaimResponse;
 use construir_api::keyfile;
 use construir_api::trust::{KeyPair, STATEMENT_VERSION, SignedStatement, Statement};
 use construir_api::types::{ReportRequest, RunnerId};
-use construir_contract::archive::{self, Limits};
+use construir_contract::archive;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
@@ -34,14 +34,11 @@ pub fn runner_key(dir: &Path) -> anyhow::Result<KeyPair> {
 }
 
 /// The tree digest of the first `len` bytes of `job` (the output the runner uploads), within
-/// the limits the server indexes with; none if they are no archive it can read.
-pub fn output_tree(job: &Path, len: u64) -> Option<String> {
+/// the limits the server indexes a job's output of `output_size` with; none if they are no
+/// archive it can read (the statement then names the output without a tree).
+pub fn output_tree(job: &Path, len: u64, output_size: u64) -> Option<String> {
     let file = std::fs::File::open(job).ok()?;
-    let limits = Limits {
-        max_stream: len.saturating_mul(32).clamp(64 << 20, 8 << 30),
-        max_entries: 200_000,
-        ..Limits::DEFAULT
-    };
+    let limits = archive::index_limits(output_size);
     archive::index(std::io::BufReader::new(file.take(len)), &limits)
         .ok()
         .map(|i| i.tree_sha256)
@@ -76,9 +73,8 @@ pub struct Signer<'a> {
 }
 
 impl Signer<'_> {
-    /// `report` for `offer` as a signed statement; none when the report itself would not be a
-    /// valid one (an output without a tree digest: the server refuses the report of a
-    /// replicated job then, as it should, having nothing it can compare).
+    /// `report` for `offer` as a signed statement; none (logged) when the report itself would
+    /// not be a valid one.
     pub fn statement(
         &self,
         offer: &ClaimResponse,

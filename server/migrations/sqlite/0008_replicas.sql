@@ -11,6 +11,9 @@ ALTER TABLE attempts ADD COLUMN live INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE attempts ADD COLUMN started INTEGER NOT NULL DEFAULT 0;
 -- The report's signed statement (construir_api::trust::SignedStatement as JSON), once checked.
 ALTER TABLE attempts ADD COLUMN statement TEXT;
+-- Set once the attempt's job has been told what its output's index gave (the vote it makes):
+-- the housekeeping tells what a killed server left untold.
+ALTER TABLE attempts ADD COLUMN told INTEGER NOT NULL DEFAULT 0;
 -- The job's live attempt of the previous release was its latest one, on `live_runner`.
 UPDATE attempts SET live = 1,
     started = COALESCE((SELECT j.live_started FROM jobs j WHERE j.id = attempts.job_id), 0)

@@ -303,3 +303,28 @@ fn replicas_run_on_the_first_ones_host_class_unless_the_job_allows_any() {
     let any = ok(&any, T0, claim_by(A1, R1, UserId(10), T0)).job;
     ok(&any, T0, kvm);
 }
+
+#[test]
+fn a_revoked_runners_vote_stops_counting_and_its_live_replica_ends() {
+    let job = replicated(2, 2);
+    let job = voted(&job, A1, R1, "a", T0).job;
+    let job = ok(&job, T0, claim_by(A2, R2, UserId(20), T0)).job;
+    // R1 is revoked: its vote is void, the job wants another replica again.
+    let t = ok(&job, T0 + S, Event::RunnerRevoked { runner: R1 });
+    assert!(t.job.attempts[0].voided);
+    assert_eq!(t.job.attempts[0].ballot(&t.job.policy), Ballot::NotAVote);
+    assert_eq!(t.job.wanted(), 1);
+    assert!(t.job.reason.contains("revoked"), "{}", t.job.reason);
+    // R2 is revoked while its replica is leased: it ends, not counted as a try.
+    let t = ok(&t.job, T0 + 2 * S, Event::RunnerRevoked { runner: R2 });
+    assert_eq!(t.job.attempts[1].state, AttemptState::Aborted);
+    assert_eq!(t.job.wanted(), 2);
+    // Honest runners still make the result.
+    let job = voted(&t.job, A3, R3, "a", T0 + 10 * S).job;
+    let t = voted(&job, A4, R4, "a", T0 + 20 * S);
+    assert_eq!(t.job.state, JobState::Succeeded);
+    assert_eq!(t.job.agreeing, [A3, A4]);
+    // Revoking a runner of an ended job changes nothing.
+    let after = ok(&t.job, T0 + 30 * S, Event::RunnerRevoked { runner: R3 });
+    assert_eq!(after.job, t.job);
+}
