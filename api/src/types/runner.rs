@@ -18,6 +18,13 @@ pub const MAX_REASON_BYTES: usize = 2048;
 /// The most images a runner may offer in one claim.
 pub const MAX_IMAGES: usize = 64;
 
+/// The backends a runner may name (construir-runner's `--backend`, and its test program).
+pub const BACKENDS: &[&str] = &["vmm", "qemu", "program"];
+
+/// The host kinds a runner may name: what its guests run on (construir-contract's host kinds as
+/// speed classes).
+pub const HOST_KINDS: &[&str] = &["hardware", "emulated", "none"];
+
 /// The longest name (arch, backend, host kind) a runner may send, in bytes.
 const MAX_NAME_BYTES: usize = 32;
 
@@ -77,6 +84,20 @@ impl RunnerCapabilities {
                     format!("expected 1 to {MAX_NAME_BYTES} lower-case letters, digits, _ or -"),
                 ));
             }
+        }
+        // A closed set: the host class (backend/host kind) decides which runners a job's
+        // replicas may share, so a runner cannot invent one.
+        if !BACKENDS.contains(&self.backend.as_str()) {
+            return Err(InvalidField::new(
+                "capabilities.backend",
+                format!("expected one of {}", BACKENDS.join(", ")),
+            ));
+        }
+        if !HOST_KINDS.contains(&self.host_kind.as_str()) {
+            return Err(InvalidField::new(
+                "capabilities.host_kind",
+                format!("expected one of {}", HOST_KINDS.join(", ")),
+            ));
         }
         // A runner with no local image may still run pinned jobs: the ones it holds by digest,
         // or any it fetches.
@@ -462,6 +483,15 @@ mod tests {
         claim.capabilities = caps();
         claim.capabilities.arch = "x86 64".into();
         assert_eq!(claim.validate().unwrap_err().field, "capabilities.arch");
+        claim.capabilities = caps();
+        claim.capabilities.backend = "zzz".into();
+        assert_eq!(claim.validate().unwrap_err().field, "capabilities.backend");
+        claim.capabilities = caps();
+        claim.capabilities.host_kind = "quantum".into();
+        assert_eq!(
+            claim.validate().unwrap_err().field,
+            "capabilities.host_kind"
+        );
         let text = serde_json::json!({"capabilities": caps(), "wait_s": 5, "slots": 1}).to_string();
         assert!(serde_json::from_str::<ClaimRequest>(&text).is_err());
     }
