@@ -363,53 +363,42 @@ pub async fn report(
         .validate()
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
     let attempt = who.attempt;
-    let replicated = app
-        .db
-        .load_job(who.job)
-        .await?
-        .is_some_and(|j| j.snapshot.policy.replicated());
-    if replicated
-        && report.output_sha256.is_none()
-        && let Some((ours, size)) = app.db.attempt_output(attempt).await?
-    {
-        // Else its vote would say "no output" while the job's output, if it won, would be
-        // what it uploaded. (A job of one replica takes the report of a runner from before
-        // reports named their output.)
-        return Err(Refusal::new(
-            codes::INVALID_PARAMS,
-            format!(
-                "output_sha256: the server received an output for attempt {attempt} ({ours},                  {size} bytes), and the report must name it; nothing was recorded"
-            ),
-        ));
-    }
-    if let Some(theirs) = &report.output_sha256 {
-        // An output is set once, so what is read here cannot change under the report.
-        let why = match app.db.attempt_output(attempt).await? {
-            Some((ours, _)) if ours == *theirs => None,
-            Some((ours, size)) => Some(format!(
-                "the server received and hashed {ours} ({size} bytes) for attempt {attempt}"
-            )),
-            None => Some(format!(
-                "the server has received no output for attempt {attempt}"
-            )),
-        };
-        if let Some(why) = why {
-            return Err(Refusal::new(
-                codes::INVALID_PARAMS,
-                format!(
-                    "output_sha256: the report names the output {theirs}, but {why}; nothing \
-                     was recorded"
-                ),
-            ));
-        }
-    }
-    // The statement is checked against the records before anything is applied, and kept
-    // only once the report was taken (a refused report keeps nothing).
+    // The job as it is before the report: what the output rule and the statement are checked
+    // against (the step itself reads it again, under its version).
     let stored = app
         .db
         .load_job(who.job)
         .await?
         .ok_or_else(|| Refusal::new(codes::NOT_FOUND, "no such job"))?;
+    // An output is set once, so what is read here cannot change under the report.
+    let received = app.db.attempt_output(attempt).await?;
+    let why = match (&report.output_sha256, &received) {
+        (Some(theirs), Some((ours, _))) if ours == theirs => None,
+        (Some(theirs), Some((ours, size))) => Some(format!(
+            "the report names the output {theirs}, but the server received and hashed {ours} \
+             ({size} bytes) for attempt {attempt}"
+        )),
+        (Some(theirs), None) => Some(format!(
+            "the report names the output {theirs}, but the server has received no output for \
+             attempt {attempt}"
+        )),
+        // Else its vote would say "no output" while the job's output, if it won, would be what
+        // it uploaded. (A job of one replica takes the report of a runner from before reports
+        // named their output.)
+        (None, Some((ours, size))) if stored.snapshot.policy.replicated() => Some(format!(
+            "the server received an output for attempt {attempt} ({ours}, {size} bytes), and \
+             the report must name it"
+        )),
+        (None, _) => None,
+    };
+    if let Some(why) = why {
+        return Err(Refusal::new(
+            codes::INVALID_PARAMS,
+            format!("output_sha256: {why}; nothing was recorded"),
+        ));
+    }
+    // The statement is checked against the records before anything is applied, and kept with
+    // the step that takes the report (a refused report keeps nothing).
     let snapshot = stored
         .snapshot
         .attempt(attempt)
