@@ -6,6 +6,7 @@
 //! `construir_contract::archive` computes them) and of the console.
 
 use super::ClaimResponse;
+use super::transfer::{HashWriter, hex};
 use construir_api::keyfile;
 use construir_api::trust::{KeyPair, STATEMENT_VERSION, SignedStatement, Statement};
 use construir_api::types::{ReportRequest, RunnerId};
@@ -44,24 +45,15 @@ pub fn output_tree(job: &Path, len: u64, output_size: u64) -> Option<String> {
         .map(|i| i.tree_sha256)
 }
 
-/// The console's sha256 and length (an absent console is empty).
+/// The console's sha256 and length (an absent or unreadable console is empty).
 fn console_digest(console: &Path) -> (String, u64) {
     let mut hash = Sha256::new();
-    let mut total = 0u64;
-    if let Ok(mut f) = std::fs::File::open(console) {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-            total += n as u64;
-        }
+    match std::fs::File::open(console)
+        .and_then(|mut f| std::io::copy(&mut f, &mut HashWriter(&mut hash)))
+    {
+        Ok(total) => (hex(&hash.finalize()), total),
+        Err(_) => (hex(&Sha256::digest(b"")), 0),
     }
-    (
-        hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
-        total,
-    )
 }
 
 /// What signing a report needs besides the report.

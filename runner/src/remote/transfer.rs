@@ -152,7 +152,8 @@ pub fn find_output(job: &Path, max: u64) -> io::Result<Output> {
     })
 }
 
-struct HashWriter<'a>(&'a mut Sha256);
+/// Feeds what is written into a hash (`io::copy` into it hashes a reader).
+pub struct HashWriter<'a>(pub &'a mut Sha256);
 
 impl Write for HashWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
