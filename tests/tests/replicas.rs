@@ -8,22 +8,28 @@
 mod support;
 
 use construir_tests::TestJob;
+use std::path::Path;
 use support::Farm;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-#[test]
-fn two_owners_runners_agree_and_the_fetched_result_verifies_offline() {
-    let farm = Farm::start(&[]);
+/// Two pull runners of two owners (bob's and carol's) against the farm's server.
+fn two_owners_runners(farm: &Farm) -> [support::Proc; 2] {
     let carol = farm.runner_token_of("carol");
-    let _bob = farm.runner("bob-1", &farm.server.url, &[]);
-    let _carol = farm.runner_with(&carol, "carol-1", &farm.server.url, &[]);
-    let (job, data) = support::echo_job("twice", 200_000, 11, 0);
+    [
+        farm.runner("bob-1", &farm.server.url, &[]),
+        farm.runner_with(&carol, "carol-1", &farm.server.url, &[]),
+    ]
+}
+
+/// `construir submit JOB --replicas 2 --wait` (256 MiB, 1 vCPU, 5 min, `output_size`), which
+/// must exit 0: the job's id and its view once it ended.
+fn submit_twice(farm: &Farm, job: &Path, output_size: &str) -> (u64, serde_json::Value) {
     let out = farm.client(&[
         "submit",
-        job.path.to_str().unwrap(),
+        job.to_str().unwrap(),
         "--replicas",
         "2",
         "--wait",
@@ -34,11 +40,19 @@ fn two_owners_runners_agree_and_the_fetched_result_verifies_offline() {
         "--timeout",
         "5m",
         "--output-size",
-        "16M",
+        output_size,
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let id: u64 = text(&out.stdout).trim().parse().expect("the job's id");
-    let view = farm.show_json(id);
+    (id, farm.show_json(id))
+}
+
+#[test]
+fn two_owners_runners_agree_and_the_fetched_result_verifies_offline() {
+    let farm = Farm::start(&[]);
+    let _runners = two_owners_runners(&farm);
+    let (job, data) = support::echo_job("twice", 200_000, 11, 0);
+    let (id, view) = submit_twice(&farm, &job.path, "16M");
     assert_eq!(view["state"], "succeeded", "{view:#}");
     assert_eq!(view["attestation"], "verified", "{view:#}");
     let agreeing: Vec<u64> = view["agreeing"]
@@ -141,9 +155,7 @@ fn two_owners_runners_agree_and_the_fetched_result_verifies_offline() {
 fn replicas_see_one_clock_and_one_cpu_and_construir_output_makes_one_archive() {
     use construir_tools::pack::JobFile;
     let farm = Farm::start(&[]);
-    let carol = farm.runner_token_of("carol");
-    let _bob = farm.runner("bob-1", &farm.server.url, &[]);
-    let _carol = farm.runner_with(&carol, "carol-1", &farm.server.url, &[]);
+    let _runners = two_owners_runners(&farm);
     let script = "#!/bin/sh\nset -e\nmkdir -p /tmp/out\n\
         echo \"seconds $(date -u +%s)\"\n\
         date -u +%Y-%m-%dT%H:%M > /tmp/out/date.txt\n\
@@ -152,24 +164,7 @@ fn replicas_see_one_clock_and_one_cpu_and_construir_output_makes_one_archive() {
         cat /tmp/out/date.txt /tmp/out/epoch.txt /tmp/out/flags.txt\n\
         cd /tmp && construir-output out\n";
     let job = TestJob::new("clock", "t0", &[JobFile::script(script)], 1 << 20);
-    let out = farm.client(&[
-        "submit",
-        job.path.to_str().unwrap(),
-        "--replicas",
-        "2",
-        "--wait",
-        "--memory",
-        "256M",
-        "--vcpus",
-        "1",
-        "--timeout",
-        "5m",
-        "--output-size",
-        "1M",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let id: u64 = text(&out.stdout).trim().parse().expect("the job's id");
-    let view = farm.show_json(id);
+    let (id, view) = submit_twice(&farm, &job.path, "1M");
     assert_eq!(view["attestation"], "verified", "{view:#}");
     let epoch = view["created_ms"].as_u64().unwrap() / 1000;
     let attempts = view["attempts"].as_array().unwrap();
