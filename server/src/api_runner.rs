@@ -110,7 +110,9 @@ pub async fn register(
         return Err(Refusal::new(
             codes::WRONG_STATE,
             format!(
-                "runner {runner_id} ({}) is bound to the public key {bound}, not {key}: a                  runner's key is made once and kept in its state directory; a new machine                  registers under a new name",
+                "runner {runner_id} ({}) is bound to the public key {bound}, not {key}: a \
+                 runner's key is made once and kept in its state directory; a new machine \
+                 registers under a new name",
                 req.name
             ),
         ));

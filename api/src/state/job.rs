@@ -105,7 +105,8 @@ impl Run<'_> {
         if policy.replicated() {
             let live = self.job.live_count();
             self.job.reason = format!(
-                "attempt {attempt} on runner {runner}: {live} replica(s) running of {}, {}                  must agree",
+                "attempt {attempt} on runner {runner}: {live} replica(s) running of {}, {} \
+                 must agree",
                 policy.replicas, policy.quorum
             );
             return Ok(());
