@@ -12,6 +12,7 @@
 //! The transition tables are in docs/api.md; `state/job.rs` holds the job-level events (claim,
 //! cancel, tick, the unschedulable note), `state/attempt.rs` the attempt-level ones.
 
+mod adaptive;
 mod attempt;
 mod job;
 #[cfg(test)]
@@ -21,6 +22,7 @@ mod tests;
 mod view;
 mod votes;
 
+pub use adaptive::Alone;
 pub use view::{AttemptBlobs, JobFacts};
 pub use votes::{Ballot, OutputTree, Vote, VoteOutput};
 
@@ -162,6 +164,10 @@ pub struct JobPolicy {
     /// their CPU models and speeds match.
     #[serde(default)]
     pub any_class: bool,
+    /// One runner of good standing may run the job alone ([`Alone`]); only with a quorum of 2
+    /// or more.
+    #[serde(default)]
+    pub adaptive: bool,
 }
 
 fn one() -> u32 {
@@ -181,6 +187,7 @@ impl JobPolicy {
         owner: UserId(0),
         own_runners: false,
         any_class: false,
+        adaptive: false,
     };
 
     /// Whether more than one attempt must run: then replicas go to distinct owners, a
@@ -272,6 +279,9 @@ pub struct AttemptSnapshot {
     /// Its runner was revoked before the job ended: its vote does not count.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub voided: bool,
+    /// It holds the job alone, on its runner's standing ([`Alone`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alone: Option<Alone>,
 }
 
 impl JobSnapshot {
@@ -284,6 +294,10 @@ impl JobSnapshot {
             max_tries: policy.max_tries.max(1),
             replicas,
             quorum: policy.quorum.clamp(1, replicas),
+            ..policy
+        };
+        let policy = JobPolicy {
+            adaptive: policy.adaptive && policy.quorum >= 2,
             ..policy
         };
         let job = JobSnapshot {
@@ -487,6 +501,9 @@ impl JobSnapshot {
                 self.agreeing
             ));
         }
+        if let Some(broken) = self.alone_violation() {
+            return Some(broken);
+        }
         if self.agreeing.len() > 1 && self.agreeing.len() < self.policy.quorum as usize {
             return Some(format!(
                 "{} agreeing attempts of a quorum of {}",
@@ -556,6 +573,10 @@ pub enum Event {
         class: String,
         lease_until_ms: u64,
         accept_by_ms: u64,
+        /// The server lets this runner run the job alone, if the job allows it and nothing else
+        /// holds it ([`Alone`]); none for a runner short of the standing, or a server that
+        /// never does.
+        alone: Option<Alone>,
     },
     /// The runner starts the attempt (it must, before `accept_by_ms`).
     Start { attempt: AttemptId },
@@ -793,11 +814,12 @@ pub fn step(
             class,
             lease_until_ms,
             accept_by_ms,
+            alone,
         } => run.claim(
             *attempt,
             (*runner, *owner, class),
-            *lease_until_ms,
-            *accept_by_ms,
+            (*lease_until_ms, *accept_by_ms),
+            *alone,
         )?,
         Event::Start { attempt } => run.start(*attempt)?,
         Event::Heartbeat { attempt, progress } => run.heartbeat(*attempt, progress)?,

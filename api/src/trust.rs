@@ -91,6 +91,9 @@ pub enum TrustError {
         quorum: u32,
         replicas: u32,
     },
+    /// The receipt says one runner ran the job alone, but its terms do not hold.
+    #[error("the receipt says one runner ran the job alone, but {0}")]
+    RanAlone(String),
     /// Vote `vote` (counted from 1) holds a statement that does not open.
     #[error("vote {vote} (runner {runner}): {source}")]
     VoteStatement {
@@ -252,6 +255,9 @@ impl SignedStatement {
 pub enum Attestation {
     /// At least two runners of at least two distinct owners agree.
     Verified,
+    /// One runner of good standing ran it alone (adaptive replication) and no audit was
+    /// drawn: the result is as good as that runner's record and the audit chance, no more.
+    OnStanding,
     /// Too few runners or owners agree to call it verified.
     Unverified,
     /// Only the submitter's own runners vouch for it.
@@ -262,6 +268,7 @@ impl Attestation {
     pub fn as_str(self) -> &'static str {
         match self {
             Attestation::Verified => "verified",
+            Attestation::OnStanding => "on-standing",
             Attestation::Unverified => "unverified",
             Attestation::SelfAttested => "self-attested",
         }
@@ -275,12 +282,21 @@ impl std::fmt::Display for Attestation {
 }
 
 /// The rule, used by the server when it decides and by open() when it checks: SelfAttested if
-/// every agreeing owner is the submitter; Verified if quorum >= 2 and the agreeing owners are at
-/// least 2 distinct users; else Unverified.
-pub fn attestation_of(quorum: u32, agreeing_owners: &[UserId], submitter: UserId) -> Attestation {
+/// every agreeing owner is the submitter; OnStanding if one runner ran it alone (`ran_alone`);
+/// Verified if quorum >= 2 and the agreeing owners are at least 2 distinct users; else
+/// Unverified.
+pub fn attestation_of(
+    quorum: u32,
+    agreeing_owners: &[UserId],
+    submitter: UserId,
+    ran_alone: bool,
+) -> Attestation {
     // No owners at all vouch for nothing, not even the submitter's word.
     if !agreeing_owners.is_empty() && agreeing_owners.iter().all(|o| *o == submitter) {
         return Attestation::SelfAttested;
+    }
+    if ran_alone {
+        return Attestation::OnStanding;
     }
     let distinct: HashSet<UserId> = agreeing_owners.iter().copied().collect();
     if quorum >= 2 && distinct.len() >= 2 {

@@ -24,7 +24,7 @@ pub use runner::{
     LogOffsetResponse, MAX_CLAIM_WAIT_S, MAX_REASON_BYTES, Phase, PhaseTimes, ReportRequest,
     ReportStatus, RunnerCapabilities,
 };
-pub use runners::{RunnerView, Standing};
+pub use runners::{RanAlone, RunnerView, Standing};
 
 /// A request value that is refused, naming the field (the body of an `invalid-params` error).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

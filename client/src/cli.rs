@@ -151,6 +151,11 @@ pub struct SubmitArgs {
     /// CPU models and speeds); by default all run on the class of the first.
     #[arg(long)]
     pub any_host_class: bool,
+    /// Let one runner of good standing run the job alone where the server allows it
+    /// (adaptive replication): fewer runs, and a result `on-standing` instead of `verified`
+    /// unless the server's random audit runs the other replicas. Needs --quorum 2 or more.
+    #[arg(long)]
+    pub adaptive: bool,
     /// Wait until the job ends, then exit with its exit code.
     #[arg(long)]
     pub wait: bool,

@@ -156,6 +156,8 @@ mod tests {
             agreeing: vec![],
             attestation: None,
             revoked_runners: vec![],
+            adaptive: false,
+            ran_alone: None,
         }
     }
 

@@ -119,6 +119,7 @@ mod tests {
             quorum: Some(2),
             own_runners: true,
             any_class: false,
+            adaptive: true,
         };
         let path = submit("my job_t0.tar.xz", &all);
         assert!(
@@ -130,6 +131,7 @@ mod tests {
         assert_eq!(
             pairs,
             [
+                "adaptive=true",
                 "console_cap=1048576",
                 "image=t0",
                 "memory_mib=1024",

@@ -77,6 +77,7 @@ pub struct SubmitQuery {
     quorum: Option<u32>,
     own_runners: Option<bool>,
     any_class: Option<bool>,
+    adaptive: Option<bool>,
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", params(SubmitQuery),
@@ -107,6 +108,7 @@ pub async fn submit(
         quorum: q.quorum,
         own_runners: q.own_runners.unwrap_or(false),
         any_class: q.any_class.unwrap_or(false),
+        adaptive: q.adaptive.unwrap_or(false),
     };
     let server_max = JobLimits {
         output_size: app.settings.max_output_size,
@@ -179,6 +181,7 @@ pub async fn submit(
         owner,
         own_runners: params.own_runners,
         any_class: params.any_class,
+        adaptive: params.adaptive,
     };
     let t = JobSnapshot::submitted(policy, now);
     let image = params.image.clone().unwrap_or(name.image);

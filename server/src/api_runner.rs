@@ -14,8 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use construir_api::fit::{Pinned, fits};
-use construir_api::state::{Cooldown, Event, step};
-use construir_api::types::{AttemptId, ClaimRequest, ClaimResponse, JobId, RunnerId, UserId};
+use construir_api::state::{Alone, Cooldown, Event, step};
+use construir_api::types::{
+    AttemptId, ClaimRequest, ClaimResponse, JobId, RanAlone, RunnerId, UserId,
+};
 use construir_api::{ApiError, codes};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -307,6 +309,17 @@ pub async fn try_claim(
         "{}/{}",
         req.capabilities.backend, req.capabilities.host_kind
     );
+    // Adaptive replication: the runner's standing may let it run a job that allows it alone.
+    let after = app.settings.adaptive_after;
+    let standing = match after {
+        0 => 0,
+        _ => app.db.agreed_in_row(runner).await?,
+    };
+    let terms = (after > 0 && standing >= after).then_some(RanAlone {
+        agreed_in_row: standing,
+        after,
+        audit_percent: app.settings.audit_percent,
+    });
     for (_, _, id) in order {
         let Some(job) = app.db.load_job(id).await? else {
             continue;
@@ -364,6 +377,16 @@ pub async fn try_claim(
         // A replica this runner's owner may not take (its own job, or one it holds a replica
         // of) is passed over before an attempt row is made for it.
         let (lease_until_ms, accept_by_ms) = settings.claim_deadlines(now);
+        // Drawn for each job offered, told to no one (the state machine keeps it from every
+        // view until the attempt's vote is in).
+        let alone = match terms.filter(|_| job.snapshot.policy.adaptive) {
+            Some(terms) => Some(Alone {
+                audit: tokens::draw(terms.audit_percent)
+                    .map_err(|e| Refusal::new(codes::INTERNAL, e.to_string()))?,
+                terms,
+            }),
+            None => None,
+        };
         let trial = Event::Claim {
             attempt: AttemptId(u64::MAX),
             runner,
@@ -371,6 +394,7 @@ pub async fn try_claim(
             class: class.clone(),
             lease_until_ms,
             accept_by_ms,
+            alone,
         };
         if step(&job.snapshot, &settings, now, &trial).is_err() {
             continue;
@@ -380,7 +404,7 @@ pub async fn try_claim(
             .db
             .insert_attempt(id, runner, &tokens::digest(&token), claim_token)
             .await?;
-        let job = match claim_job(app, id, attempt, (runner, owner, &class), cap).await? {
+        let job = match claim_job(app, id, attempt, (runner, owner, &class), cap, alone).await? {
             ClaimStep::Claimed(job) => job,
             ClaimStep::Lost => {
                 // Someone else got it first, or its back-off began: the next one.
@@ -449,6 +473,7 @@ async fn claim_job(
     attempt: AttemptId,
     (runner, owner, class): (RunnerId, UserId, &str),
     cap: RunnerCap,
+    alone: Option<Alone>,
 ) -> Result<ClaimStep, Refusal> {
     let settings = app.step_settings();
     for _ in 0..5 {
@@ -464,6 +489,7 @@ async fn claim_job(
             class: class.to_string(),
             lease_until_ms,
             accept_by_ms,
+            alone,
         };
         let Ok(t) = step(&job.snapshot, &settings, now, &event) else {
             return Ok(ClaimStep::Lost);

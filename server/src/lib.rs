@@ -24,6 +24,8 @@ pub mod statements;
 pub mod tokens;
 
 #[cfg(test)]
+mod adaptive_tests;
+#[cfg(test)]
 mod flow_tests;
 #[cfg(test)]
 mod image_tests;

@@ -20,13 +20,13 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 /// One volunteer: an owner with a runner token, a registered runner and its key.
-struct Volunteer {
-    token: String,
-    runner: String,
-    key: KeyPair,
+pub(crate) struct Volunteer {
+    pub token: String,
+    pub runner: String,
+    pub key: KeyPair,
 }
 
-async fn volunteer(app: &Shared, owner: &str, name: &str) -> Volunteer {
+pub(crate) async fn volunteer(app: &Shared, owner: &str, name: &str) -> Volunteer {
     let token = token(app, owner, "runner").await;
     let key = KeyPair::generate().unwrap();
     let runner = register_with(app, &token, name, &key.public_hex()).await;
@@ -53,7 +53,7 @@ async fn register_with(app: &Shared, token: &str, name: &str, key: &str) -> Stri
 }
 
 /// An output archive (a small tar.xz) whose one file holds `text`.
-fn output(text: &str) -> Vec<u8> {
+pub(crate) fn output(text: &str) -> Vec<u8> {
     use construir_tools::pack::{JobFile, job_archive};
     job_archive(&[
         JobFile::script("#!/bin/sh\n"),
@@ -62,13 +62,13 @@ fn output(text: &str) -> Vec<u8> {
     .unwrap()
 }
 
-fn tree_of(bytes: &[u8]) -> String {
+pub(crate) fn tree_of(bytes: &[u8]) -> String {
     construir_contract::archive::index(bytes, &construir_contract::archive::Limits::DEFAULT)
         .unwrap()
         .tree_sha256
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes)
         .iter()
@@ -77,7 +77,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 /// A replicated job of alice's: `replicas` and `quorum` in its query.
-async fn submit_replicated(app: &Shared, alice: &str, query: &str) -> u64 {
+pub(crate) async fn submit_replicated(app: &Shared, alice: &str, query: &str) -> u64 {
     let a = send(
         app,
         Method::POST,
@@ -98,13 +98,13 @@ async fn submit_replicated(app: &Shared, alice: &str, query: &str) -> u64 {
 
 /// What a run reports: the status, the job's exit status, the output.
 #[derive(Clone)]
-struct Run {
-    status: ReportStatus,
-    exit: u16,
-    output: Vec<u8>,
+pub(crate) struct Run {
+    pub status: ReportStatus,
+    pub exit: u16,
+    pub output: Vec<u8>,
 }
 
-fn success(text: &str) -> Run {
+pub(crate) fn success(text: &str) -> Run {
     Run {
         status: ReportStatus::Success,
         exit: 0,
@@ -113,7 +113,7 @@ fn success(text: &str) -> Run {
 }
 
 /// The statement `v` would sign for its attempt `a` of `job` reporting `run`.
-async fn statement_of(app: &Shared, v: &Volunteer, a: &Claimed, run: &Run) -> Statement {
+pub(crate) async fn statement_of(app: &Shared, v: &Volunteer, a: &Claimed, run: &Run) -> Statement {
     let stored = app.db.load_job(JobId(a.job)).await.unwrap().unwrap();
     let attempt: u64 = a.base.rsplit('/').next().unwrap().parse().unwrap();
     Statement {
@@ -140,7 +140,7 @@ async fn statement_of(app: &Shared, v: &Volunteer, a: &Claimed, run: &Run) -> St
 }
 
 /// Claims a job for `v` (which must get one), starts it and uploads `run`'s output.
-async fn claim_and_upload(app: &Shared, v: &Volunteer, run: &Run) -> Claimed {
+pub(crate) async fn claim_and_upload(app: &Shared, v: &Volunteer, run: &Run) -> Claimed {
     let a = claimed(&claim(app, &v.token, &v.runner, caps()).await);
     assert_eq!(
         call(app, &a, Method::POST, "start", Body::empty())
@@ -165,7 +165,7 @@ async fn claim_and_upload(app: &Shared, v: &Volunteer, run: &Run) -> Claimed {
     a
 }
 
-async fn report(
+pub(crate) async fn report(
     app: &Shared,
     a: &Claimed,
     run: &Run,
@@ -185,7 +185,7 @@ async fn report(
 }
 
 /// `v` claims, runs and reports `run` honestly (signed with its own key); returns the attempt.
-async fn honest(app: &Shared, v: &Volunteer, run: &Run) -> Claimed {
+pub(crate) async fn honest(app: &Shared, v: &Volunteer, run: &Run) -> Claimed {
     let a = claim_and_upload(app, v, run).await;
     let st = statement_of(app, v, &a, run).await.sign(&v.key);
     let r = report(app, &a, run, Some(st)).await;
@@ -199,7 +199,7 @@ async fn honest(app: &Shared, v: &Volunteer, run: &Run) -> Claimed {
 }
 
 /// The job once it has ended (its votes wait for the outputs' background indexing).
-async fn ended(app: &Shared, alice: &str, id: u64) -> Value {
+pub(crate) async fn ended(app: &Shared, alice: &str, id: u64) -> Value {
     for _ in 0..500 {
         let j = show(app, alice, id).await;
         if !matches!(j["state"].as_str(), Some("queued" | "running")) {
@@ -211,7 +211,7 @@ async fn ended(app: &Shared, alice: &str, id: u64) -> Value {
 }
 
 /// The job once it wants another replica (queued, a vote or its index in).
-async fn wants_more(app: &Shared, alice: &str, id: u64) -> Value {
+pub(crate) async fn wants_more(app: &Shared, alice: &str, id: u64) -> Value {
     for _ in 0..500 {
         let j = show(app, alice, id).await;
         if j["reason"]
@@ -228,7 +228,7 @@ async fn wants_more(app: &Shared, alice: &str, id: u64) -> Value {
     );
 }
 
-async fn runners(app: &Shared, token: &str) -> Vec<Value> {
+pub(crate) async fn runners(app: &Shared, token: &str) -> Vec<Value> {
     let r = send(
         app,
         Method::GET,
@@ -242,7 +242,7 @@ async fn runners(app: &Shared, token: &str) -> Vec<Value> {
     r.json().as_array().unwrap().clone()
 }
 
-fn standing_of(list: &[Value], runner: &str) -> (u64, u64, u64) {
+pub(crate) fn standing_of(list: &[Value], runner: &str) -> (u64, u64, u64) {
     let r = list
         .iter()
         .find(|r| r["id"].as_u64().unwrap().to_string() == runner)
@@ -255,7 +255,7 @@ fn standing_of(list: &[Value], runner: &str) -> (u64, u64, u64) {
     )
 }
 
-async fn receipt(app: &Shared, alice: &str, id: u64) -> Answer {
+pub(crate) async fn receipt(app: &Shared, alice: &str, id: u64) -> Answer {
     send(
         app,
         Method::GET,
@@ -267,7 +267,7 @@ async fn receipt(app: &Shared, alice: &str, id: u64) -> Answer {
     .await
 }
 
-async fn server_key(app: &Shared) -> ServerKey {
+pub(crate) async fn server_key(app: &Shared) -> ServerKey {
     let k = send(
         app,
         Method::GET,

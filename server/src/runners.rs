@@ -74,6 +74,18 @@ impl Db {
         })
     }
 
+    /// How many of `runner`'s votes in a row agreed with a quorum (0 for an unknown runner).
+    pub async fn agreed_in_row(&self, runner: RunnerId) -> Result<u64, DbError> {
+        let row = sqlx::query("SELECT agreed_in_row FROM runners WHERE id = $1")
+            .bind(runner.0 as i64)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64, _>(0))
+            .transpose()?
+            .map_or(0, |n| n.max(0) as u64))
+    }
+
     /// Whether `runner` has been revoked.
     pub async fn runner_revoked(&self, runner: RunnerId) -> Result<bool, DbError> {
         let row = sqlx::query("SELECT revoked_ms FROM runners WHERE id = $1")

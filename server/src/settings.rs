@@ -46,6 +46,16 @@ pub struct SettingArgs {
     /// (default 10000).
     #[arg(long, env = "CONSTRUIR_SERVER_MAX_QUEUED_PER_USER")]
     pub max_queued_per_user: Option<u64>,
+    /// Adaptive replication: a runner whose last N votes agreed with a quorum may run a job
+    /// submitted with `--adaptive` alone; its result is then `on-standing`, not `verified`
+    /// (default 0: never).
+    #[arg(long, env = "CONSTRUIR_SERVER_ADAPTIVE_AFTER")]
+    pub adaptive_after: Option<u64>,
+    /// The chance, in percent, that a run alone is audited: after its vote, the job's other
+    /// replicas run and must agree with it (default 10).
+    #[arg(long, env = "CONSTRUIR_SERVER_AUDIT_PERCENT",
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub audit_percent: Option<u8>,
 }
 
 /// The same settings in a config file.
@@ -62,6 +72,8 @@ struct FileSettings {
     max_tries: Option<u32>,
     retention: Option<String>,
     max_queued_per_user: Option<u64>,
+    adaptive_after: Option<u64>,
+    audit_percent: Option<u8>,
 }
 
 /// The settings in force.
@@ -77,6 +89,10 @@ pub struct Settings {
     pub max_tries: u32,
     pub retention: Option<Duration>,
     pub max_queued_per_user: u64,
+    /// Votes agreed in a row that let a runner run an adaptive job alone; 0: never.
+    pub adaptive_after: u64,
+    /// The chance, in percent (0 to 100), that a run alone is audited.
+    pub audit_percent: u8,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +185,17 @@ impl SettingArgs {
                 .max_queued_per_user
                 .or(file.max_queued_per_user)
                 .unwrap_or(10_000),
+            adaptive_after: self.adaptive_after.or(file.adaptive_after).unwrap_or(0),
+            audit_percent: match self.audit_percent.or(file.audit_percent).unwrap_or(10) {
+                p @ 0..=100 => p,
+                p => {
+                    return Err(SettingsError::Value {
+                        path,
+                        key: "audit_percent",
+                        message: format!("{p} is not a percentage (0 to 100)"),
+                    });
+                }
+            },
         })
     }
 }
@@ -214,10 +241,18 @@ mod tests {
         assert_eq!(s.accept_window, Duration::from_secs(30), "the default");
         assert_eq!(s.retention, Some(Duration::from_secs(30 * 86400)));
         assert_eq!(s.max_queued_per_user, 10_000);
+        assert_eq!(
+            (s.adaptive_after, s.audit_percent),
+            (0, 10),
+            "no runs alone"
+        );
 
         std::fs::write(&cfg, "lease = \"soon\"\n").unwrap();
         let e = args_with(&cfg).resolve().unwrap_err().to_string();
         assert!(e.contains("lease"), "{e}");
+        std::fs::write(&cfg, "audit_percent = 101\n").unwrap();
+        let e = args_with(&cfg).resolve().unwrap_err().to_string();
+        assert!(e.contains("audit_percent") && e.contains("101"), "{e}");
         std::fs::write(&cfg, "leese = \"1s\"\n").unwrap();
         assert!(matches!(
             args_with(&cfg).resolve(),

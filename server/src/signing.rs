@@ -187,6 +187,7 @@ mod tests {
             replicas: 1,
             quorum: 1,
             attestation: Attestation::Unverified,
+            ran_alone: None,
             verdict: Verdict {
                 status: ReportStatus::Failed,
                 job_exit_status: Some(2),

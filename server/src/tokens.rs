@@ -10,22 +10,16 @@ pub const PREFIX: &str = "cst_";
 /// A new token's text.
 pub fn generate() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        // SAFETY: getrandom writes at most the remaining length into our buffer.
-        let n = unsafe {
-            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
     Ok(format!("{PREFIX}{}", hex(&bytes)))
+}
+
+/// Whether a draw with a chance of `percent` in 100 comes up (the kernel's random source: a
+/// runner cannot predict it from anything it sees).
+pub fn draw(percent: u8) -> std::io::Result<bool> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    Ok(u64::from_le_bytes(bytes) % 100 < u64::from(percent))
 }
 
 /// What is stored for a token, and looked up on each request.
@@ -92,5 +86,14 @@ mod tests {
             digest("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn draws_come_up_by_their_chance() {
+        assert!((0..200).all(|_| !draw(0).unwrap()));
+        assert!((0..200).all(|_| draw(100).unwrap()));
+        // 1000 draws at 30%: well inside 200..400 unless the source is broken.
+        let hits = (0..1000).filter(|_| draw(30).unwrap()).count();
+        assert!((200..400).contains(&hits), "{hits} of 1000 at 30%");
     }
 }

@@ -17,8 +17,8 @@ impl Run<'_> {
         &mut self,
         attempt: AttemptId,
         (runner, owner, class): (RunnerId, UserId, &str),
-        lease_until_ms: u64,
-        accept_by_ms: u64,
+        (lease_until_ms, accept_by_ms): (u64, u64),
+        alone: Option<super::Alone>,
     ) -> Result<(), Refusal> {
         self.unfinished()?;
         if self.job.wanted() == 0 {
@@ -80,6 +80,7 @@ impl Run<'_> {
                 until_ms: c.until_ms,
             });
         }
+        let alone = alone.filter(|_| self.may_run_alone());
         self.job.attempts.push(AttemptSnapshot {
             id: attempt,
             runner,
@@ -99,9 +100,19 @@ impl Run<'_> {
             output_tree: None,
             runner_class: class.to_string(),
             voided: false,
+            alone,
         });
         self.job.state = JobState::Running;
         self.job.retry_not_before_ms = None;
+        if let Some(alone) = alone {
+            // The same words whether or not the run is audited: the draw stays unseen.
+            self.job.reason = format!(
+                "attempt {attempt} on runner {runner}, alone on its standing ({} votes agreed \
+                 in a row; {}% of such runs are audited by other replicas after it reports)",
+                alone.terms.agreed_in_row, alone.terms.audit_percent
+            );
+            return Ok(());
+        }
         if policy.replicated() {
             let live = self.job.live_count();
             self.job.reason = format!(

@@ -2,7 +2,7 @@
 //! invariants every snapshot must keep, whatever happens in whatever order.
 
 use super::*;
-use crate::types::{PhaseTimes, ReportStatus, UserId};
+use crate::types::{PhaseTimes, RanAlone, ReportStatus, UserId};
 
 /// splitmix64: tiny, good enough to shuffle events, and needs no dependency.
 struct Prng(u64);
@@ -71,6 +71,15 @@ fn random_event(rng: &mut Prng, job: &JobSnapshot, settings: &Settings, now: u64
                 .into(),
                 lease_until_ms,
                 accept_by_ms,
+                // Sometimes a runner the server lets run the job alone, audited or not.
+                alone: (rng.below(3) == 0).then(|| Alone {
+                    audit: rng.below(2) == 0,
+                    terms: RanAlone {
+                        agreed_in_row: 5 + rng.below(5),
+                        after: 5,
+                        audit_percent: 10,
+                    },
+                }),
             }
         }
         3..=4 => Event::Start { attempt },
@@ -277,6 +286,23 @@ fn check_step(
             c.until_ms
         ));
     }
+    // A claim takes the job alone only when nothing held it or voted on it; a run alone that
+    // ends the job gains no one standing.
+    if after.attempts.len() > before.attempts.len()
+        && after.attempts.last().is_some_and(|a| a.alone.is_some())
+    {
+        let t = before.tally();
+        if t.votes + t.pending + t.live > 0 || !before.policy.adaptive {
+            return Err("a claim took the job alone beside other replicas".into());
+        }
+    }
+    if after.ran_alone().is_some()
+        && t.effects
+            .iter()
+            .any(|e| matches!(e, Effect::Standing { .. }))
+    {
+        return Err("a run alone changed standing".into());
+    }
     if before.cancel_requested && !ended && after.state != JobState::Running {
         return Err("a canceling job went back to the queue".into());
     }
@@ -315,9 +341,13 @@ fn check_step(
                 return Err(format!("RequeueAt({at}) for {after:?}"));
             }
             Effect::TakeResult(id) => {
-                // Only a live attempt within its lease gives the result.
+                // Only an attempt that reported within its lease gives the result: live and
+                // in time now, or reported so before (a vote whose index came since).
                 let in_time = before.attempt(*id).is_some_and(|b| {
-                    b.state.is_live() && now < b.lease_until_ms && b.started_ms.is_some()
+                    let now_in_time =
+                        b.state.is_live() && now < b.lease_until_ms && b.started_ms.is_some();
+                    let reported = b.state == AttemptState::Reported && !b.late;
+                    now_in_time || (reported && matches!(event, Event::Indexed { .. }))
                 });
                 if !in_time {
                     return Err(format!("TakeResult({id}) of an attempt past its lease"));
@@ -368,6 +398,7 @@ fn random_event_sequences_keep_the_invariants() {
     let mut rng = Prng(0x636f_6e73_7472_7569);
     let (mut taken, mut refusals, mut ended) = (0u32, 0u32, 0u32);
     let (mut not_started, mut barred, mut again) = (0u32, 0u32, 0u32);
+    let (mut on_standing, mut alone) = (0u32, 0u32);
     for sequence in 0..3000 {
         // Short timings half of the time, so that caps and back-offs are reached often.
         let settings = if rng.below(2) == 0 {
@@ -396,6 +427,7 @@ fn random_event_sequences_keep_the_invariants() {
             owner: UserId(rng.below(5)),
             own_runners: rng.below(2) == 0,
             any_class: rng.below(2) == 0,
+            adaptive: rng.below(2) == 0,
         };
         let mut now = 1_000_000 + rng.below(1_000_000);
         let mut job = JobSnapshot::submitted(policy, now).job;
@@ -441,6 +473,8 @@ fn random_event_sequences_keep_the_invariants() {
             }
         }
         ended += u32::from(job.state.is_terminal());
+        on_standing += u32::from(job.ran_alone().is_some());
+        alone += u32::from(job.attempts.iter().any(|a| a.alone.is_some()));
         not_started +=
             u32::from(job.state == JobState::Errored && job.tries() < job.policy.max_tries);
     }
@@ -457,6 +491,12 @@ fn random_event_sequences_keep_the_invariants() {
         "taken {taken}, refused {refusals}"
     );
     assert!(ended > 2_000, "only {ended} of 3000 jobs ended");
+    // Jobs run alone, and some end on their runner's standing (random sequences seldom get
+    // two votes in: audits have their own tests, tests/adaptive.rs).
+    assert!(
+        alone > 100 && on_standing > 0,
+        "jobs run alone {alone}, ended on standing {on_standing}"
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use super::*;
 use crate::types::{JobLimits, PhaseTimes, ReportStatus, UserId};
 
+mod adaptive;
 mod cancel_and_edges;
 mod replicas;
 
@@ -54,6 +55,7 @@ fn claim(attempt: AttemptId, runner: RunnerId, now: u64) -> Event {
         class: "qemu/none".into(),
         lease_until_ms,
         accept_by_ms,
+        alone: None,
     }
 }
 

@@ -55,8 +55,14 @@ impl JobSnapshot {
             .filter_map(|id| self.attempt(*id))
             .collect();
         let owners: Vec<UserId> = agreeing.iter().map(|a| a.runner_owner).collect();
-        let attestation = (!agreeing.is_empty())
-            .then(|| attestation_of(self.policy.quorum, &owners, facts.owner));
+        let attestation = (!agreeing.is_empty()).then(|| {
+            attestation_of(
+                self.policy.quorum,
+                &owners,
+                facts.owner,
+                self.ran_alone().is_some(),
+            )
+        });
         let revoked_runners: Vec<RunnerId> = attempts
             .iter()
             .filter(|(v, revoked)| *revoked && self.agreeing.contains(&v.id))
@@ -85,6 +91,8 @@ impl JobSnapshot {
             agreeing: self.agreeing.clone(),
             attestation,
             revoked_runners,
+            adaptive: self.policy.adaptive,
+            ran_alone: self.ran_alone(),
         }
     }
 }

@@ -166,7 +166,7 @@ impl JobSnapshot {
     /// vote cap. 0 once it ended or while a cancel is under way. A job of one replica wants 1
     /// exactly when it is queued.
     pub fn wanted(&self) -> u32 {
-        if self.state.is_terminal() || self.cancel_requested {
+        if self.state.is_terminal() || self.cancel_requested || self.held_alone() {
             return 0;
         }
         let t = self.tally();
@@ -226,6 +226,9 @@ impl Run<'_> {
     /// After a vote was cast: the job ends with a quorum, or as inconclusive when none can be
     /// reached any more; else it goes on, claimable again if it wants more attempts.
     pub(super) fn count(&mut self, wanted_before: u32) {
+        if self.count_alone() {
+            return;
+        }
         let t = self.job.tally();
         let p = self.job.policy;
         if let Some((vote, at)) = t.best.clone().filter(|_| t.best_owners >= p.quorum) {
@@ -241,8 +244,15 @@ impl Run<'_> {
             JobState::Queued
         };
         let wanted = self.job.wanted();
+        let audited = match self.job.alone_attempt() {
+            Some((i, _)) => format!(
+                "attempt {} ran alone on its runner's standing and an audit was drawn: ",
+                self.job.attempts[i].id
+            ),
+            None => String::new(),
+        };
         self.job.reason = format!(
-            "{} of {} votes agree so far ({} needed){}{}",
+            "{audited}{} of {} votes agree so far ({} needed){}{}",
             t.best_owners,
             t.votes,
             p.quorum,

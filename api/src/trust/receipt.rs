@@ -6,7 +6,7 @@ use super::{
     Statement, TrustError, attestation_of, check_image, check_outcome, check_sha256, check_size,
     check_version, echo, named, parse, shown, verify_signature,
 };
-use crate::types::{InvalidField, JobId, ReportStatus, RunnerId, UserId};
+use crate::types::{InvalidField, JobId, RanAlone, ReportStatus, RunnerId, UserId};
 use serde::{Deserialize, Serialize};
 
 /// The longest job file name a receipt may carry (a file name's limit).
@@ -55,6 +55,10 @@ pub struct Receipt {
     pub replicas: u32,
     pub quorum: u32,
     pub attestation: Attestation,
+    /// One runner of good standing ran the job alone and no audit was drawn (adaptive
+    /// replication): its one vote stands for the quorum, on these terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran_alone: Option<RanAlone>,
     pub verdict: Verdict,
     /// The agreeing statements only.
     pub votes: Vec<Vote>,
@@ -133,10 +137,15 @@ impl SignedReceipt {
         }
         receipt.validate().map_err(TrustError::InvalidReceipt)?;
         let votes = receipt.votes.len();
-        if receipt.quorum < 1
-            || receipt.quorum > receipt.replicas
-            || votes < receipt.quorum as usize
-        {
+        if let Some(terms) = &receipt.ran_alone {
+            check_ran_alone(terms, votes, receipt.quorum)?;
+        }
+        // A run alone's one vote stands for its quorum.
+        let needed = match receipt.ran_alone {
+            Some(_) => 1,
+            None => receipt.quorum as usize,
+        };
+        if receipt.quorum < 1 || receipt.quorum > receipt.replicas || votes < needed {
             return Err(TrustError::Quorum {
                 votes,
                 quorum: receipt.quorum,
@@ -163,7 +172,12 @@ impl SignedReceipt {
         )?;
         distinct("owner", receipt.votes.iter().map(|v| v.owner.to_string()))?;
         let owners: Vec<UserId> = receipt.votes.iter().map(|v| v.owner).collect();
-        let actual = attestation_of(receipt.quorum, &owners, receipt.submitter);
+        let actual = attestation_of(
+            receipt.quorum,
+            &owners,
+            receipt.submitter,
+            receipt.ran_alone.is_some(),
+        );
         if receipt.attestation != actual {
             return Err(TrustError::WrongAttestation {
                 claimed: receipt.attestation,
@@ -185,6 +199,28 @@ impl SignedReceipt {
         }
         Ok(receipt)
     }
+}
+
+/// A run alone's terms: one vote, in place of a quorum of 2 or more, by a runner whose standing
+/// met the server's ask, which asks at least one vote.
+fn check_ran_alone(terms: &RanAlone, votes: usize, quorum: u32) -> Result<(), TrustError> {
+    let why = if votes != 1 {
+        format!("it carries {votes} votes instead of that runner's one")
+    } else if quorum < 2 {
+        format!("its quorum is {quorum}, which one vote meets without standing")
+    } else if terms.after < 1 {
+        "the standing asked is no votes at all".to_string()
+    } else if terms.agreed_in_row < terms.after {
+        format!(
+            "the runner had {} votes agreed in a row, short of the {} asked",
+            terms.agreed_in_row, terms.after
+        )
+    } else if terms.audit_percent > 100 {
+        format!("an audit chance of {}%", terms.audit_percent)
+    } else {
+        return Ok(());
+    };
+    Err(TrustError::RanAlone(why))
 }
 
 /// Opens vote `number`'s statement and checks it speaks of the receipt's job and verdict.

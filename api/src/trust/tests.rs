@@ -1,4 +1,5 @@
 use super::*;
+use crate::types::RanAlone;
 
 const JOB_SHA: &str = "ab";
 const OUT_SHA: &str = "0f";
@@ -67,6 +68,7 @@ fn fixture() -> Fixture {
         replicas: 2,
         quorum: 2,
         attestation: Attestation::Verified,
+        ran_alone: None,
         verdict: Verdict {
             status: ReportStatus::Success,
             job_exit_status: Some(0),
@@ -529,26 +531,29 @@ fn a_receipt_needs_its_quorum_of_votes() {
 #[test]
 fn the_attestation_must_be_what_the_votes_make_it() {
     assert_eq!(
-        attestation_of(2, &[UserId(4), UserId(7)], UserId(1)),
+        attestation_of(2, &[UserId(4), UserId(7)], UserId(1), false),
         Attestation::Verified
     );
     assert_eq!(
-        attestation_of(1, &[UserId(4), UserId(7)], UserId(1)),
+        attestation_of(1, &[UserId(4), UserId(7)], UserId(1), false),
         Attestation::Unverified
     );
     assert_eq!(
-        attestation_of(2, &[UserId(4), UserId(4)], UserId(1)),
+        attestation_of(2, &[UserId(4), UserId(4)], UserId(1), false),
         Attestation::Unverified
     );
     assert_eq!(
-        attestation_of(1, &[UserId(4)], UserId(1)),
+        attestation_of(1, &[UserId(4)], UserId(1), false),
         Attestation::Unverified
     );
     assert_eq!(
-        attestation_of(2, &[UserId(1), UserId(1)], UserId(1)),
+        attestation_of(2, &[UserId(1), UserId(1)], UserId(1), false),
         Attestation::SelfAttested
     );
-    assert_eq!(attestation_of(1, &[], UserId(1)), Attestation::Unverified);
+    assert_eq!(
+        attestation_of(1, &[], UserId(1), false),
+        Attestation::Unverified
+    );
     assert_eq!(
         serde_json::to_string(&Attestation::SelfAttested).unwrap(),
         "\"self-attested\""
@@ -580,6 +585,87 @@ fn the_attestation_must_be_what_the_votes_make_it() {
     );
     f.receipt.attestation = Attestation::SelfAttested;
     assert_eq!(f.open().unwrap().attestation, Attestation::SelfAttested);
+}
+
+#[test]
+fn a_result_run_alone_is_on_standing_with_one_vote_and_terms_that_hold() {
+    assert_eq!(
+        attestation_of(2, &[UserId(4)], UserId(1), true),
+        Attestation::OnStanding
+    );
+    // The submitter's own runner, alone: its word is still the submitter's.
+    assert_eq!(
+        attestation_of(2, &[UserId(1)], UserId(1), true),
+        Attestation::SelfAttested
+    );
+    let terms = RanAlone {
+        agreed_in_row: 12,
+        after: 10,
+        audit_percent: 10,
+    };
+    let alone = || {
+        let mut f = fixture();
+        f.receipt.votes.truncate(1);
+        f.receipt.ran_alone = Some(terms);
+        f.receipt.attestation = Attestation::OnStanding;
+        f
+    };
+    let opened = alone().open().unwrap();
+    assert_eq!(opened.attestation, Attestation::OnStanding);
+    assert_eq!(opened.ran_alone, Some(terms));
+    // The same one vote without the terms is short of its quorum of 2.
+    let mut f = alone();
+    f.receipt.ran_alone = None;
+    assert!(matches!(f.open(), Err(TrustError::Quorum { .. })));
+    // Called verified, it is refused: one runner verifies nothing.
+    let mut f = alone();
+    f.receipt.attestation = Attestation::Verified;
+    assert!(
+        matches!(
+            f.open(),
+            Err(TrustError::WrongAttestation {
+                actual: Attestation::OnStanding,
+                ..
+            })
+        ),
+        "{:?}",
+        f.open()
+    );
+    // Terms that do not hold.
+    let mut two = fixture();
+    two.receipt.ran_alone = Some(terms);
+    two.receipt.attestation = Attestation::OnStanding;
+    let short = RanAlone {
+        agreed_in_row: 3,
+        ..terms
+    };
+    let nothing_asked = RanAlone {
+        agreed_in_row: 0,
+        after: 0,
+        ..terms
+    };
+    let chance = RanAlone {
+        audit_percent: 101,
+        ..terms
+    };
+    let mut quorum_one = alone();
+    (quorum_one.receipt.quorum, quorum_one.receipt.replicas) = (1, 1);
+    let mut cases = vec![(two, "2 votes instead of that runner's one".to_string())];
+    for (t, why) in [
+        (short, "3 votes agreed in a row, short of the 10 asked"),
+        (nothing_asked, "no votes at all"),
+        (chance, "an audit chance of 101%"),
+    ] {
+        let mut f = alone();
+        f.receipt.ran_alone = Some(t);
+        cases.push((f, why.to_string()));
+    }
+    cases.push((quorum_one, "its quorum is 1".to_string()));
+    for (f, why) in cases {
+        let e = f.open().unwrap_err();
+        assert!(matches!(e, TrustError::RanAlone(_)), "{e:?}");
+        assert!(e.to_string().contains(&why), "{e} / {why}");
+    }
 }
 
 #[test]

@@ -153,6 +153,12 @@ pub struct SubmitParams {
     /// default all run on the first one's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub any_class: bool,
+    /// Let one runner of good standing run the replicated job alone, where the server allows it
+    /// (`--adaptive-after`; BOINC's adaptive replication): the result is then `on-standing`,
+    /// not `verified`, unless the server's random audit asks for the other replicas. Needs a
+    /// quorum of 2 or more.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adaptive: bool,
 }
 
 /// The most replicas a job may ask for.
@@ -173,6 +179,15 @@ impl SubmitParams {
             return Err(InvalidField::new(
                 "quorum",
                 format!("{quorum} is outside 1..={replicas} (the replicas)"),
+            ));
+        }
+        if self.adaptive && quorum < 2 {
+            return Err(InvalidField::new(
+                "adaptive",
+                format!(
+                    "a quorum of {quorum} has no replicas to spare: adaptive replication lets \
+                     one runner stand in for a quorum of 2 or more"
+                ),
             ));
         }
         Ok((replicas, quorum))
@@ -263,14 +278,21 @@ pub struct JobView {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agreeing: Vec<AttemptId>,
     /// How far the result is vouched for, once there is one: `verified` (a quorum of 2 or more
-    /// owners agreed), `unverified` (one runner's word), `self-attested` (only the submitter's
-    /// own runners).
+    /// owners agreed), `on-standing` (one runner of good standing ran it alone, unaudited),
+    /// `unverified` (one runner's word), `self-attested` (only the submitter's own runners).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<crate::trust::Attestation>,
     /// Runners of the agreeing attempts whose tokens have been revoked since: the result stands
     /// on their word, which their owners or an admin have withdrawn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_runners: Vec<RunnerId>,
+    /// The job was submitted with `adaptive` (one runner of good standing may run it alone).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adaptive: bool,
+    /// The result stands on one runner's standing (attestation `on-standing`): what let it run
+    /// alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran_alone: Option<super::RanAlone>,
 }
 
 fn one() -> u32 {

@@ -16,6 +16,22 @@ pub struct Standing {
     pub disagreed: u64,
 }
 
+/// Why a result stands on one runner's word (adaptive replication, BOINC's): the runner's
+/// standing when it claimed the job, and the server's terms then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RanAlone {
+    /// The runner's votes in a row that had agreed with a quorum.
+    pub agreed_in_row: u64,
+    /// The votes in a row the server asked of a runner to let it run a job alone
+    /// (`--adaptive-after`).
+    pub after: u64,
+    /// The chance, in percent, that such a run was audited (`--audit-percent`): another
+    /// replica run after its report, which had to agree with it.
+    pub audit_percent: u8,
+}
+
 /// A registered runner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -149,6 +149,8 @@ mod tests {
             agreeing: vec![],
             attestation: None,
             revoked_runners: vec![],
+            adaptive: false,
+            ran_alone: None,
         };
         assert_eq!(
             progress_line(&job),

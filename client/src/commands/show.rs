@@ -117,6 +117,12 @@ pub fn summary(job: &JobView) -> String {
             "  replicas  {} on runners of distinct owners, {} must agree",
             job.replicas, job.quorum
         );
+        if job.adaptive {
+            let _ = writeln!(
+                s,
+                "            one runner of good standing may run it alone (adaptive)"
+            );
+        }
     }
     if let Some(att) = job.attestation {
         let by = if job.agreeing.len() > 1 {
@@ -126,6 +132,14 @@ pub fn summary(job: &JobView) -> String {
             String::new()
         };
         let _ = writeln!(s, "  result    {att}{by}");
+        if let Some(t) = job.ran_alone {
+            let _ = writeln!(
+                s,
+                "            one runner ran it alone on its standing: {} votes agreed in a row \
+                 ({} asked), no audit drawn ({}% of such runs are)",
+                t.agreed_in_row, t.after, t.audit_percent
+            );
+        }
     }
     for r in &job.revoked_runners {
         let _ = writeln!(
@@ -271,6 +285,8 @@ mod tests {
             agreeing: vec![],
             attestation: None,
             revoked_runners: vec![],
+            adaptive: false,
+            ran_alone: None,
             attempts: vec![AttemptView {
                 id: AttemptId(7),
                 runner: RunnerId(2),

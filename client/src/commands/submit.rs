@@ -105,6 +105,7 @@ pub fn params(args: &SubmitArgs) -> SubmitParams {
         quorum: args.quorum,
         own_runners: args.own_runners,
         any_class: args.any_host_class,
+        adaptive: args.adaptive,
     }
 }
 

@@ -215,17 +215,24 @@ fn summary(receipt: &Receipt) -> String {
         (Some(sha), None) => format!("output sha256 {sha}"),
         _ => "no output".to_string(),
     };
+    let quorum = match receipt.ran_alone {
+        Some(t) => format!(
+            "run alone on its standing in place of a quorum of {} ({} votes agreed in a row, {} \
+             asked; {}% of such runs are audited)",
+            receipt.quorum, t.agreed_in_row, t.after, t.audit_percent
+        ),
+        None => format!("quorum {}", receipt.quorum),
+    };
     // The attestation first: a script reading the line sees at once whether the result is
     // verified by a quorum, or only checked to be the server's and one runner's word.
     format!(
         "{}: job {} {outcome}, its receipt and output check out; {} of {} agreeing runners ({}), \
-         quorum {}; {output}; signed by server key {}",
+         {quorum}; {output}; signed by server key {}",
         receipt.attestation,
         receipt.job_id,
         receipt.votes.len(),
         receipt.replicas,
         runners.join(", "),
-        receipt.quorum,
         key_id(&receipt.server_key)
     )
 }
@@ -431,6 +438,7 @@ mod tests {
             replicas: 2,
             quorum: 2,
             attestation: Attestation::Verified,
+            ran_alone: None,
             verdict: Verdict {
                 status: ReportStatus::Success,
                 job_exit_status: Some(0),
@@ -490,6 +498,34 @@ mod tests {
         let e = run(&args(dir, extra)).unwrap_err();
         let f = e.downcast_ref::<exit::Failure>().expect("a Failure");
         (f.code, f.message.clone())
+    }
+
+    #[test]
+    fn a_result_run_alone_verifies_as_on_standing_and_says_on_what_terms() {
+        let f = fetched(Some(&tar()));
+        let path = f.dir.path().join(RECEIPT_FILE);
+        let signed: SignedReceipt = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut receipt = signed.open(&f.server.public_hex()).unwrap();
+        receipt.votes.truncate(1);
+        receipt.attestation = Attestation::OnStanding;
+        receipt.ran_alone = Some(construir_api::types::RanAlone {
+            agreed_in_row: 12,
+            after: 10,
+            audit_percent: 5,
+        });
+        let text = serde_json::to_string(&receipt.sign(&f.server)).unwrap();
+        std::fs::write(&path, text).unwrap();
+        let line = verify(f.dir.path(), &f.server.public_hex(), &Limits::DEFAULT).unwrap();
+        assert!(line.starts_with("on-standing: job 9 succeeded"), "{line}");
+        assert!(
+            line.contains(
+                "1 of 2 agreeing runners (3 of user 4 key"
+            ) && line.contains(
+                "run alone on its standing in place of a quorum of 2 (12 votes agreed in a row, \
+                 10 asked; 5% of such runs are audited)"
+            ),
+            "{line}"
+        );
     }
 
     #[test]

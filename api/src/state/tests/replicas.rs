@@ -2,12 +2,12 @@
 
 use super::*;
 
-const SUBMITTER: UserId = UserId(1);
+pub(super) const SUBMITTER: UserId = UserId(1);
 const A4: AttemptId = AttemptId(4);
 const R3: RunnerId = RunnerId(30);
 const R4: RunnerId = RunnerId(40);
 
-fn replicated(replicas: u32, quorum: u32) -> JobSnapshot {
+pub(super) fn replicated(replicas: u32, quorum: u32) -> JobSnapshot {
     JobSnapshot::submitted(
         JobPolicy {
             replicas,
@@ -21,7 +21,7 @@ fn replicated(replicas: u32, quorum: u32) -> JobSnapshot {
 }
 
 /// A claim by `runner`, whose owner is the user of the same number (runner 10: user 10).
-fn claim_by(attempt: AttemptId, runner: RunnerId, owner: UserId, now: u64) -> Event {
+pub(super) fn claim_by(attempt: AttemptId, runner: RunnerId, owner: UserId, now: u64) -> Event {
     let (lease_until_ms, accept_by_ms) = SETTINGS.claim_deadlines(now);
     Event::Claim {
         attempt,
@@ -30,10 +30,11 @@ fn claim_by(attempt: AttemptId, runner: RunnerId, owner: UserId, now: u64) -> Ev
         class: "qemu/none".into(),
         lease_until_ms,
         accept_by_ms,
+        alone: None,
     }
 }
 
-fn vote(attempt: AttemptId, status: ReportStatus, exit: u16, output: &str) -> Event {
+pub(super) fn vote(attempt: AttemptId, status: ReportStatus, exit: u16, output: &str) -> Event {
     Event::Report {
         attempt,
         report: ReportRequest {
@@ -49,7 +50,7 @@ fn vote(attempt: AttemptId, status: ReportStatus, exit: u16, output: &str) -> Ev
     }
 }
 
-fn indexed(attempt: AttemptId, tree: &str) -> Event {
+pub(super) fn indexed(attempt: AttemptId, tree: &str) -> Event {
     Event::Indexed {
         attempt,
         tree: OutputTree::Digest(tree.repeat(64)),
@@ -57,7 +58,7 @@ fn indexed(attempt: AttemptId, tree: &str) -> Event {
 }
 
 /// Attempt `attempt` claimed, started, reported with output `tree`, and indexed.
-fn voted(
+pub(super) fn voted(
     job: &JobSnapshot,
     attempt: AttemptId,
     runner: RunnerId,
