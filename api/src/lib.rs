@@ -8,6 +8,7 @@
 //! machines ([`state`]). Nothing here knows HTTP, a database or an async runtime; the
 //! transition tables are written out in `docs/api.md`.
 
+pub mod console;
 pub mod fit;
 pub mod keyfile;
 pub mod log;

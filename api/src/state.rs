@@ -22,7 +22,7 @@ mod tests;
 mod view;
 mod votes;
 
-pub use adaptive::Alone;
+pub use adaptive::{Alone, AloneStage};
 pub use view::{AttemptBlobs, JobFacts};
 pub use votes::{Ballot, OutputTree, Vote, VoteOutput};
 

@@ -156,6 +156,10 @@ pub struct SubmitArgs {
     /// unless the server's random audit runs the other replicas. Needs --quorum 2 or more.
     #[arg(long)]
     pub adaptive: bool,
+    /// Show the job, its console and output only to you and admins (by default anyone may see
+    /// them). It still runs on a stranger's machine: a job must carry no secrets.
+    #[arg(long)]
+    pub private: bool,
     /// Wait until the job ends, then exit with its exit code.
     #[arg(long)]
     pub wait: bool,

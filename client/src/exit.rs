@@ -129,6 +129,7 @@ mod tests {
             output_index: None,
             vote: None,
             signed: false,
+            alone: None,
         }
     }
 
@@ -157,6 +158,7 @@ mod tests {
             attestation: None,
             revoked_runners: vec![],
             adaptive: false,
+            private: false,
             ran_alone: None,
         }
     }

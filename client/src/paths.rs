@@ -120,6 +120,7 @@ mod tests {
             own_runners: true,
             any_class: false,
             adaptive: true,
+            private: true,
         };
         let path = submit("my job_t0.tar.xz", &all);
         assert!(
@@ -139,6 +140,7 @@ mod tests {
                 "output_size=67108864",
                 "own_runners=true",
                 "priority=-5",
+                "private=true",
                 "quorum=2",
                 "replicas=3",
                 "timeout_s=1800",

@@ -156,7 +156,10 @@ async fn an_audit_catches_a_runner_alone_that_lies_and_it_runs_nothing_alone_aft
     );
     let j: Value = wants_more(&app, &alice, id).await;
     assert!(
-        j["reason"].as_str().unwrap().contains("an audit was drawn"),
+        j["reason"]
+            .as_str()
+            .unwrap()
+            .contains("checked by other replicas"),
         "{j}"
     );
     // The auditor disagrees; a third replica settles it against the runner alone.
@@ -186,4 +189,24 @@ async fn an_audit_catches_a_runner_alone_that_lies_and_it_runs_nothing_alone_aft
             StatusCode::OK
         );
     }
+}
+
+#[tokio::test]
+async fn a_runner_holds_one_job_alone_at_a_time() {
+    let (_d, app, alice, [bob, carol, _dave]) = farm(0).await;
+    let first = submit_replicated(&app, &alice, "replicas=2&adaptive=true").await;
+    let second = submit_replicated(&app, &alice, "replicas=2&adaptive=true").await;
+    let mut two_slots = caps();
+    two_slots["free_slots"] = 2.into();
+    let a = claimed(&claim(&app, &bob.token, &bob.runner, two_slots.clone()).await);
+    assert_eq!(a.job, first);
+    // bob's second claim is a replica's: carol gets the other replica of the same job.
+    let b = claimed(&claim(&app, &bob.token, &bob.runner, two_slots).await);
+    assert_eq!(b.job, second);
+    let c = claimed(&claim(&app, &carol.token, &carol.runner, caps()).await);
+    assert_eq!(c.job, second);
+    let j = show(&app, &alice, first).await;
+    assert_eq!(j["attempts"][0]["alone"], "alone", "{j}");
+    let j = show(&app, &alice, second).await;
+    assert!(j["attempts"][0].get("alone").is_none(), "{j}");
 }

@@ -38,17 +38,11 @@ fn may_submit(caller: &Caller) -> Result<(), Refusal> {
     }
 }
 
-/// The job, if the caller may see it (someone else's job is "not found", not "forbidden": its
-/// existence is not the caller's business).
+/// The job, if the caller may see it (a public job, or a private one of theirs; see
+/// [`crate::access`]).
 pub async fn visible(app: &Shared, caller: &Caller, id: JobId) -> Result<StoredJob, Refusal> {
     may_submit(caller)?;
-    let job = app
-        .db
-        .load_job(id)
-        .await?
-        .filter(|j| caller.0.role == "admin" || j.facts.owner == UserId(caller.0.user_id as u64))
-        .ok_or_else(|| Refusal::new(codes::NOT_FOUND, format!("no job {id}")))?;
-    Ok(job)
+    crate::access::seen_job(app, crate::access::Viewer::of(caller), id).await
 }
 
 pub async fn view(app: &Shared, job: &StoredJob) -> Result<JobView, Refusal> {
@@ -78,6 +72,7 @@ pub struct SubmitQuery {
     own_runners: Option<bool>,
     any_class: Option<bool>,
     adaptive: Option<bool>,
+    private: Option<bool>,
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", params(SubmitQuery),
@@ -109,6 +104,7 @@ pub async fn submit(
         own_runners: q.own_runners.unwrap_or(false),
         any_class: q.any_class.unwrap_or(false),
         adaptive: q.adaptive.unwrap_or(false),
+        private: q.private.unwrap_or(false),
     };
     let server_max = JobLimits {
         output_size: app.settings.max_output_size,
@@ -197,6 +193,7 @@ pub async fn submit(
         size: received.size,
         limits,
         priority: params.priority,
+        private: params.private,
     };
     let id = app.db.insert_job(&new, &t.job).await?;
     app.carry_out(&t.effects);
@@ -278,7 +275,8 @@ pub async fn cancel(
     caller: Caller,
     Path(id): Path<u64>,
 ) -> Result<Json<JobView>, Refusal> {
-    visible(&app, &caller, JobId(id)).await?;
+    may_submit(&caller)?;
+    crate::access::owned_job(&app, crate::access::Viewer::of(&caller), JobId(id)).await?;
     let (job, _) = app.apply(JobId(id), |_| Event::Cancel).await?;
     tracing::info!("job {id} canceled by {}", caller.0.user);
     Ok(Json(view(&app, &job).await?))

@@ -33,6 +33,7 @@ pub fn runner_cap(runner: RunnerId, slots: u32) -> RunnerCap {
         runner,
         live: slots,
         unstarted: slots.clamp(1, MAX_UNSTARTED_PER_RUNNER),
+        alone_after: 0,
     }
 }
 
@@ -315,7 +316,10 @@ pub async fn try_claim(
         0 => 0,
         _ => app.db.agreed_in_row(runner).await?,
     };
-    let terms = (after > 0 && standing >= after).then_some(RanAlone {
+    // One job alone at a time, and none while a vote it cast alone is being checked (the store
+    // checks both again, with the standing).
+    let holds_alone = after > 0 && app.db.holds_alone(runner).await?;
+    let terms = (after > 0 && standing >= after && !holds_alone).then_some(RanAlone {
         agreed_in_row: standing,
         after,
         audit_percent: app.settings.audit_percent,
@@ -473,7 +477,7 @@ async fn claim_job(
     attempt: AttemptId,
     (runner, owner, class): (RunnerId, UserId, &str),
     cap: RunnerCap,
-    alone: Option<Alone>,
+    mut alone: Option<Alone>,
 ) -> Result<ClaimStep, Refusal> {
     let settings = app.step_settings();
     for _ in 0..5 {
@@ -494,6 +498,14 @@ async fn claim_job(
         let Ok(t) = step(&job.snapshot, &settings, now, &event) else {
             return Ok(ClaimStep::Lost);
         };
+        let claims_alone = t.job.attempt(attempt).is_some_and(|a| a.alone.is_some());
+        let cap = RunnerCap {
+            alone_after: match claims_alone {
+                true => alone.map_or(0, |a| a.terms.after),
+                false => 0,
+            },
+            ..cap
+        };
         if app
             .db
             .store_job_within(id, job.version, &t.job, Some(cap), &t.effects, None)
@@ -508,6 +520,14 @@ async fn claim_job(
         let load = app.db.runner_load(runner).await?;
         if load.live >= cap.live || load.unstarted >= cap.unstarted {
             return Ok(ClaimStep::AtCap);
+        }
+        // The standing or the one-alone rule may have failed it: then a replica's claim next.
+        if let Some(a) = alone
+            && claims_alone
+            && (app.db.holds_alone(runner).await?
+                || app.db.agreed_in_row(runner).await? < a.terms.after)
+        {
+            alone = None;
         }
         // The job was written meanwhile: look at it again.
     }

@@ -41,6 +41,22 @@ pub struct Identity {
     pub token_id: i64,
 }
 
+/// A user name: 1 to 64 letters, digits, `-`, `_` or `.` (it names a user in paths and pages).
+pub fn valid_user_name(name: &str) -> Result<(), DbError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !valid {
+        return Err(DbError::Refused(format!(
+            "user name {:?}: 1 to 64 letters, digits, '-', '_' or '.'",
+            name.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -78,16 +94,7 @@ impl Db {
 
     /// The user named `name`, made if new.
     pub async fn ensure_user(&self, name: &str) -> Result<i64, DbError> {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !valid {
-            return Err(DbError::Refused(format!(
-                "user name {name:?}: 1 to 64 letters, digits, '-', '_' or '.'"
-            )));
-        }
+        valid_user_name(name)?;
         sqlx::query(
             "INSERT INTO users (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
         )
@@ -152,7 +159,7 @@ impl Db {
     pub async fn identify(&self, digest: &str) -> Result<Option<Identity>, DbError> {
         let row = sqlx::query(
             "SELECT u.id, u.name, t.role, t.id FROM tokens t JOIN users u ON u.id = t.user_id \
-             WHERE t.sha256 = $1 AND t.revoked_ms IS NULL",
+             WHERE t.sha256 = $1 AND t.revoked_ms IS NULL AND u.banned_ms IS NULL",
         )
         .bind(digest)
         .fetch_optional(&self.pool)

@@ -351,20 +351,56 @@ async fn a_job_goes_from_submit_to_output_and_every_byte_comes_back() {
     assert!(log.body.is_empty());
     assert_eq!(log.headers["Construir-Log-Complete"], "true");
 
-    // Someone else sees nothing of it; a runner token cannot read jobs.
+    // Someone else sees the public job but cannot cancel it, and their list is their own; a
+    // runner token cannot read jobs.
     let bob = token(&app, "bob", "submitter").await;
-    let other = send(
+    let get = |path: String| {
+        let (app, bob) = (app.clone(), bob.clone());
+        async move { send(&app, Method::GET, &path, &bob, Body::empty(), &[]).await }
+    };
+    assert_eq!(get(format!("/api/v1/jobs/{id}")).await.status, StatusCode::OK);
+    let cancel = send(
         &app,
-        Method::GET,
-        &format!("/api/v1/jobs/{id}"),
+        Method::POST,
+        &format!("/api/v1/jobs/{id}/cancel"),
         &bob,
         Body::empty(),
         &[],
     )
     .await;
-    assert_eq!(other.status, StatusCode::NOT_FOUND);
-    let list = send(&app, Method::GET, "/api/v1/jobs", &bob, Body::empty(), &[]).await;
+    assert_eq!(cancel.status, StatusCode::FORBIDDEN);
+    let list = get("/api/v1/jobs".into()).await;
     assert_eq!(list.json(), json!([]));
+    // A private job is not there for anyone but its owner (and admins).
+    let private = send(
+        &app,
+        Method::POST,
+        "/api/v1/jobs?name=secret_t0.tar.xz&private=true",
+        &alice,
+        Body::from(job("private")),
+        &[],
+    )
+    .await;
+    assert_eq!(private.status, StatusCode::CREATED);
+    assert_eq!(private.json()["private"], true);
+    let pid = private.json()["id"].as_u64().unwrap();
+    for path in ["", "/log", "/output", "/output/index", "/receipt", "/cancel"] {
+        let method = if path == "/cancel" {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let r = send(
+            &app,
+            method,
+            &format!("/api/v1/jobs/{pid}{path}"),
+            &bob,
+            Body::empty(),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+    }
     let r = send(
         &app,
         Method::GET,
@@ -588,6 +624,7 @@ async fn one_owners_many_jobs_never_hide_another_owners_one() {
         size: 1,
         limits: JobLimits::DEFAULT,
         priority,
+        private: false,
     };
     let now = crate::db::now_ms() as u64;
     let snap = JobSnapshot::submitted(JobPolicy::DEFAULT, now).job;

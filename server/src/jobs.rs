@@ -32,6 +32,8 @@ pub struct NewJob {
     pub size: u64,
     pub limits: JobLimits,
     pub priority: i32,
+    /// Seen only by its owner and admins.
+    pub private: bool,
 }
 
 /// The columns derived from a snapshot: what queries select and sort on.
@@ -89,6 +91,9 @@ pub struct RunnerCap {
     pub live: u32,
     /// Live attempts not started yet.
     pub unstarted: u32,
+    /// For a claim alone (adaptive replication): the votes in a row its runner must have
+    /// agreed, and it must hold no other job alone; 0 for any other claim.
+    pub alone_after: u64,
 }
 
 /// A runner's live attempts, as the jobs' derived columns say.
@@ -137,6 +142,7 @@ fn stored_job(r: &sqlx::any::AnyRow) -> Result<StoredJob, DbError> {
             size: r.try_get::<i64, _>("size")? as u64,
             limits: serde_json::from_str(&limits).map_err(json_err)?,
             priority: r.try_get::<i64, _>("priority")? as i32,
+            private: r.try_get::<i64, _>("private")? != 0,
         },
         snapshot: serde_json::from_str(&snapshot).map_err(json_err)?,
         version: r.try_get("version")?,
@@ -146,7 +152,7 @@ fn stored_job(r: &sqlx::any::AnyRow) -> Result<StoredJob, DbError> {
 /// The columns [`stored_job`] reads (a macro: SQL text is built from literals only).
 macro_rules! job_columns {
     () => {
-        "id, owner, name, image, image_digest, sha256, size, limits, priority, snapshot, version"
+        "id, owner, name, image, image_digest, sha256, size, limits, priority, snapshot, version, private"
     };
 }
 
@@ -156,8 +162,8 @@ impl Db {
         let row = sqlx::query(
             "INSERT INTO jobs (owner, name, image, sha256, size, limits, priority, state, created_ms, \
              claimable_ms, next_deadline_ms, snapshot, live_runner, live_started, version, image_digest, \
-             wanted) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15, $16) \
+             wanted, private) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15, $16, $17) \
              RETURNING id",
         )
         .bind(job.owner.0 as i64)
@@ -176,6 +182,7 @@ impl Db {
         .bind(d.live_started)
         .bind(job.image_digest.as_deref())
         .bind(d.wanted)
+        .bind(i64::from(job.private))
         .fetch_one(self.pool())
         .await?;
         Ok(JobId(row.try_get::<i64, _>(0)? as u64))
@@ -234,7 +241,9 @@ impl Db {
                  version = version + 1 WHERE id = $7 AND version = $8 \
                  AND (SELECT COUNT(*) FROM attempts WHERE runner_id = $10 AND live = 1) < $11 \
                  AND (SELECT COUNT(*) FROM attempts WHERE runner_id = $10 AND live = 1 \
-                      AND started = 0) < $12",
+                      AND started = 0) < $12 \
+                 AND ($13 = 0 OR ((SELECT agreed_in_row FROM runners WHERE id = $10) >= $13 \
+                      AND NOT EXISTS (SELECT 1 FROM attempts WHERE runner_id = $10 AND alone = 1)))",
             ),
         };
         let mut query = query
@@ -251,26 +260,33 @@ impl Db {
             query = query
                 .bind(c.runner.0 as i64)
                 .bind(i64::from(c.live))
-                .bind(i64::from(c.unstarted));
+                .bind(i64::from(c.unstarted))
+                .bind(c.alone_after as i64);
         }
         let mut tx = self.pool().begin().await?;
         if query.execute(&mut *tx).await?.rows_affected() != 1 {
             tx.rollback().await?;
             return Ok(false);
         }
+        let alone = snapshot
+            .alone_attempt()
+            .filter(|_| !snapshot.state.is_terminal())
+            .map(|(i, _)| snapshot.attempts[i].id);
         for a in &snapshot.attempts {
             let (live, started) = (
                 i64::from(a.state.is_live()),
                 i64::from(a.started_ms.is_some()),
             );
             sqlx::query(
-                "UPDATE attempts SET live = $1, started = $2 WHERE id = $3 AND job_id = $4 \
-                 AND (live <> $1 OR started <> $2)",
+                "UPDATE attempts SET live = $1, started = $2, alone = $5 \
+                 WHERE id = $3 AND job_id = $4 \
+                 AND (live <> $1 OR started <> $2 OR alone <> $5)",
             )
             .bind(live)
             .bind(started)
             .bind(a.id.0 as i64)
             .bind(id.0 as i64)
+            .bind(i64::from(alone == Some(a.id)))
             .execute(&mut *tx)
             .await?;
         }

@@ -1,6 +1,8 @@
 //! construir-server's parts: settings, tokens, the database, the HTTP API. A library so each is
 //! tested apart from the binary (and, later, against PostgreSQL and S3 by the same tests).
 
+pub mod access;
+pub mod accounts;
 pub mod api_attempts;
 pub mod api_jobs;
 pub mod api_runner;

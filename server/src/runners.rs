@@ -86,6 +86,16 @@ impl Db {
             .map_or(0, |n| n.max(0) as u64))
     }
 
+    /// Whether `runner` holds an unended job alone, or a vote it cast alone there is being
+    /// checked (adaptive replication).
+    pub async fn holds_alone(&self, runner: RunnerId) -> Result<bool, DbError> {
+        let row = sqlx::query("SELECT 1 FROM attempts WHERE runner_id = $1 AND alone = 1 LIMIT 1")
+            .bind(runner.0 as i64)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// Whether `runner` has been revoked.
     pub async fn runner_revoked(&self, runner: RunnerId) -> Result<bool, DbError> {
         let row = sqlx::query("SELECT revoked_ms FROM runners WHERE id = $1")

@@ -52,7 +52,8 @@ pub struct SettingArgs {
     #[arg(long, env = "CONSTRUIR_SERVER_ADAPTIVE_AFTER")]
     pub adaptive_after: Option<u64>,
     /// The chance, in percent, that a run alone is audited: after its vote, the job's other
-    /// replicas run and must agree with it (default 10).
+    /// replicas run and the quorum is counted as for any replicated job (default 10; 0: runs
+    /// alone are never checked, their results stand on standing only).
     #[arg(long, env = "CONSTRUIR_SERVER_AUDIT_PERCENT",
           value_parser = clap::value_parser!(u8).range(0..=100))]
     pub audit_percent: Option<u8>,

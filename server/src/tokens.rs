@@ -14,6 +14,13 @@ pub fn generate() -> std::io::Result<String> {
     Ok(format!("{PREFIX}{}", hex(&bytes)))
 }
 
+/// `bytes` random bytes in hex (a CSRF token, a cookie's value).
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(std::io::Error::other)?;
+    Ok(hex(&buf))
+}
+
 /// Whether a draw with a chance of `percent` in 100 comes up (the kernel's random source: a
 /// runner cannot predict it from anything it sees).
 pub fn draw(percent: u8) -> std::io::Result<bool> {

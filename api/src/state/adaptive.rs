@@ -8,10 +8,14 @@
 //! audited run from another while it could still lie. After the vote, an unaudited run ends the
 //! job with that vote (attestation `on-standing`, and no standing gained: nothing was
 //! compared); an audited one is the first of the job's replicas, and the job goes on as any
-//! replicated job, its quorum to reach. A run alone that ends without a vote leaves the job as
-//! if it had not been claimed; the next claim is offered (and drawn) afresh.
+//! replicated job, its quorum to reach (counted as ever: its vote is one of them, and the others
+//! may outvote it). So is a vote whose runner misstated its output's tree (it agrees with no one,
+//! audited or not). A run alone that ends without a vote is a replica's failed try like any
+//! (a try used, a back-off); the next claim is offered alone, and drawn, afresh. Once any attempt
+//! of the job has reported a job outcome (a vote, voided or late ones too), no claim takes it
+//! alone again: a revoked liar cannot throw an audit away and try its luck with a new draw.
 
-use super::{Ballot, JobSnapshot, Run, Vote};
+use super::{Ballot, JobSnapshot, Run, Vote, VoteOutput};
 use crate::types::{JobState, RanAlone, ReportStatus};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +26,17 @@ pub struct Alone {
     /// replicas as if it had not run alone, and this vote counts among them.
     pub audit: bool,
     pub terms: RanAlone,
+}
+
+/// Where a job's run alone stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AloneStage {
+    /// Live, or its vote waits for its output's index: it holds the job.
+    Running,
+    /// Its vote, unaudited and about the output the server indexed: the job ends with it.
+    Stands(Vote),
+    /// Its vote is one of the job's replicas' (audited, or its runner misstated its tree).
+    Checked,
 }
 
 impl JobSnapshot {
@@ -35,13 +50,35 @@ impl JobSnapshot {
         })
     }
 
+    /// Where the attempt holding the job alone stands, if one does.
+    pub fn alone_stage(&self) -> Option<(usize, AloneStage)> {
+        let (i, alone) = self.alone_attempt()?;
+        let stage = match self.attempts[i].ballot(&self.policy) {
+            Ballot::Vote(v) if !alone.audit && !matches!(v.output, VoteOutput::Disowned(_)) => {
+                AloneStage::Stands(v)
+            }
+            Ballot::Vote(_) => AloneStage::Checked,
+            _ => AloneStage::Running,
+        };
+        Some((i, stage))
+    }
+
     /// Whether an attempt holding the job alone keeps others from it: while it runs or waits
-    /// for its index, and after an unaudited vote (which ends the job).
+    /// for its index, and after a vote that stands (which ends the job).
     pub(super) fn held_alone(&self) -> bool {
-        self.alone_attempt().is_some_and(|(i, alone)| {
-            let a = &self.attempts[i];
-            !alone.audit || a.state.is_live() || matches!(a.ballot(&self.policy), Ballot::Pending)
-        })
+        matches!(
+            self.alone_stage(),
+            Some((_, AloneStage::Running | AloneStage::Stands(_)))
+        )
+    }
+
+    /// The attempt ran alone and its vote is now checked as a replica's: the class its other
+    /// replicas must share (BOINC's homogeneous redundancy holds for audits too).
+    pub(super) fn checked_alone_class(&self) -> Option<&str> {
+        match self.alone_stage()? {
+            (i, AloneStage::Checked) => Some(&self.attempts[i].runner_class),
+            _ => None,
+        }
     }
 
     /// The terms its result stands on, when one runner ran it alone and no audit was drawn.
@@ -95,23 +132,22 @@ impl JobSnapshot {
 }
 
 impl Run<'_> {
-    /// Whether a claim now may take the job alone: the job allows it and nothing else holds
-    /// or has voted on it.
+    /// Whether a claim now may take the job alone: the job allows it, nothing holds it, and no
+    /// attempt of it ever reported a job outcome (counted, voided or late).
     pub(super) fn may_run_alone(&self) -> bool {
-        let t = self.job.tally();
-        self.job.policy.adaptive && self.job.policy.quorum >= 2 && t.votes + t.pending + t.live == 0
+        let untouched = self.job.attempts.iter().all(|a| {
+            !a.state.is_live() && a.report.as_ref().is_none_or(|r| !r.status.is_job_outcome())
+        });
+        self.job.policy.adaptive && untouched
     }
 
     /// After a vote was cast: if it is an unaudited run alone's, the job ends with it.
     /// Returns false when the count goes on as for any replicated job.
     pub(super) fn count_alone(&mut self) -> bool {
-        let Some((index, alone)) = self.job.alone_attempt() else {
+        let Some((index, AloneStage::Stands(vote))) = self.job.alone_stage() else {
             return false;
         };
-        if alone.audit {
-            return false;
-        }
-        let Ballot::Vote(vote) = self.job.attempts[index].ballot(&self.job.policy) else {
+        let Some(alone) = self.job.attempts[index].alone else {
             return false;
         };
         self.conclude_alone(index, &vote, alone.terms);

@@ -42,12 +42,21 @@ impl Run<'_> {
             // redundancy): the class of the one running. Votes cast do not hold it, so a runner
             // that declared a class no one else has cannot keep a job from its other replicas
             // past its own run.
-            if let Some(first) = self.job.attempts.iter().find(|a| a.state.is_live())
+            // A run alone whose vote is being checked holds its class for the replicas that
+            // check it.
+            let held = self
+                .job
+                .attempts
+                .iter()
+                .find(|a| a.state.is_live())
+                .map(|a| a.runner_class.as_str())
+                .or_else(|| self.job.checked_alone_class());
+            if let Some(held) = held
                 && !policy.any_class
-                && first.runner_class != class
+                && held != class
             {
                 return Err(Refusal::OtherClass {
-                    held: first.runner_class.clone(),
+                    held: held.to_string(),
                     offered: class.to_string(),
                 });
             }

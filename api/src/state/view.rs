@@ -18,6 +18,8 @@ pub struct JobFacts {
     pub size: u64,
     pub limits: JobLimits,
     pub priority: i32,
+    /// Seen only by its owner and admins.
+    pub private: bool,
 }
 
 /// What the server received from an attempt (hashed by the server itself).
@@ -92,6 +94,7 @@ impl JobSnapshot {
             attestation,
             revoked_runners,
             adaptive: self.policy.adaptive,
+            private: facts.private,
             ran_alone: self.ran_alone(),
         }
     }
@@ -100,7 +103,13 @@ impl JobSnapshot {
 impl AttemptSnapshot {
     pub fn view(&self, blobs: AttemptBlobs, policy: &JobPolicy) -> AttemptView {
         let report = self.report.as_ref();
-        let vote = match self.ballot(policy) {
+        let ballot = self.ballot(policy);
+        let alone = self.alone.map(|a| match (&ballot, a.audit) {
+            (Ballot::Vote(_), true) => "alone, audited",
+            (Ballot::Vote(_), false) => "alone, not audited",
+            _ => "alone",
+        });
+        let vote = match ballot {
             Ballot::Vote(v) if policy.replicated() => Some(v.to_string()),
             _ => None,
         };
@@ -124,6 +133,7 @@ impl AttemptSnapshot {
             output_index: blobs.output_index,
             vote,
             signed: blobs.signed,
+            alone: alone.map(str::to_string),
         }
     }
 }

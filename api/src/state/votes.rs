@@ -244,12 +244,13 @@ impl Run<'_> {
             JobState::Queued
         };
         let wanted = self.job.wanted();
-        let audited = match self.job.alone_attempt() {
-            Some((i, _)) => format!(
-                "attempt {} ran alone on its runner's standing and an audit was drawn: ",
+        let audited = match self.job.alone_stage() {
+            Some((i, super::AloneStage::Checked)) => format!(
+                "attempt {} ran alone on its runner's standing, and its vote is checked by other \
+                 replicas: ",
                 self.job.attempts[i].id
             ),
-            None => String::new(),
+            _ => String::new(),
         };
         self.job.reason = format!(
             "{audited}{} of {} votes agree so far ({} needed){}{}",

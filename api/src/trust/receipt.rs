@@ -112,12 +112,13 @@ pub struct SignedReceipt {
 impl SignedReceipt {
     /// Checks everything a stranger can check offline with the server's public key: size cap;
     /// the signature by `server_key_hex` and receipt.server_key == it; parse; votes.len() >=
-    /// quorum >= 1, quorum <= replicas; every vote's statement opens (its own runner's
+    /// quorum >= 1, quorum <= replicas (with `ran_alone`: its terms hold, exactly one vote, a
+    /// quorum of 2 or more); every vote's statement opens (its own runner's
     /// signature), its runner_id == vote.runner_id, its job_id, job_sha256, image and
     /// image_digest are the receipt's, its (status, job_exit_status, output_sha256,
     /// output_tree_sha256) is the verdict; runner ids, runner keys and attempt ids distinct
     /// across votes; owners distinct across votes; the attestation equals attestation_of(quorum,
-    /// owners, submitter); the verdict's status is a job outcome (success or failed).
+    /// owners, submitter, ran_alone); the verdict's status is a job outcome (success or failed).
     pub fn open(&self, server_key_hex: &str) -> Result<Receipt, TrustError> {
         check_size("the receipt", self.receipt.len(), MAX_RECEIPT_BYTES)?;
         // The signature first: nothing the server did not sign is looked into.

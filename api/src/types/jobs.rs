@@ -159,6 +159,12 @@ pub struct SubmitParams {
     /// quorum of 2 or more.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adaptive: bool,
+    /// Show the job, its console and its output only to its owner and admins (anyone else is
+    /// told there is no such job). By default a job is public: its page, console, output and
+    /// receipt are anyone's to see. Private or not, it runs on a stranger's machine: a job
+    /// must carry no secrets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
 }
 
 /// The most replicas a job may ask for.
@@ -289,6 +295,9 @@ pub struct JobView {
     /// The job was submitted with `adaptive` (one runner of good standing may run it alone).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adaptive: bool,
+    /// Seen only by its owner and admins.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
     /// The result stands on one runner's standing (attestation `on-standing`): what let it run
     /// alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -343,6 +352,11 @@ pub struct AttemptView {
     /// Its runner signed its report (an ed25519 statement, checked by the server).
     #[serde(default)]
     pub signed: bool,
+    /// It ran alone on its runner's standing (adaptive replication): `alone`, and once its
+    /// vote is in, `alone, audited` or `alone, not audited` (the draw is shown to no one
+    /// before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alone: Option<String>,
 }
 
 /// What the server's index of an output says in brief.

@@ -150,6 +150,7 @@ mod tests {
             attestation: None,
             revoked_runners: vec![],
             adaptive: false,
+            private: false,
             ran_alone: None,
         };
         assert_eq!(
@@ -177,6 +178,7 @@ mod tests {
             output_index: None,
             vote: None,
             signed: false,
+            alone: None,
         });
         assert_eq!(
             progress_line(&job),

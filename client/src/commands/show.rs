@@ -120,7 +120,8 @@ pub fn summary(job: &JobView) -> String {
         if job.adaptive {
             let _ = writeln!(
                 s,
-                "            one runner of good standing may run it alone (adaptive)"
+                "            adaptive: one runner of good standing may run it alone, where the \
+                 server allows it"
             );
         }
     }
@@ -286,6 +287,7 @@ mod tests {
             attestation: None,
             revoked_runners: vec![],
             adaptive: false,
+            private: false,
             ran_alone: None,
             attempts: vec![AttemptView {
                 id: AttemptId(7),
@@ -293,6 +295,7 @@ mod tests {
                 runner_owner: UserId(3),
                 vote: None,
                 signed: false,
+                alone: None,
                 state: AttemptState::Reported,
                 why: "job failed with exit status 2\u{202e}".into(),
                 late: false,

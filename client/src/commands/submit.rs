@@ -106,6 +106,7 @@ pub fn params(args: &SubmitArgs) -> SubmitParams {
         own_runners: args.own_runners,
         any_class: args.any_host_class,
         adaptive: args.adaptive,
+        private: args.private,
     }
 }
 

@@ -119,6 +119,7 @@ fn an_audited_run_alone_looks_the_same_until_its_vote_then_wants_the_other_repli
                 size: 1,
                 limits: crate::types::JobLimits::DEFAULT,
                 priority: 0,
+                private: false,
             },
             |_| AttemptBlobs::default(),
         )
@@ -132,7 +133,7 @@ fn an_audited_run_alone_looks_the_same_until_its_vote_then_wants_the_other_repli
     assert_eq!((t.job.state, t.job.wanted()), (JobState::Queued, 1));
     assert!(t.effects.contains(&Effect::WakeRunners));
     assert!(
-        t.job.reason.contains("an audit was drawn"),
+        t.job.reason.contains("checked by other replicas"),
         "{}",
         t.job.reason
     );
@@ -196,4 +197,70 @@ fn only_a_job_that_allows_it_runs_alone() {
     assert_eq!((job.alone_attempt(), job.wanted()), (None, 2));
     let job = ok(&job, T0 + 4 * S, indexed(A1, "a")).job;
     assert!(!job.state.is_terminal());
+}
+
+#[test]
+fn a_run_alone_that_misstates_its_tree_does_not_stand_and_is_checked() {
+    // It said tree "a"; the server's index of its bytes says "b".
+    let job = reported_alone(&adaptive(2, 2), A1, R1, false);
+    let t = ok(&job, T0 + 3 * S, indexed(A1, "b"));
+    assert_eq!((t.job.state, t.job.wanted()), (JobState::Queued, 1));
+    assert_eq!(t.job.ran_alone(), None);
+    assert!(matches!(
+        t.job.alone_stage(),
+        Some((0, AloneStage::Checked))
+    ));
+    // Two honest replicas settle it; the runner alone is outvoted.
+    let job = voted(&t.job, A2, R2, "b", T0 + 4 * S).job;
+    let t = voted(&job, A3, RunnerId(30), "b", T0 + 8 * S);
+    assert_eq!(t.job.state, JobState::Succeeded);
+    assert!(t.effects.contains(&Effect::Standing {
+        agreed: vec![R2, RunnerId(30)],
+        disagreed: vec![R1]
+    }));
+}
+
+#[test]
+fn once_a_job_had_a_vote_no_claim_takes_it_alone_again() {
+    // Audited, then its runner revoked (the vote void): the job wants both replicas again,
+    // but a new run alone (a fresh draw) is not on offer.
+    let job = reported_alone(&adaptive(2, 2), A1, R1, true);
+    let job = ok(&job, T0 + 3 * S, indexed(A1, "a")).job;
+    let job = ok(&job, T0 + 4 * S, Event::RunnerRevoked { runner: R1 }).job;
+    assert_eq!(job.wanted(), 2);
+    let job = ok(&job, T0 + 5 * S, alone(A2, R2, false, T0 + 5 * S)).job;
+    assert_eq!(job.attempts[1].alone, None);
+    assert_eq!(job.wanted(), 1, "a replica's claim like any");
+}
+
+#[test]
+fn the_replicas_that_check_a_run_alone_share_its_host_class() {
+    let job = reported_alone(&adaptive(2, 2), A1, R1, true);
+    let job = ok(&job, T0 + 3 * S, indexed(A1, "a")).job;
+    let mut other = claim_by(A2, R2, UserId(20), T0 + 4 * S);
+    if let Event::Claim { class, .. } = &mut other {
+        *class = "vmm/hardware".into();
+    }
+    assert!(matches!(
+        refused(&job, T0 + 4 * S, other),
+        Refusal::OtherClass { .. }
+    ));
+    let job = ok(&job, T0 + 4 * S, claim_by(A2, R2, UserId(20), T0 + 4 * S)).job;
+    assert_eq!(job.wanted(), 0);
+}
+
+#[test]
+fn the_draw_shows_in_the_attempts_view_only_once_its_vote_is_in() {
+    let view = |j: &JobSnapshot| j.attempts[0].view(AttemptBlobs::default(), &j.policy).alone;
+    for audit in [false, true] {
+        let job = reported_alone(&adaptive(2, 2), A1, R1, audit);
+        assert_eq!(view(&job).as_deref(), Some("alone"));
+        let job = ok(&job, T0 + 3 * S, indexed(A1, "a")).job;
+        let after = if audit {
+            "alone, audited"
+        } else {
+            "alone, not audited"
+        };
+        assert_eq!(view(&job).as_deref(), Some(after));
+    }
 }

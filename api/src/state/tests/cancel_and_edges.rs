@@ -288,6 +288,7 @@ fn snapshots_become_the_documented_views() {
         size: 64 << 20,
         limits: JobLimits::DEFAULT,
         priority: 0,
+        private: false,
     };
     let view = job.view(facts, |_| AttemptBlobs {
         output_sha256: Some("1".repeat(64)),
