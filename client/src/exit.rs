@@ -130,6 +130,7 @@ mod tests {
             vote: None,
             signed: false,
             alone: None,
+            times: None,
         }
     }
 

@@ -89,8 +89,6 @@ pub async fn submit(
     body: Body,
 ) -> Result<Response, Refusal> {
     may_submit(&caller)?;
-    let name =
-        parse_job_name(&q.name).map_err(|e| Refusal::new(codes::BAD_JOB_NAME, e.to_string()))?;
     let params = SubmitParams {
         image: q.image.clone(),
         timeout_s: q.timeout_s,
@@ -106,21 +104,38 @@ pub async fn submit(
         adaptive: q.adaptive.unwrap_or(false),
         private: q.private.unwrap_or(false),
     };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let owner = UserId(caller.0.user_id as u64);
+    let job = submit_job(&app, owner, &q.name, &params, declared, body).await?;
+    tracing::info!(
+        "job {} ({}) submitted by {}",
+        job.facts.id,
+        q.name,
+        caller.0.user
+    );
+    Ok((StatusCode::CREATED, Json(view(&app, &job).await?)).into_response())
+}
+
+/// The server's limits for a submission: its maxima, and defaults never above them (an
+/// operator may lower them).
+pub fn limits_for(app: &Shared) -> (JobLimits, JobLimits) {
     let server_max = JobLimits {
         output_size: app.settings.max_output_size,
         ..JobLimits::DEFAULT_SERVER_MAX
     };
-    // Defaults never above the server's own maxima (an operator may lower them).
     let defaults = JobLimits {
         output_size: JobLimits::DEFAULT.output_size.min(server_max.output_size),
         ..JobLimits::DEFAULT
     };
-    let limits = params
-        .resolve(&defaults, &server_max)
-        .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
-    // One user's flood waits in their own queue, not in the server's disk: refused before the
-    // body is read.
-    let owner = UserId(caller.0.user_id as u64);
+    (defaults, server_max)
+}
+
+/// Refuses a submission from `owner` past the server's cap of queued jobs per user: one user's
+/// flood waits in their own queue, not in the server's disk.
+async fn within_queue_cap(app: &Shared, owner: UserId) -> Result<(), Refusal> {
     let queued = app.db.queued_of(owner).await?;
     if queued >= app.settings.max_queued_per_user {
         return Err(Refusal::new(
@@ -131,18 +146,33 @@ pub async fn submit(
             ),
         ));
     }
+    Ok(())
+}
+
+/// A submission, from the API or the website: the name and parameters checked, the body
+/// received within the server's cap (`declared`: its Content-Length, refused at once when
+/// past the cap), checked to be a job, published, and the job stored and queued.
+pub async fn submit_job(
+    app: &Shared,
+    owner: UserId,
+    job_name: &str,
+    params: &SubmitParams,
+    declared: Option<u64>,
+    body: Body,
+) -> Result<StoredJob, Refusal> {
+    let name =
+        parse_job_name(job_name).map_err(|e| Refusal::new(codes::BAD_JOB_NAME, e.to_string()))?;
+    let (defaults, server_max) = limits_for(app);
+    let limits = params
+        .resolve(&defaults, &server_max)
+        .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
+    // Refused before the body is read.
+    within_queue_cap(app, owner).await?;
     let max = app.settings.max_job_size;
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
+    if let Some(n) = declared.filter(|n| *n > max) {
         return Err(Refusal::new(
             codes::JOB_TOO_BIG,
-            format!(
-                "the job file is {} bytes; this server takes at most {max}",
-                declared.unwrap_or(0)
-            ),
+            format!("the job file is {n} bytes; this server takes at most {max}"),
         ));
     }
     let received = app.blobs.receive(body, max).await.map_err(|e| match e {
@@ -163,7 +193,6 @@ pub async fn submit(
         .map_err(|e| Refusal::new(codes::INTERNAL, format!("checking the job: {e}")))?;
     checked.map_err(|why| Refusal::new(codes::BAD_REQUEST, why))?;
     app.blobs.publish(&received).await?;
-    let now = now_ms() as u64;
     let (replicas, quorum) = params
         .replication()
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
@@ -179,14 +208,13 @@ pub async fn submit(
         any_class: params.any_class,
         adaptive: params.adaptive,
     };
-    let t = JobSnapshot::submitted(policy, now);
     let image = params.image.clone().unwrap_or(name.image);
     // Pinned to the digest its index names now, if the index was published (`image publish`);
     // a job of an unpublished index runs on the runners' own image of that index.
     let image_digest = app.db.current_image(&image).await?;
     let new = NewJob {
         owner,
-        name: q.name.clone(),
+        name: job_name.to_string(),
         image,
         image_digest,
         sha256: received.sha256.clone(),
@@ -195,15 +223,59 @@ pub async fn submit(
         priority: params.priority,
         private: params.private,
     };
-    let id = app.db.insert_job(&new, &t.job).await?;
+    enqueue(app, &new, policy).await
+}
+
+/// Stores a new job with `policy` and queues it (the runners' long polls wake).
+async fn enqueue(app: &Shared, new: &NewJob, policy: JobPolicy) -> Result<StoredJob, Refusal> {
+    let now = now_ms() as u64;
+    let t = JobSnapshot::submitted(policy, now);
+    let id = app.db.insert_job(new, &t.job).await?;
     app.carry_out(&t.effects);
-    tracing::info!("job {id} ({}) submitted by {}", q.name, caller.0.user);
-    let job = app
-        .db
+    app.db
         .load_job(id)
         .await?
-        .ok_or_else(|| Refusal::new(codes::INTERNAL, "the job vanished"))?;
-    Ok((StatusCode::CREATED, Json(view(&app, &job).await?)).into_response())
+        .ok_or_else(|| Refusal::new(codes::INTERNAL, "the job vanished"))
+}
+
+/// `job` again, as a new job of `owner`'s: the same job file, image (and pinned digest),
+/// limits and replication; refused when its job file is no longer kept (retention).
+pub async fn resubmit(app: &Shared, job: &StoredJob, owner: UserId) -> Result<JobId, Refusal> {
+    if app.blobs.info(&job.facts.sha256).await?.is_none() {
+        return Err(Refusal::new(
+            codes::NOT_FOUND,
+            format!(
+                "job {}'s job file is no longer kept (see the server's --retention): submit it \
+                 again",
+                job.facts.id
+            ),
+        ));
+    }
+    within_queue_cap(app, owner).await?;
+    let policy = JobPolicy {
+        max_tries: app.settings.max_tries,
+        ttl_ms: app.settings.job_ttl.as_millis() as u64,
+        owner,
+        ..job.snapshot.policy
+    };
+    let new = NewJob {
+        owner,
+        name: job.facts.name.clone(),
+        image: job.facts.image.clone(),
+        image_digest: job.facts.image_digest.clone(),
+        sha256: job.facts.sha256.clone(),
+        size: job.facts.size,
+        limits: job.facts.limits,
+        priority: job.facts.priority,
+        private: job.facts.private,
+    };
+    let stored = enqueue(app, &new, policy).await?;
+    tracing::info!(
+        "job {} resubmitted as job {}",
+        job.facts.id,
+        stored.facts.id
+    );
+    Ok(stored.facts.id)
 }
 
 /// The door check reads at most this much of a job's decompressed archive: a submitted bomb

@@ -358,7 +358,10 @@ async fn a_job_goes_from_submit_to_output_and_every_byte_comes_back() {
         let (app, bob) = (app.clone(), bob.clone());
         async move { send(&app, Method::GET, &path, &bob, Body::empty(), &[]).await }
     };
-    assert_eq!(get(format!("/api/v1/jobs/{id}")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(format!("/api/v1/jobs/{id}")).await.status,
+        StatusCode::OK
+    );
     let cancel = send(
         &app,
         Method::POST,
@@ -384,7 +387,14 @@ async fn a_job_goes_from_submit_to_output_and_every_byte_comes_back() {
     assert_eq!(private.status, StatusCode::CREATED);
     assert_eq!(private.json()["private"], true);
     let pid = private.json()["id"].as_u64().unwrap();
-    for path in ["", "/log", "/output", "/output/index", "/receipt", "/cancel"] {
+    for path in [
+        "",
+        "/log",
+        "/output",
+        "/output/index",
+        "/receipt",
+        "/cancel",
+    ] {
         let method = if path == "/cancel" {
             Method::POST
         } else {

@@ -267,6 +267,7 @@ pub fn router_with(app: Shared, polls: Arc<Polls>) -> Router {
         .route("/healthz", get(healthz))
         .route(crate::receipts::KEY_PATH, get(crate::receipts::server_key))
         .nest("/api/v1", api)
+        .merge(crate::web::routes())
         .with_state(app)
 }
 

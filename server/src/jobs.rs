@@ -128,7 +128,7 @@ fn json_err(e: serde_json::Error) -> DbError {
     DbError::Refused(format!("stored JSON does not parse: {e}"))
 }
 
-fn stored_job(r: &sqlx::any::AnyRow) -> Result<StoredJob, DbError> {
+pub(crate) fn stored_job(r: &sqlx::any::AnyRow) -> Result<StoredJob, DbError> {
     let limits: String = r.try_get("limits")?;
     let snapshot: String = r.try_get("snapshot")?;
     Ok(StoredJob {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod images;
 pub mod indexing;
 pub mod jobs;
+pub mod listing;
 pub mod logs;
 pub mod openapi;
 pub mod polls;
@@ -24,6 +25,7 @@ pub mod settings;
 pub mod signing;
 pub mod statements;
 pub mod tokens;
+pub mod web;
 
 #[cfg(test)]
 mod adaptive_tests;
@@ -43,3 +45,5 @@ mod replica_tests;
 mod retention_tests;
 #[cfg(test)]
 mod unstarted_tests;
+#[cfg(test)]
+mod web_tests;

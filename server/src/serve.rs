@@ -304,7 +304,11 @@ pub async fn serve_on(
         io.set_write_timeout(Some(limits.write_timeout));
         let routes = routes.clone();
         let service = hyper::service::service_fn(move |request: axum::http::Request<Incoming>| {
-            let request = request.map(|body| Body::new(MinRate::new(body, pace)));
+            let mut request = request.map(|body| Body::new(MinRate::new(body, pace)));
+            // Who is on the other end (the website's sign-up limit counts by it).
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             routes.clone().oneshot(request)
         });
         let connection =

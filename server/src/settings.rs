@@ -57,6 +57,15 @@ pub struct SettingArgs {
     #[arg(long, env = "CONSTRUIR_SERVER_AUDIT_PERCENT",
           value_parser = clap::value_parser!(u8).range(0..=100))]
     pub audit_percent: Option<u8>,
+    /// The address people reach the server at (`https://farm.example`), for the website's
+    /// links and its cookies (`Secure` behind https); default: `http://` + `--listen`.
+    #[arg(long, env = "CONSTRUIR_SERVER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Let anyone make an account on the website ("everybody can join"; rate-limited by
+    /// address). Off by default: accounts are made with `construir-server user add`.
+    #[arg(long, env = "CONSTRUIR_SERVER_OPEN_SIGNUP", num_args = 0..=1,
+          default_missing_value = "true")]
+    pub open_signup: Option<bool>,
 }
 
 /// The same settings in a config file.
@@ -75,6 +84,8 @@ struct FileSettings {
     max_queued_per_user: Option<u64>,
     adaptive_after: Option<u64>,
     audit_percent: Option<u8>,
+    public_url: Option<String>,
+    open_signup: Option<bool>,
 }
 
 /// The settings in force.
@@ -94,6 +105,23 @@ pub struct Settings {
     pub adaptive_after: u64,
     /// The chance, in percent (0 to 100), that a run alone is audited.
     pub audit_percent: u8,
+    /// Where people reach the server, without a trailing slash (`https://farm.example`).
+    pub public_url: String,
+    pub open_signup: bool,
+}
+
+impl Settings {
+    /// The path the website lives under (`/farm` for `https://x.example/farm`; empty at the
+    /// root): a reverse proxy that strips it serves the pages' links right.
+    pub fn base_path(&self) -> &str {
+        let after_scheme = self.public_url.split_once("://").map_or("", |(_, r)| r);
+        after_scheme.find('/').map_or("", |i| &after_scheme[i..])
+    }
+
+    /// Whether cookies are `Secure` (the public address is https).
+    pub fn secure_cookies(&self) -> bool {
+        self.public_url.starts_with("https://")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +214,29 @@ impl SettingArgs {
                 .max_queued_per_user
                 .or(file.max_queued_per_user)
                 .unwrap_or(10_000),
+            public_url: {
+                let listen = self
+                    .listen
+                    .or(file.listen)
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+                let url = self
+                    .public_url
+                    .clone()
+                    .or(file.public_url)
+                    .unwrap_or_else(|| format!("http://{listen}"));
+                let url = url.trim_end_matches('/').to_string();
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || url.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(SettingsError::Value {
+                        path,
+                        key: "public_url",
+                        message: format!("{url:?} is not an http:// or https:// address"),
+                    });
+                }
+                url
+            },
+            open_signup: self.open_signup.or(file.open_signup).unwrap_or(false),
             adaptive_after: self.adaptive_after.or(file.adaptive_after).unwrap_or(0),
             audit_percent: match self.audit_percent.or(file.audit_percent).unwrap_or(10) {
                 p @ 0..=100 => p,
@@ -246,6 +297,28 @@ mod tests {
             (s.adaptive_after, s.audit_percent),
             (0, 10),
             "no runs alone"
+        );
+        assert_eq!(s.public_url, "http://127.0.0.1:9999");
+        assert_eq!(
+            (s.base_path(), s.secure_cookies(), s.open_signup),
+            ("", false, false)
+        );
+        let behind = SettingArgs {
+            public_url: Some("https://farm.example/ci/".into()),
+            ..SettingArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!((behind.base_path(), behind.secure_cookies()), ("/ci", true));
+        let bad = SettingArgs {
+            public_url: Some("ftp://x".into()),
+            ..SettingArgs::default()
+        };
+        assert!(
+            bad.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("public_url")
         );
 
         std::fs::write(&cfg, "lease = \"soon\"\n").unwrap();

@@ -134,6 +134,7 @@ impl AttemptSnapshot {
             vote,
             signed: blobs.signed,
             alone: alone.map(str::to_string),
+            times: report.map(|r| r.times),
         }
     }
 }

@@ -357,6 +357,9 @@ pub struct AttemptView {
     /// before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alone: Option<String>,
+    /// How long its phases took, as its runner's report says (download, boot, run, upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times: Option<super::PhaseTimes>,
 }
 
 /// What the server's index of an output says in brief.

@@ -179,6 +179,7 @@ mod tests {
             vote: None,
             signed: false,
             alone: None,
+            times: None,
         });
         assert_eq!(
             progress_line(&job),

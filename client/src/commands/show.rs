@@ -296,6 +296,7 @@ mod tests {
                 vote: None,
                 signed: false,
                 alone: None,
+                times: None,
                 state: AttemptState::Reported,
                 why: "job failed with exit status 2\u{202e}".into(),
                 late: false,

@@ -5,6 +5,7 @@
 //! server hands out (to replay one the way a runner that lost its lease would).
 
 #![allow(dead_code)]
+pub mod browser;
 
 use construir_runner::remote::client::{ApiFailure, Client, Payload, http::Method, read_json};
 use construir_tests::*;
