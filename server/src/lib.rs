@@ -46,4 +46,8 @@ mod retention_tests;
 #[cfg(test)]
 mod unstarted_tests;
 #[cfg(test)]
+mod web_admin_tests;
+#[cfg(test)]
+mod web_farm_tests;
+#[cfg(test)]
 mod web_tests;

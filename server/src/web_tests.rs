@@ -14,7 +14,7 @@ use serde_json::json;
 use tower::ServiceExt;
 
 /// A browser's request: cookies, an optional form body, extra headers.
-async fn page(
+pub(crate) async fn page(
     app: &Shared,
     method: Method,
     path: &str,
@@ -53,12 +53,12 @@ async fn page(
     }
 }
 
-fn text(a: &Answer) -> String {
+pub(crate) fn text(a: &Answer) -> String {
     String::from_utf8_lossy(&a.body).into_owned()
 }
 
 /// `name=value` of each Set-Cookie (attributes dropped), joined as a Cookie header.
-fn cookies_of(a: &Answer) -> String {
+pub(crate) fn cookies_of(a: &Answer) -> String {
     a.headers
         .get_all("set-cookie")
         .iter()
@@ -68,7 +68,7 @@ fn cookies_of(a: &Answer) -> String {
 }
 
 /// The value of the hidden `csrf` field of the page.
-fn csrf_field(a: &Answer) -> String {
+pub(crate) fn csrf_field(a: &Answer) -> String {
     let t = text(a);
     let at = t
         .find("name=\"csrf\" value=\"")
@@ -78,7 +78,7 @@ fn csrf_field(a: &Answer) -> String {
 }
 
 /// Signs `name` in with `password`: the session's cookies and its CSRF token.
-async fn sign_in(app: &Shared, name: &str, password: &str) -> (String, String) {
+pub(crate) async fn sign_in(app: &Shared, name: &str, password: &str) -> (String, String) {
     let form = page(app, Method::GET, "/signin", "", None, &[]).await;
     let anon = cookies_of(&form);
     let csrf = csrf_field(&form);
@@ -112,14 +112,14 @@ async fn sign_in(app: &Shared, name: &str, password: &str) -> (String, String) {
     (cookies, csrf_field(&jobs))
 }
 
-async fn user_with_password(app: &Shared, name: &str, password: &str, admin: bool) {
+pub(crate) async fn user_with_password(app: &Shared, name: &str, password: &str, admin: bool) {
     let id = app.db.ensure_user(name).await.unwrap();
     let phc = crate::accounts::hash_password(password).unwrap();
     app.db.set_password(id, &phc, admin).await.unwrap();
 }
 
 /// A job of `owner` that ran: its console holds `console`, its output `output`.
-async fn ran(app: &Shared, owner: &str, query: &str, console: &[u8], output: Vec<u8>) -> u64 {
+pub(crate) async fn ran(app: &Shared, owner: &str, query: &str, console: &[u8], output: Vec<u8>) -> u64 {
     let t = token(app, owner, "submitter").await;
     let a = crate::flow_tests::send(
         app,

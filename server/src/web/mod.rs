@@ -8,11 +8,14 @@
 //! a CSRF token ([`session`]); a session is an HttpOnly, SameSite cookie. The pages work without
 //! JavaScript; `static/live.js` (the only script) follows a running job's console.
 
+pub mod admin;
 pub mod console_page;
+pub mod farm;
 pub mod forms;
 pub mod jobs;
 pub mod limits;
 pub mod session;
+pub mod submit;
 pub mod timeline;
 
 use crate::http::Refusal;
@@ -41,6 +44,9 @@ pub fn routes() -> Router<Shared> {
         .route("/static/live.js", get(live_js))
         .merge(jobs::routes())
         .merge(forms::routes())
+        .merge(farm::routes())
+        .merge(admin::routes())
+        .merge(submit::routes())
         .fallback(no_such_page)
         .layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT))
         .layer(middleware::from_fn(page_headers))
