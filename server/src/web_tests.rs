@@ -119,7 +119,13 @@ pub(crate) async fn user_with_password(app: &Shared, name: &str, password: &str,
 }
 
 /// A job of `owner` that ran: its console holds `console`, its output `output`.
-pub(crate) async fn ran(app: &Shared, owner: &str, query: &str, console: &[u8], output: Vec<u8>) -> u64 {
+pub(crate) async fn ran(
+    app: &Shared,
+    owner: &str,
+    query: &str,
+    console: &[u8],
+    output: Vec<u8>,
+) -> u64 {
     let t = token(app, owner, "submitter").await;
     let a = crate::flow_tests::send(
         app,
@@ -720,4 +726,161 @@ async fn the_live_console_streams_a_running_jobs_pieces_as_text_runs() {
     let next = String::from_utf8_lossy(&next).into_owned();
     assert!(next.contains(r#"{"class":"f2","text":"ok"}"#), "{next}");
     assert!(sent.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// A multipart form body of `fields` (name, value) then one file part; its content type.
+fn multipart(fields: &[(&str, &str)], file: Option<(&str, &str, &[u8])>) -> (String, Vec<u8>) {
+    let boundary = "construir-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
+    }
+    if let Some((field, name, data)) = file {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; \
+                 filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn post_multipart(app: &Shared, cookies: &str, kind: &str, body: Vec<u8>) -> Answer {
+    let resp = router(app.clone())
+        .oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/submit")
+                .header("Cookie", cookies)
+                .header("Content-Type", kind)
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test]
+async fn the_submit_form_takes_a_job_file_or_packs_a_source_and_a_script() {
+    let (_d, app) = test_app().await;
+    user_with_password(&app, "alice", "correct horse", false).await;
+    assert_eq!(
+        page(&app, Method::GET, "/submit", "", None, &[])
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let (cookies, csrf) = sign_in(&app, "alice", "correct+horse").await;
+    let form = page(&app, Method::GET, "/submit", &cookies, None, &[]).await;
+    assert_eq!(form.status, StatusCode::OK);
+    let bytes = job("from the form");
+    let params = [
+        ("csrf", csrf.as_str()),
+        ("kind", "file"),
+        ("image", "t0"),
+        ("timeout_min", "5"),
+        ("output_size", "16M"),
+        ("replicas", "1"),
+        ("private", "on"),
+    ];
+    let (kind, body) = multipart(&params, Some(("job", "hello_t0.tar.xz", &bytes)));
+    let r = post_multipart(&app, &cookies, &kind, body).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", text(&r));
+    let id: u64 = r.headers["location"].to_str().unwrap()[6..]
+        .parse()
+        .unwrap();
+    let stored = app
+        .db
+        .load_job(construir_api::types::JobId(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.facts.sha256, crate::replica_tests::sha256(&bytes));
+    assert_eq!(
+        (
+            stored.facts.limits.timeout_s,
+            stored.facts.limits.output_size
+        ),
+        (300, 16 << 20)
+    );
+    assert!(stored.facts.private);
+    // Without the token first, or with another one: refused before the file is read.
+    let (kind, body) = multipart(
+        &[("kind", "file")],
+        Some(("job", "hello_t0.tar.xz", &bytes)),
+    );
+    assert_eq!(
+        post_multipart(&app, &cookies, &kind, body).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let (kind, body) = multipart(
+        &[("csrf", &"0".repeat(64))],
+        Some(("job", "hello_t0.tar.xz", &bytes)),
+    );
+    assert_eq!(
+        post_multipart(&app, &cookies, &kind, body).await.status,
+        StatusCode::FORBIDDEN
+    );
+    // Not a job: the form again, saying why.
+    let (kind, body) = multipart(&params, Some(("job", "hello_t0.tar.xz", b"junk")));
+    let r = post_multipart(&app, &cookies, &kind, body).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", text(&r));
+    assert!(text(&r).contains("not a job"), "{}", text(&r));
+    // A source tarball and a script, packed into a job.
+    let source = [
+        ("csrf", csrf.as_str()),
+        ("kind", "source"),
+        ("name", "lua"),
+        ("image", "t0"),
+        ("script", "make\r\n"),
+    ];
+    let (kind, body) = multipart(
+        &source,
+        Some(("source", "lua-5.4.tar.gz", b"tarball bytes")),
+    );
+    let r = post_multipart(&app, &cookies, &kind, body).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", text(&r));
+    let id: u64 = r.headers["location"].to_str().unwrap()[6..]
+        .parse()
+        .unwrap();
+    let stored = app
+        .db
+        .load_job(construir_api::types::JobId(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.facts.name, "lua_t0.tar.xz");
+    let archive = std::fs::read(app.blobs.local_file(&stored.facts.sha256)).unwrap();
+    let read = |p: &str| {
+        construir_contract::archive::read_file(&archive[..], p, 1 << 20)
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(read("opt/job/build.sh"), b"make\n");
+    assert_eq!(read("opt/job/source.tar.gz"), b"tarball bytes");
+    let (kind, body) = multipart(&source, Some(("source", "lua.zip", b"zip")));
+    let r = post_multipart(&app, &cookies, &kind, body).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", text(&r));
 }
