@@ -19,6 +19,9 @@
 //! `cargo bench -p construir-server --bench server [-- --only latency,claims,polls,upload]`, or
 //! `tools/bench-server` (builds the runner and image t0 first). Prints Markdown tables.
 
+mod common;
+
+use common::{host_line, median, spread};
 use construir_api::types::{ClaimRequest, ClaimResponse, RunnerCapabilities};
 use construir_server::db::Db;
 use construir_server::tokens;
@@ -382,72 +385,6 @@ async fn job_view(c: &mut Http, token: &str, id: u64) -> Res<serde_json::Value> 
         .await?
         .expect(200, "show")?
         .json()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
-fn spread(v: &mut [f64]) -> String {
-    let m = median(v);
-    match (v.first().copied(), v.last().copied()) {
-        (Some(a), Some(b)) => format!("{} ({}–{})", fmt_ms(m), fmt_ms(a), fmt_ms(b)),
-        _ => "–".into(),
-    }
-}
-
-fn fmt_ms(ms: f64) -> String {
-    if ms < 10.0 {
-        format!("{ms:.2} ms")
-    } else {
-        format!("{ms:.1} ms")
-    }
-}
-
-/// `PATH (FSTYPE)`: the file system a path is on, from /proc/self/mountinfo.
-fn fs_of(path: &Path) -> String {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best: Option<(usize, String)> = None;
-    for line in info.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let (Some(mount), Some(fstype)) = (f.get(4), f.get(sep + 1)) else {
-            continue;
-        };
-        if path.starts_with(mount) && best.as_ref().is_none_or(|b| mount.len() >= b.0) {
-            best = Some((mount.len(), fstype.to_string()));
-        }
-    }
-    format!(
-        "{} ({})",
-        path.display(),
-        best.map(|b| b.1).unwrap_or_else(|| "?".into())
-    )
-}
-
-fn host_line() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let disk = format!("data directories under {}", fs_of(&std::env::temp_dir()));
-    format!(
-        "host kind **{}**, {cores} cores ({cpu}), {disk}",
-        construir_contract::host::detect().as_str()
-    )
 }
 
 fn raise_fd_limit() -> u64 {

@@ -41,13 +41,17 @@ impl Viewer {
     }
 }
 
-/// Job `id`, if `viewer` may see it.
+/// Job `id`, if `viewer` may see it. A deleted job ([`crate::deletion`]) is no one's to see.
 pub async fn seen_job(app: &Shared, viewer: Viewer, id: JobId) -> Result<StoredJob, Refusal> {
-    app.db
+    let job = app
+        .db
         .load_job(id)
         .await?
-        .filter(|j| viewer.may_see(&j.facts))
-        .ok_or_else(|| Refusal::new(codes::NOT_FOUND, format!("no job {id}")))
+        .filter(|j| viewer.may_see(&j.facts));
+    match job {
+        Some(j) if app.db.job_deleted_at(id).await?.is_none() => Ok(j),
+        _ => Err(Refusal::new(codes::NOT_FOUND, format!("no job {id}"))),
+    }
 }
 
 /// Job `id`, if `viewer` may change it (a job they may only see is refused 403, saying why).

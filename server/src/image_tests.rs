@@ -21,7 +21,7 @@ const KERNEL: &str = "kernels/vmlinux-test";
 
 /// Writes image `index` into `dir`: a fake kernel and qcow2, and a manifest naming their
 /// sha256s. Returns the manifest's bytes.
-fn write_image(dir: &Path, index: &str, qcow2: &[u8]) -> Vec<u8> {
+pub(crate) fn write_image(dir: &Path, index: &str, qcow2: &[u8]) -> Vec<u8> {
     let kernel = b"not really an ELF vmlinux";
     std::fs::create_dir_all(dir.join("kernels")).unwrap();
     std::fs::write(dir.join(KERNEL), kernel).unwrap();

@@ -344,29 +344,28 @@ impl Db {
         owner: Option<UserId>,
         limit: i64,
     ) -> Result<Vec<StoredJob>, DbError> {
-        let rows = match owner {
-            Some(o) => {
-                sqlx::query(concat!(
+        let rows =
+            match owner {
+                Some(o) => sqlx::query(concat!(
                     "SELECT ",
                     job_columns!(),
-                    " FROM jobs WHERE owner = $1 ORDER BY id DESC LIMIT $2"
+                    " FROM jobs WHERE owner = $1 AND deleted_ms IS NULL ORDER BY id DESC LIMIT $2"
                 ))
                 .bind(o.0 as i64)
                 .bind(limit)
                 .fetch_all(self.pool())
-                .await?
-            }
-            None => {
-                sqlx::query(concat!(
-                    "SELECT ",
-                    job_columns!(),
-                    " FROM jobs ORDER BY id DESC LIMIT $1"
-                ))
-                .bind(limit)
-                .fetch_all(self.pool())
-                .await?
-            }
-        };
+                .await?,
+                None => {
+                    sqlx::query(concat!(
+                        "SELECT ",
+                        job_columns!(),
+                        " FROM jobs WHERE deleted_ms IS NULL ORDER BY id DESC LIMIT $1"
+                    ))
+                    .bind(limit)
+                    .fetch_all(self.pool())
+                    .await?
+                }
+            };
         rows.iter().map(stored_job).collect()
     }
 

@@ -8,6 +8,8 @@ pub mod api_jobs;
 pub mod api_runner;
 pub mod blobs;
 pub mod db;
+pub mod deletion;
+pub mod farm_queries;
 pub mod http;
 pub mod images;
 pub mod indexing;

@@ -1,6 +1,6 @@
 //! The jobs list as the website shows it: newest first, filtered by state, owner and image,
 //! in pages (a page ends where the next begins: `before` the last id shown), with only the jobs
-//! the viewer may see (public ones and their own; an admin's: all).
+//! the viewer may see (public ones and their own; an admin's: all), never a deleted one.
 
 use crate::access::Viewer;
 use crate::db::{Db, DbError};
@@ -37,7 +37,7 @@ impl Db {
             "SELECT j.id, j.owner, j.name, j.image, j.image_digest, j.sha256, j.size, j.limits, \
              j.priority, j.snapshot, j.version, j.private, u.name AS owner_name \
              FROM jobs j JOIN users u ON u.id = j.owner \
-             WHERE (j.private = 0 OR j.owner = $1 OR $2 = 1) \
+             WHERE j.deleted_ms IS NULL AND (j.private = 0 OR j.owner = $1 OR $2 = 1) \
              AND ($3 IS NULL OR j.state = $3) AND ($4 IS NULL OR u.name = $4) \
              AND ($5 IS NULL OR j.image = $5) AND ($6 IS NULL OR j.id < $6) \
              ORDER BY j.id DESC LIMIT $7",

@@ -4,13 +4,15 @@
 //! `construir-server [--data DIR] [--listen ADDR] [--config FILE]` serves; `token create|list|
 //! revoke` manage who may do what (on the same data directory, while the server runs or not);
 //! `image publish INDEX [--images DIR]` stores an image from the images directory as blobs and
-//! makes it the index's current digest (printed), what jobs submitted for that index are pinned to.
+//! makes it the index's current digest (printed), what jobs submitted for that index are pinned to;
+//! `user add NAME [--admin]` and `user password NAME` set a password read from stdin (one line),
+//! for signing in to the website.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use construir_server::db::Db;
 use construir_server::settings::SettingArgs;
-use construir_server::{serve, tokens};
+use construir_server::{deletion, serve, tokens};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,7 +21,8 @@ use construir_server::{serve, tokens};
     after_help = "Examples:\n  construir-server --data /var/lib/construir/server\n  \
 construir-server --data DIR token create --name alice --role submitter\n  \
 construir-server --data DIR token list\n  \
-construir-server --data DIR image publish i0"
+construir-server --data DIR image publish i0\n  \
+construir-server --data DIR user add alice --admin < password-file"
 )]
 struct Cli {
     #[command(flatten)]
@@ -40,6 +43,22 @@ enum Command {
     /// Publish images, served by digest.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Give users a password for the website.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Make user NAME (or take the one there is) with the password read from stdin (one line,
+    /// 8 to 256 bytes); an admin with --admin, else not one.
+    Add {
+        name: String,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Replace user NAME's password with the one read from stdin (one line, 8 to 256 bytes).
+    Password { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -148,10 +167,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", done.digest);
             Ok(())
         }
+        Command::User(command) => {
+            let (name, admin) = match command {
+                UserCommand::Add { name, admin } => (name, Some(admin)),
+                UserCommand::Password { name } => (name, None),
+            };
+            // Said before the password is asked for.
+            anyhow::ensure!(
+                admin.is_some() || db.account(&name).await?.is_some(),
+                "no user {name}: `user add {name}` makes one"
+            );
+            let mut stdin = std::io::stdin().lock();
+            let password = if std::io::IsTerminal::is_terminal(&stdin) {
+                eprint!("construir-server: the password for {name}: ");
+                without_echo(|| deletion::read_password(&mut stdin))?
+            } else {
+                deletion::read_password(&mut stdin)?
+            };
+            let done = deletion::set_user_password(&db, &name, admin, password).await?;
+            eprintln!("construir-server: {done}");
+            Ok(())
+        }
         Command::Token(TokenCommand::Revoke { id }) => {
             anyhow::ensure!(db.revoke_token(id).await?, "no live token {id}");
             eprintln!("construir-server: token {id} revoked");
             Ok(())
         }
     }
+}
+
+/// Runs `read` with the terminal on stdin not echoing what is typed (a password).
+fn without_echo<T>(read: impl FnOnce() -> T) -> T {
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: an all-zero termios is a valid value of the plain C struct, filled in next.
+    let mut term: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `term` is a valid termios for tcgetattr to write.
+    if unsafe { libc::tcgetattr(fd, &mut term) } != 0 {
+        return read();
+    }
+    let quiet = libc::termios {
+        c_lflag: term.c_lflag & !libc::ECHO,
+        ..term
+    };
+    // SAFETY: `quiet` is a valid termios, read by tcsetattr.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    let out = read();
+    // SAFETY: as above; the terminal as it was.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &term) };
+    eprintln!();
+    out
 }
