@@ -129,6 +129,8 @@ fn submit_form(b: &Browser, base: &str, job: &TestJob, private: bool) -> u64 {
     b.select("#image", "t0");
     b.fill("#timeout_min", "5");
     b.fill("#output_size", "16M");
+    b.fill("#vcpus", "1");
+    b.fill("#memory_mib", "256");
     if private {
         b.click("#private");
     }
@@ -156,6 +158,22 @@ fn the_website_in_a_real_browser() {
         return;
     };
     let farm = Farm::start(&["--open-signup"]);
+    // An operator's account, made with the server's own command (the password on stdin).
+    let mut add = std::process::Command::new(construir_tests::binary("construir-server"))
+        .arg("--data")
+        .arg(&farm.server.data)
+        .args(["user", "add", "root", "--admin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("construir-server user add");
+    {
+        use std::io::Write;
+        let mut stdin = add.stdin.take().unwrap();
+        stdin.write_all(b"root's long password\n").unwrap();
+    }
+    let added = add.wait_with_output().unwrap();
+    assert!(added.status.success(), "user add: {}", added.status);
     let _runner = farm.runner("web-1", &farm.server.url, &[]);
     let base = farm.server.url.clone();
 
@@ -357,4 +375,18 @@ fn the_website_in_a_real_browser() {
     plain.screenshot("runners");
     plain.goto(&format!("{base}/images"));
     plain.screenshot("images");
+    // The operator's page, for an admin only.
+    plain.goto(&format!("{base}/admin"));
+    plain.wait_for_text("main", "no such page", LONG);
+    plain.delete_cookies();
+    plain.goto(&format!("{base}/signin"));
+    plain.fill("#name", "root");
+    plain.fill("#password", "root's long password");
+    plain.submit("#signin button[type=submit]");
+    plain.wait_for_text("header", "Signed in as root", LONG);
+    plain.goto(&format!("{base}/admin"));
+    plain.wait_for_text("main", "ana", LONG);
+    plain.screenshot("admin");
+    plain.goto(&format!("{base}/signup"));
+    plain.screenshot("signup");
 }

@@ -98,6 +98,8 @@ struct Fields {
     image: String,
     timeout_min: String,
     output_size: String,
+    vcpus: String,
+    memory_mib: String,
     replicas: String,
     private: bool,
     script: String,
@@ -112,6 +114,8 @@ impl Fields {
             "image" => self.image = value,
             "timeout_min" => self.timeout_min = value,
             "output_size" => self.output_size = value,
+            "vcpus" => self.vcpus = value,
+            "memory_mib" => self.memory_mib = value,
             "replicas" => self.replicas = value,
             "private" => self.private = value == "on" || value == "true",
             "script" => self.script = value,
@@ -141,6 +145,9 @@ impl Fields {
             image: (!image.is_empty()).then(|| image.to_string()),
             timeout_s: number("time limit", &self.timeout_min)?.map(|m| m.saturating_mul(60)),
             output_size,
+            vcpus: number("vCPUs", &self.vcpus)?.map(|v| v.min(u64::from(u32::MAX)) as u32),
+            memory_mib: number("memory", &self.memory_mib)?
+                .map(|v| v.min(u64::from(u32::MAX)) as u32),
             replicas: number("replicas", &self.replicas)?
                 .map(|r| r.min(u64::from(u32::MAX)) as u32),
             private: self.private,

@@ -62,6 +62,8 @@ pub struct Browser {
     rt: tokio::runtime::Runtime,
     driver: Child,
     dir: tempfile::TempDir,
+    /// The pages' own scripts run (off for [`Browser::start_without_js`]).
+    javascript: bool,
 }
 
 /// One element of the current page, found by `css`.
@@ -186,6 +188,7 @@ impl Browser {
             rt,
             driver,
             dir,
+            javascript,
         };
         browser.set_window_size(DESKTOP.0, DESKTOP.1);
         Some(browser)
@@ -439,11 +442,16 @@ impl Browser {
         let mut paths = Vec::new();
         for (kind, (w, h)) in [("phone", PHONE), ("desktop", DESKTOP)] {
             self.set_window_size(w, h);
-            // Let a layout that depends on the width settle.
-            self.execute(
-                "return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))",
-                vec![],
-            );
+            // Let a layout that depends on the width settle (two frames; without the page's
+            // JavaScript a promise never settles, so a pause instead).
+            if self.javascript {
+                self.execute(
+                    "return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))",
+                    vec![],
+                );
+            } else {
+                std::thread::sleep(Duration::from_millis(300));
+            }
             let png = self.run(&format!("a {w}x{h} screenshot"), self.client.screenshot());
             let path = dir.join(format!("{name}-{kind}.png"));
             std::fs::write(&path, png)
