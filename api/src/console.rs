@@ -225,9 +225,11 @@ impl Renderer {
             // C1 controls (a CSI of their own among them): shown, never obeyed.
             '\u{80}'..='\u{9f}' => out.push(self.style.class(), '\u{fffd}'),
             // What reorders text: shown as a visible mark.
-            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' => {
-                out.push(self.style.class(), '\u{fffd}')
-            }
+            '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{061c}' => out.push(self.style.class(), '\u{fffd}'),
             _ => out.push(self.style.class(), c),
         }
     }

@@ -120,7 +120,7 @@ mod tests {
             own_runners: true,
             any_class: false,
             adaptive: true,
-            private: true,
+            private: Some(true),
         };
         let path = submit("my job_t0.tar.xz", &all);
         assert!(

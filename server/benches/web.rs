@@ -9,8 +9,8 @@
 //!   own long poll of the same console waking for the same kind of piece.
 //!
 //! In process (the router called directly, as a reverse proxy would hand it requests): the
-//! server's own time, without a network. `cargo bench -p construir-server --bench web`, or
-//! tools/bench-web (which writes the tables to a file).
+//! server's own time, without a network. `cargo bench -p construir-server --bench web
+//! [-- --only jobs-page,live]`; the figures are in docs/benchmarks.md.
 
 mod common;
 
@@ -190,7 +190,7 @@ async fn bench_live_console(rounds: usize) -> Res<()> {
         &app,
         api(
             Method::POST,
-            "/api/v1/jobs?name=live_t0.tar&timeout_s=3600",
+            "/api/v1/jobs?name=live_t0.tar&timeout_s=3600&private=false",
             &alice,
             Body::from(job),
         ),
@@ -213,21 +213,21 @@ async fn bench_live_console(rounds: usize) -> Res<()> {
     let runner_id = serde_json::from_slice::<serde_json::Value>(&body)?["runner_id"]
         .as_u64()
         .ok_or("runner id")?;
-    let claim = serde_json::json!({"runner_id": runner_id, "wait_s": 0, "capabilities": {
+    let claim = serde_json::json!({"wait_s": 0, "capabilities": {
         "arch": "x86_64", "backend": "qemu", "host_kind": "emulated", "images": ["t0"],
         "max_memory_mib": 4096, "max_vcpus": 4, "max_timeout_s": 7200,
         "max_job_size": 1u64 << 30, "max_output_size": 1u64 << 30,
         "free_slots": 1, "free_memory_mib": 4096}});
-    let (s, _, body) = call(
-        &app,
-        api(
-            Method::POST,
-            "/api/v1/runner/claim",
-            &runner,
-            Body::from(claim.to_string()),
-        ),
-    )
-    .await?;
+    let mut request = api(
+        Method::POST,
+        "/api/v1/runner/claim",
+        &runner,
+        Body::from(claim.to_string()),
+    );
+    request
+        .headers_mut()
+        .insert("Construir-Runner", runner_id.to_string().parse()?);
+    let (s, _, body) = call(&app, request).await?;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     let claimed: serde_json::Value = serde_json::from_slice(&body)?;
     let attempt = claimed["attempt_id"].as_u64().ok_or("attempt")?;

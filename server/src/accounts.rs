@@ -25,6 +25,10 @@ pub enum PasswordError {
     Hash(String),
 }
 
+/// argon2 runs at a time (each one is CPU and ~19 MiB of memory on a blocking thread): a burst
+/// of sign-ins waits its turn instead of taking every core and gigabytes.
+pub static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// `password` checked for length and hashed with argon2id and a random salt (a PHC string).
 /// CPU-heavy on purpose: call it off the async threads.
 pub fn hash_password(password: &str) -> Result<String, PasswordError> {
@@ -125,14 +129,25 @@ impl Db {
         Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
     }
 
-    /// Sets (or replaces) a user's password hash, and whether they are an admin.
+    /// Sets (or replaces) a user's password hash, and whether they are an admin; every session
+    /// of theirs ends (a password changed after a theft, or an admin no longer one, takes
+    /// effect at once).
     pub async fn set_password(&self, user_id: i64, phc: &str, admin: bool) -> Result<(), DbError> {
+        let mut tx = self.pool().begin().await?;
         sqlx::query("UPDATE users SET password_hash = $1, admin = $2 WHERE id = $3")
             .bind(phc)
             .bind(i64::from(admin))
             .bind(user_id)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "UPDATE sessions SET revoked_ms = $1 WHERE user_id = $2 AND revoked_ms IS NULL",
+        )
+        .bind(now_ms())
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -102,7 +102,7 @@ pub async fn submit(
         own_runners: q.own_runners.unwrap_or(false),
         any_class: q.any_class.unwrap_or(false),
         adaptive: q.adaptive.unwrap_or(false),
-        private: q.private.unwrap_or(false),
+        private: q.private,
     };
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -147,6 +147,22 @@ async fn within_queue_cap(app: &Shared, owner: UserId) -> Result<(), Refusal> {
         ));
     }
     Ok(())
+}
+
+/// What a submission is refused for before its body is read: a bad name, bad limits, a full
+/// queue.
+pub async fn precheck(
+    app: &Shared,
+    owner: UserId,
+    job_name: &str,
+    params: &SubmitParams,
+) -> Result<(), Refusal> {
+    parse_job_name(job_name).map_err(|e| Refusal::new(codes::BAD_JOB_NAME, e.to_string()))?;
+    let (defaults, server_max) = limits_for(app);
+    params
+        .resolve(&defaults, &server_max)
+        .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
+    within_queue_cap(app, owner).await
 }
 
 /// A submission, from the API or the website: the name and parameters checked, the body
@@ -221,7 +237,7 @@ pub async fn submit_job(
         size: received.size,
         limits,
         priority: params.priority,
-        private: params.private,
+        private: params.private.unwrap_or(true),
     };
     enqueue(app, &new, policy).await
 }

@@ -132,7 +132,7 @@ async fn a_job_goes_from_submit_to_output_and_every_byte_comes_back() {
     let alice = token(&app, "alice", "submitter").await;
     let runner_token = token(&app, "volunteer", "runner").await;
     let bytes = job("hello");
-    let a = submit(&app, &alice, "hello_t0.tar.xz", bytes.clone()).await;
+    let a = submit(&app, &alice, "hello_t0.tar.xz&private=false", bytes.clone()).await;
     assert_eq!(
         a.status,
         StatusCode::CREATED,

@@ -112,7 +112,7 @@ async fn the_runners_page_shows_each_runner_its_owner_standing_and_work_but_not_
     user_with_password(&app, "alice", "alices password", false).await;
     user_with_password(&app, "bob", "bobs password", false).await;
     let alices = token(&app, "alice", "submitter").await;
-    let public = submitted(&app, &alices, "").await;
+    let public = submitted(&app, &alices, "&private=false").await;
     let private = submitted(&app, &alices, "&private=true").await;
     let vol = token(&app, "vol", "runner").await;
     let key = KeyPair::generate().unwrap();

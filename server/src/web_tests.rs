@@ -126,6 +126,12 @@ pub(crate) async fn ran(
     console: &[u8],
     output: Vec<u8>,
 ) -> u64 {
+    // Public unless the query says otherwise (left out, a job is private).
+    let query = if query.contains("private=") {
+        query.to_string()
+    } else {
+        format!("{query}&private=false")
+    };
     let t = token(app, owner, "submitter").await;
     let a = crate::flow_tests::send(
         app,
@@ -673,7 +679,7 @@ async fn sign_up_is_off_unless_the_server_allows_it() {
 async fn the_live_console_streams_a_running_jobs_pieces_as_text_runs() {
     let (_d, app) = test_app().await;
     let alice = token(&app, "alice", "submitter").await;
-    let a = submit(&app, &alice, "hello_t0.tar.xz", job("live")).await;
+    let a = submit(&app, &alice, "hello_t0.tar.xz&private=false", job("live")).await;
     let id = a.json()["id"].as_u64().unwrap();
     let runner_token = token(&app, "volunteer", "runner").await;
     let reg = json_call(
@@ -883,4 +889,50 @@ async fn the_submit_form_takes_a_job_file_or_packs_a_source_and_a_script() {
     let (kind, body) = multipart(&source, Some(("source", "lua.zip", b"zip")));
     let r = post_multipart(&app, &cookies, &kind, body).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", text(&r));
+}
+
+#[tokio::test]
+async fn the_live_console_follows_only_its_own_jobs_attempts() {
+    let (_d, app) = test_app().await;
+    // A private job with a console, and a public one no runner took (canceled while queued).
+    let secret = ran(
+        &app,
+        "alice",
+        "&private=true",
+        b"the secret console\n",
+        crate::replica_tests::output("s"),
+    )
+    .await;
+    let alice = token(&app, "alice", "submitter").await;
+    let open = submit(&app, &alice, "hello_t0.tar.xz&private=false", job("empty")).await;
+    let open = open.json()["id"].as_u64().unwrap();
+    let c = crate::flow_tests::send(
+        &app,
+        Method::POST,
+        &format!("/api/v1/jobs/{open}/cancel"),
+        &alice,
+        Body::empty(),
+        &[],
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
+    let stored = app
+        .db
+        .load_job(construir_api::types::JobId(secret))
+        .await
+        .unwrap()
+        .unwrap();
+    let theirs = stored.snapshot.attempts[0].id;
+    let r = page(
+        &app,
+        Method::GET,
+        &format!("/jobs/{open}/live?attempt={theirs}&from=0"),
+        "",
+        None,
+        &[],
+    )
+    .await;
+    let events = text(&r);
+    assert!(!events.contains("secret"), "{events}");
+    assert!(events.contains("event: end"), "{events}");
 }

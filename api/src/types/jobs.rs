@@ -159,12 +159,14 @@ pub struct SubmitParams {
     /// quorum of 2 or more.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adaptive: bool,
-    /// Show the job, its console and its output only to its owner and admins (anyone else is
-    /// told there is no such job). By default a job is public: its page, console, output and
-    /// receipt are anyone's to see. Private or not, it runs on a stranger's machine: a job
-    /// must carry no secrets.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub private: bool,
+    /// `true`: show the job, its console and its output only to its owner and admins (anyone
+    /// else is told there is no such job); `false`: a public job, its page, console, output and
+    /// receipt anyone's to see (what `construir submit` and the website send unless asked for
+    /// private). Left out, the job is private: that is what a client of a release before public
+    /// jobs meant. Private or not, it runs on a stranger's machine: a job must carry no
+    /// secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private: Option<bool>,
 }
 
 /// The most replicas a job may ask for.

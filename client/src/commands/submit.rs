@@ -106,7 +106,7 @@ pub fn params(args: &SubmitArgs) -> SubmitParams {
         own_runners: args.own_runners,
         any_class: args.any_host_class,
         adaptive: args.adaptive,
-        private: args.private,
+        private: Some(args.private),
     }
 }
 
@@ -190,11 +190,21 @@ mod tests {
     #[test]
     fn only_the_flags_given_are_sent() {
         let plain = params(&submit_args(&["j_i0.tar.xz"]));
-        assert_eq!(plain, SubmitParams::default());
+        // Whether it is private is always said: the server takes a job that says nothing as
+        // private (what an earlier client meant).
+        assert_eq!(
+            plain,
+            SubmitParams {
+                private: Some(false),
+                ..SubmitParams::default()
+            }
+        );
         assert_eq!(
             paths::submit("j_i0.tar.xz", &plain),
-            "/api/v1/jobs?name=j_i0.tar.xz"
+            "/api/v1/jobs?name=j_i0.tar.xz&private=false"
         );
+        let private = params(&submit_args(&["j_i0.tar.xz", "--private"]));
+        assert_eq!(private.private, Some(true));
         let some = params(&submit_args(&[
             "j_i0.tar.xz",
             "--memory",
@@ -204,7 +214,7 @@ mod tests {
         ]));
         assert_eq!(
             paths::submit("j_i0.tar.xz", &some),
-            "/api/v1/jobs?name=j_i0.tar.xz&memory_mib=512&timeout_s=7200"
+            "/api/v1/jobs?name=j_i0.tar.xz&memory_mib=512&private=false&timeout_s=7200"
         );
     }
 

@@ -104,6 +104,13 @@ pub async fn output_index(
     let Some(sha) = app.db.output_index_blob(attempt).await? else {
         return Ok(None);
     };
+    let size = app.blobs.info(&sha).await?.map_or(0, |i| i.size);
+    if size > MAX_INDEX_ON_PAGE {
+        return Err(Refusal::new(
+            codes::NOT_FOUND,
+            format!("the output's index is {size} bytes, more than a page lists"),
+        ));
+    }
     let mut stream = app.blobs.read(&sha).await?;
     let mut json = Vec::new();
     while let Some(piece) = stream.next().await {
@@ -122,6 +129,13 @@ struct LiveQuery {
     from: u64,
 }
 
+/// Single files read out of outputs at a time (each one decompresses an archive on a blocking
+/// thread): more wait their turn.
+static EXTRACTIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// The largest output index a job page reads (its JSON): a bigger one is not listed there.
+pub const MAX_INDEX_ON_PAGE: u64 = 16 << 20;
+
 /// How long the live console waits between looks when nothing wakes it.
 const LIVE_IDLE: Duration = Duration::from_secs(10);
 
@@ -136,9 +150,11 @@ async fn live(
 ) -> Result<Response, WebError> {
     let chrome = visitor.chrome(format!("Job {id}"));
     let job = seen(&app, visitor.viewer(), id, &chrome).await?;
+    // Only an attempt of this job: the id in the address is the visitor's.
     let attempt = q
         .attempt
         .map(AttemptId)
+        .filter(|a| job.snapshot.attempt(*a).is_some())
         .or(job.snapshot.attempts.last().map(|a| a.id));
     let cap = ConsoleCap::new(job.facts.limits.console_cap);
     let state = Follow {
@@ -202,10 +218,11 @@ impl Follow {
                 wait(job_changed, None).await;
                 continue;
             };
-            let ours_ended = job
-                .snapshot
-                .attempt(attempt)
-                .is_none_or(|a| !a.state.is_live());
+            let Some(ours) = job.snapshot.attempt(attempt) else {
+                self.done = true;
+                return SseEvent::default().event("end").data("no such attempt");
+            };
+            let ours_ended = !ours.state.is_live();
             if ours_ended && latest.is_some_and(|l| l != attempt) {
                 // Another attempt holds the job now (a retry, another replica): draw it.
                 self.done = true;
@@ -244,7 +261,10 @@ impl Follow {
                     .id(self.offset.to_string())
                     .data(data);
             }
-            if ended {
+            // The attempt ended and all of it was sent: the page is drawn again once the job
+            // has ended, or once another attempt takes it (a retry after a back-off may be
+            // hours away: until then the stream waits, quietly).
+            if ended && job.snapshot.state.is_terminal() {
                 self.done = true;
                 return SseEvent::default()
                     .event("end")
@@ -337,27 +357,33 @@ async fn log_download(
         .or(job.snapshot.attempts.last().map(|a| a.id))
         .ok_or_else(|| super::jobs::not_found("console: no runner has taken the job", &chrome))?;
     let cap = ConsoleCap::new(job.facts.limits.console_cap);
-    let mut all = Vec::new();
-    let mut from = 0;
-    loop {
-        let read = read_console(&app.db, &app.blobs, attempt, cap, from, 1 << 20)
-            .await
-            .map_err(|e| WebError::from_refusal(console_error(e), &chrome))?;
-        if let ConsoleHome::Deleted { at_ms } = read.home {
-            all = crate::retention::console_deleted_note(at_ms, 4096).into_bytes();
-            break;
+    // Streamed a MiB at a time: a console may be as long as its job's cap.
+    let state = (app.clone(), 0u64, false);
+    let stream = futures::stream::unfold(state, move |(app, from, done)| async move {
+        if done {
+            return None;
         }
-        all.extend_from_slice(&read.bytes);
-        if read.next <= from || read.next >= read.received {
-            break;
+        match read_console(&app.db, &app.blobs, attempt, cap, from, 1 << 20).await {
+            Err(e) => {
+                tracing::error!("job {id}: the console of attempt {attempt}: {e}");
+                let e = std::io::Error::other("the console could not be read");
+                Some((Err(e), (app, from, true)))
+            }
+            Ok(read) => {
+                if let ConsoleHome::Deleted { at_ms } = read.home {
+                    let note = crate::retention::console_deleted_note(at_ms, 4096).into_bytes();
+                    return Some((Ok(bytes::Bytes::from(note)), (app, from, true)));
+                }
+                let last = read.next <= from || read.next >= read.received;
+                let next = read.next;
+                Some((Ok(bytes::Bytes::from(read.bytes)), (app, next, last)))
+            }
         }
-        from = read.next;
-    }
-    let len = all.len() as u64;
+    });
     Ok(attachment(
-        Body::from(all),
+        Body::from_stream(stream),
         &format!("job-{id}-attempt-{attempt}-console.txt"),
-        Some(len),
+        None,
     ))
 }
 
@@ -433,6 +459,13 @@ async fn file_download(
     let reader =
         tokio_util::io::StreamReader::new(stream.map(|r| r.map_err(std::io::Error::other)));
     let want = path.clone();
+    let _turn = EXTRACTIONS.acquire().await.map_err(|_| {
+        WebError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is stopping",
+            &chrome,
+        )
+    })?;
     // The archive is read on a blocking thread (the reader is synchronous), the one file
     // copied into an unnamed temporary file, then streamed.
     let copied = tokio::task::spawn_blocking(move || {

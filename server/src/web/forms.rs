@@ -17,8 +17,10 @@ use axum::routing::{get, post};
 use axum_extra::extract::cookie::SameSite;
 use std::sync::LazyLock;
 
-/// Sign-in tries: 20 a minute from one address, 600 from all.
-static SIGN_INS: LazyLock<Limiter> = LazyLock::new(|| Limiter::new(20, 600, 60_000));
+/// Sign-in tries: 20 a minute from one address (an IPv6 /64); no cap for everybody (that would
+/// let a few addresses lock everyone out): argon2's turns bound the work
+/// ([`accounts::HASHING`]).
+static SIGN_INS: LazyLock<Limiter> = LazyLock::new(|| Limiter::new(20, u32::MAX, 60_000));
 /// Accounts made: 5 an hour from one address, 100 from all.
 static SIGN_UPS: LazyLock<Limiter> = LazyLock::new(|| Limiter::new(5, 100, 3_600_000));
 
@@ -125,6 +127,13 @@ async fn signin(
             .unwrap_or_else(|| accounts::decoy_hash().to_string());
         let password = form.password.clone();
         // The same work whether or not the name is someone's.
+        let _turn = accounts::HASHING.acquire().await.map_err(|_| {
+            WebError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is stopping",
+                &chrome,
+            )
+        })?;
         let matches =
             tokio::task::spawn_blocking(move || accounts::password_matches(&password, &phc))
                 .await
@@ -227,6 +236,13 @@ async fn signup(
         );
     }
     let password = form.password.clone();
+    let _turn = accounts::HASHING.acquire().await.map_err(|_| {
+        WebError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is stopping",
+            &chrome,
+        )
+    })?;
     let hashed = tokio::task::spawn_blocking(move || accounts::hash_password(&password))
         .await
         .map_err(|e| WebError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), &chrome))?;

@@ -21,6 +21,9 @@ use construir_api::types::{JobId, JobState, JobView};
 /// Jobs on one page of the list.
 pub const PAGE: i64 = 50;
 
+/// The most output entries a job page lists (the whole output is a download).
+pub const FILES_ON_PAGE: usize = 1000;
+
 /// The most console bytes a job page shows (its tail; the whole log is a download).
 pub const CONSOLE_ON_PAGE: u64 = 256 << 10;
 
@@ -342,9 +345,12 @@ async fn files_of(
     };
     match console_page::output_index(app, result).await {
         Ok(Some(index)) => {
+            let shown = index.entries.len().min(FILES_ON_PAGE);
+            let more = index.entries.len() - shown;
             let files = index
                 .entries
                 .iter()
+                .take(FILES_ON_PAGE)
                 .map(|e| {
                     let file = matches!(e.kind, construir_contract::archive::EntryKind::File);
                     FileRow {
@@ -366,7 +372,15 @@ async fn files_of(
                     }
                 })
                 .collect();
-            (files, String::new(), bytes(size))
+            let note = match more {
+                0 => String::new(),
+                n => format!(
+                    "the first {shown} entries; {n} more are in the whole output and its index \
+                     (GET /api/v1/jobs/{}/output/index)",
+                    job.facts.id
+                ),
+            };
+            (files, note, bytes(size))
         }
         Ok(None) => (
             Vec::new(),

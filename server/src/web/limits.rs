@@ -36,8 +36,11 @@ impl Limiter {
         }
     }
 
-    /// Counts a try from `key` at `now_ms`; false (not counted) when it is past a limit.
+    /// Counts a try from `key` at `now_ms`; false (not counted) when it is past a limit. An
+    /// address counts as its IPv4 address (an IPv4-mapped one too) or its IPv6 /64: one
+    /// subscriber's share.
     pub fn allow(&self, key: Option<IpAddr>, now_ms: u64) -> bool {
+        let key = key.map(subscriber);
         let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if now_ms >= w.started_ms.saturating_add(self.window_ms) {
             *w = Window {
@@ -57,6 +60,20 @@ impl Limiter {
         }
         w.total += 1;
         true
+    }
+}
+
+/// What an address counts as: IPv4 as itself (an IPv4-mapped IPv6 one too), IPv6 by its /64.
+pub fn subscriber(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -95,5 +112,17 @@ mod tests {
         assert!(!l.allow(c, 4), "everybody's fourth");
         // A new window forgets.
         assert!(l.allow(a, 1000) && l.allow(c, 1001));
+        // One /64 is one address; an IPv4-mapped address is its IPv4 one.
+        let l = Limiter::new(1, 100, 1000);
+        let v6 = |last: u16| {
+            Some(IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 1, 2, 0, 0, 0, last,
+            )))
+        };
+        assert!(l.allow(v6(1), 0) && !l.allow(v6(2), 0));
+        let mapped = Some(IpAddr::V6(
+            std::net::Ipv4Addr::new(10, 0, 0, 9).to_ipv6_mapped(),
+        ));
+        assert!(l.allow(Some(IpAddr::from([10, 0, 0, 9])), 0) && !l.allow(mapped, 0));
     }
 }

@@ -82,6 +82,11 @@ async fn page_headers(request: Request, next: Next) -> Response {
         "cross-origin-opener-policy",
         HeaderValue::from_static("same-origin"),
     );
+    // Pages carry a session's CSRF token, private jobs, tokens just made: no cache keeps them
+    // (the static files say otherwise for themselves).
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     response
 }
 

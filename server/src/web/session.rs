@@ -181,6 +181,12 @@ impl Visitor {
     /// Refuses a form post that is not this site's: a foreign `Origin`, or a CSRF token that is
     /// not this visit's (see the module's rules).
     pub fn check_form(&self, headers: &HeaderMap, token: &str) -> Result<(), WebError> {
+        self.check_origin(headers)?;
+        self.check_token(token)
+    }
+
+    /// Refuses a post whose `Origin` (when the browser sends one) is another site's.
+    pub fn check_origin(&self, headers: &HeaderMap) -> Result<(), WebError> {
         let chrome = self.chrome("Refused");
         if let Some(origin) = headers.get(header::ORIGIN) {
             let origin = origin.to_str().unwrap_or("");
@@ -193,6 +199,12 @@ impl Visitor {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Refuses a form whose CSRF token is not this visit's.
+    pub fn check_token(&self, token: &str) -> Result<(), WebError> {
+        let chrome = self.chrome("Refused");
         let expected = match (&self.session, &self.anonymous_csrf) {
             (Some(s), _) => Some(s.csrf.as_str()),
             (None, Some(c)) => Some(c.as_str()),
@@ -209,7 +221,7 @@ impl Visitor {
         }
     }
 
-    /// The signed-in session, or a 303 to the sign-in page (as a refusal the handler returns).
+    /// The signed-in session, or a 401 page saying to sign in.
     pub fn signed_in(&self) -> Result<&Session, WebError> {
         self.session.as_ref().ok_or_else(|| {
             WebError::new(

@@ -150,7 +150,7 @@ impl Fields {
                 .map(|v| v.min(u64::from(u32::MAX)) as u32),
             replicas: number("replicas", &self.replicas)?
                 .map(|r| r.min(u64::from(u32::MAX)) as u32),
-            private: self.private,
+            private: Some(self.private),
             ..SubmitParams::default()
         })
     }
@@ -167,6 +167,8 @@ async fn submit(
     mut multipart: Multipart,
 ) -> Result<Response, WebError> {
     let session = visitor.signed_in()?.clone();
+    // Another site's post is refused before a byte of it is read.
+    visitor.check_origin(&headers)?;
     let refuse = |status: StatusCode, problem: String| {
         let (app, visitor) = (&app, &visitor);
         async move { page(app, visitor, status, problem).await }
@@ -198,23 +200,32 @@ async fn submit(
                 &visitor.chrome("Submit a job"),
             ));
         }
-        let value = field.text().await.map_err(|e| {
-            WebError::new(
-                StatusCode::BAD_REQUEST,
-                format!("the form did not arrive whole: {e}"),
-                &visitor.chrome("Submit a job"),
-            )
-        })?;
-        if value.len() > MAX_SCRIPT {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the field {name} is longer than {MAX_SCRIPT} bytes"),
-            )
-            .await;
+        // Read a piece at a time, never past the field's cap.
+        let cap = if name == "csrf" { 128 } else { MAX_SCRIPT };
+        let mut field = field;
+        let mut value = Vec::new();
+        loop {
+            let piece = field.chunk().await.map_err(|e| {
+                WebError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("the form did not arrive whole: {e}"),
+                    &visitor.chrome("Submit a job"),
+                )
+            })?;
+            let Some(piece) = piece else { break };
+            if value.len() + piece.len() > cap {
+                return refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the field {name} is longer than {cap} bytes"),
+                )
+                .await;
+            }
+            value.extend_from_slice(&piece);
         }
+        let value = String::from_utf8_lossy(&value).into_owned();
         fields.set(&name, value);
         if name == "csrf" {
-            visitor.check_form(&headers, fields.csrf.as_deref().unwrap_or(""))?;
+            visitor.check_token(fields.csrf.as_deref().unwrap_or(""))?;
         }
     };
     if fields.csrf.is_none() {
@@ -238,6 +249,19 @@ async fn submit(
             .await;
         }
     };
+    // What can be refused without the file is refused before it is read: the name, the
+    // limits, the user's queue.
+    let name_first = match kind {
+        Kind::JobFile => file_name.clone(),
+        Kind::Source => match job_name(&fields.name, params.image.as_deref().unwrap_or("i0")) {
+            Ok(n) => n,
+            Err(problem) => return refuse(StatusCode::UNPROCESSABLE_ENTITY, problem).await,
+        },
+    };
+    if let Err(r) = crate::api_jobs::precheck(&app, owner, &name_first, &params).await {
+        let status = StatusCode::from_u16(r.0.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+        return refuse(status, r.0.message).await;
+    }
     // The part is spooled to a file first (it borrows the request), within the server's cap.
     let max = app.settings.max_job_size;
     let spooled = match spool(field.map_err(std::io::Error::other), max).await {
