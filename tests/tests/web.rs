@@ -4,7 +4,8 @@
 //! its output and compare bytes, cancel one, make and revoke a token; a hostile job's console
 //! and file names shown as text with nothing run; a private job another user cannot see; the
 //! pages without JavaScript; headers checked with plain HTTP. Screenshots of each page at
-//! desktop and phone width go to target/screenshots/ (tools/screenshots copies them to docs/).
+//! desktop and phone width go to target/screenshots/, and with CONSTRUIR_SCREENSHOTS_TO_DOCS=1
+//! (tools/screenshots sets it) to docs/screenshots/ too.
 
 mod support;
 
@@ -254,7 +255,11 @@ fn the_website_in_a_real_browser() {
         &format!("/jobs/{id}"),
         "/submit",
         "/signin",
+        "/signup",
         "/tokens",
+        "/runners",
+        "/images",
+        "/no-such-page",
     ] {
         let page = http("GET", &format!("{base}{path}"), &cookie, None);
         let csp = page.header("content-security-policy").unwrap_or("");

@@ -454,8 +454,17 @@ impl Browser {
             }
             let png = self.run(&format!("a {w}x{h} screenshot"), self.client.screenshot());
             let path = dir.join(format!("{name}-{kind}.png"));
-            std::fs::write(&path, png)
+            std::fs::write(&path, &png)
                 .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            // The flag that copies them into the docs (tools/screenshots sets it).
+            if std::env::var_os("CONSTRUIR_SCREENSHOTS_TO_DOCS").is_some() {
+                let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
+                std::fs::create_dir_all(&docs)
+                    .unwrap_or_else(|e| panic!("cannot create {}: {e}", docs.display()));
+                let copy = docs.join(format!("{name}-{kind}.png"));
+                std::fs::write(&copy, &png)
+                    .unwrap_or_else(|e| panic!("cannot write {}: {e}", copy.display()));
+            }
             paths.push(path);
         }
         let desktop = paths.pop().expect("desktop");
