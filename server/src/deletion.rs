@@ -21,10 +21,10 @@
 
 use crate::accounts::{MAX_PASSWORD, MIN_PASSWORD};
 use crate::db::{Db, DbError, now_ms};
-use crate::retention::{self, RetentionError};
+use crate::retention;
 use crate::service::{ApplyError, Shared, Topic};
 use construir_api::state::{Event, JobSnapshot};
-use construir_api::types::{AttemptId, AttemptState, JobId, JobState, RunnerId};
+use construir_api::types::{AttemptState, JobId, JobState, RunnerId};
 use sqlx::Row;
 
 /// What a deleted job's name becomes.
@@ -130,41 +130,14 @@ pub async fn delete_job(app: &Shared, id: JobId, by: &str) -> Result<Deletion, D
             }
             continue;
         }
-        let mut named = vec![job.facts.sha256.clone()];
-        let rows = sqlx::query(
-            "SELECT id, output_sha256, console_sha256, output_index_sha256 FROM attempts \
-             WHERE job_id = $1",
-        )
-        .bind(j)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut attempts = Vec::new();
-        for r in &rows {
-            attempts.push(AttemptId(r.try_get::<i64, _>(0)? as u64));
-            for column in 1..=3 {
-                named.extend(r.try_get::<Option<String>, _>(column)?);
-            }
-        }
-        sqlx::query(
-            "DELETE FROM log_pieces WHERE attempt_id IN \
-             (SELECT id FROM attempts WHERE job_id = $1)",
-        )
-        .bind(j)
-        .execute(&mut *tx)
-        .await?;
         // Retention's unnaming, and the attempts' live marks with the ended snapshot (what
         // claims count; `store_job_within` keeps them so for every other write).
-        sqlx::query(
-            "UPDATE attempts SET \
-             deleted_output_sha256 = COALESCE(output_sha256, deleted_output_sha256), \
-             output_sha256 = NULL, console_sha256 = NULL, output_index_sha256 = NULL, \
-             console_deleted_ms = COALESCE(console_deleted_ms, $2), live = 0, alone = 0 \
-             WHERE job_id = $1",
-        )
-        .bind(j)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        let (attempts, mut named) = retention::unname_attempts(&mut tx, id, now).await?;
+        named.push(job.facts.sha256.clone());
+        sqlx::query("UPDATE attempts SET live = 0, alone = 0 WHERE job_id = $1")
+            .bind(j)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         tracing::info!("job {id} deleted by {by}");
         // Whoever follows the job or one of its consoles looks again, and finds it gone.
@@ -187,15 +160,9 @@ pub async fn delete_job(app: &Shared, id: JobId, by: &str) -> Result<Deletion, D
 /// each one's name lock (as retention does); returns how many are gone. Errors are logged: the
 /// orphan collection removes what is left.
 async fn remove_unnamed(app: &Shared, shas: &[String], now: i64) -> usize {
-    let fresh = now - retention::ORPHAN_GRACE.as_millis() as i64;
     let mut gone = 0;
     for sha in shas {
-        let named = async { Ok::<_, RetentionError>(retention::referenced(app, sha).await?) };
-        match app
-            .blobs
-            .remove_unless_fresh_or_named(sha, fresh, named)
-            .await
-        {
+        match retention::remove_unnamed(app, sha, now).await {
             Ok(true) => gone += 1,
             Ok(false) => {}
             Err(e) => tracing::warn!("removing blob {sha} of a deleted job: {e}"),

@@ -59,13 +59,62 @@ pub async fn referenced(app: &App, sha256: &str) -> Result<bool, DbError> {
 /// Removes `sha256` unless a row names it or it was published since the grace began, both
 /// looked at under its name's lock (an upload of equal bytes either marked it first, or waits
 /// and writes it anew). True if it is gone.
-async fn remove_unnamed(app: &App, sha256: &str, now_ms: i64) -> Result<bool, RetentionError> {
+pub(crate) async fn remove_unnamed(
+    app: &App,
+    sha256: &str,
+    now_ms: i64,
+) -> Result<bool, RetentionError> {
     let fresh = now_ms - ORPHAN_GRACE.as_millis() as i64;
     app.blobs
         .remove_unless_fresh_or_named(sha256, fresh, async {
             Ok::<_, RetentionError>(referenced(app, sha256).await?)
         })
         .await
+}
+
+/// Inside `tx`: drops the console pieces of job `id`'s attempts and unnames every blob they
+/// name (outputs, consoles, output indexes; an output's sha256 kept as deleted), the consoles
+/// marked deleted at `now_ms`. The attempts, and the names they gave up.
+pub(crate) async fn unname_attempts(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: JobId,
+    now_ms: i64,
+) -> Result<(Vec<construir_api::types::AttemptId>, Vec<String>), DbError> {
+    let j = id.0 as i64;
+    let rows = sqlx::query(
+        "SELECT id, output_sha256, console_sha256, output_index_sha256 FROM attempts \
+         WHERE job_id = $1",
+    )
+    .bind(j)
+    .fetch_all(&mut **tx)
+    .await?;
+    let (mut attempts, mut unnamed) = (Vec::new(), Vec::new());
+    for r in &rows {
+        attempts.push(construir_api::types::AttemptId(
+            r.try_get::<i64, _>(0)? as u64
+        ));
+        for column in 1..=3 {
+            unnamed.extend(r.try_get::<Option<String>, _>(column)?);
+        }
+    }
+    sqlx::query(
+        "DELETE FROM log_pieces WHERE attempt_id IN \
+         (SELECT id FROM attempts WHERE job_id = $1)",
+    )
+    .bind(j)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE attempts SET \
+         deleted_output_sha256 = COALESCE(output_sha256, deleted_output_sha256), \
+         output_sha256 = NULL, console_sha256 = NULL, output_index_sha256 = NULL, \
+         console_deleted_ms = COALESCE(console_deleted_ms, $2) WHERE job_id = $1",
+    )
+    .bind(j)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok((attempts, unnamed))
 }
 
 /// Deletes the outputs, consoles and job files of jobs that ended at or before
@@ -152,33 +201,7 @@ async fn retire_job(
             .fetch_one(&mut *tx)
             .await?;
         unnamed.push(file.try_get::<String, _>(0)?);
-        let rows =
-            sqlx::query("SELECT output_sha256, console_sha256, output_index_sha256 FROM attempts WHERE job_id = $1")
-                .bind(j)
-                .fetch_all(&mut *tx)
-                .await?;
-        for r in &rows {
-            unnamed.extend(r.try_get::<Option<String>, _>(0)?);
-            unnamed.extend(r.try_get::<Option<String>, _>(1)?);
-            unnamed.extend(r.try_get::<Option<String>, _>(2)?);
-        }
-        sqlx::query(
-            "DELETE FROM log_pieces WHERE attempt_id IN \
-             (SELECT id FROM attempts WHERE job_id = $1)",
-        )
-        .bind(j)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE attempts SET \
-             deleted_output_sha256 = COALESCE(output_sha256, deleted_output_sha256), \
-             output_sha256 = NULL, console_sha256 = NULL, output_index_sha256 = NULL, \
-             console_deleted_ms = COALESCE(console_deleted_ms, $2) WHERE job_id = $1",
-        )
-        .bind(j)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
+        unnamed.extend(unname_attempts(&mut tx, id, now_ms).await?.1);
         tx.commit().await?;
     } else {
         // Done already (by another server, or a pass killed before its note).

@@ -3,7 +3,7 @@
 //! revoke form (its owner's, an admin's; refused to others and without its token), and the
 //! images page with no image and with one and its packages.
 
-use crate::flow_tests::{Answer, caps, job, json_call, send, token};
+use crate::flow_tests::{Answer, caps, json_call, send, token};
 use crate::http::tests::test_app;
 use crate::matching_tests::{claim, claimed};
 use crate::service::Shared;
@@ -16,17 +16,7 @@ use serde_json::json;
 
 /// A job of the submitter behind `token` (`query`: more of the submit's parameters).
 async fn submitted(app: &Shared, token: &str, query: &str) -> u64 {
-    let a = send(
-        app,
-        Method::POST,
-        &format!("/api/v1/jobs?name=hello_t0.tar.xz&memory_mib=256&vcpus=1&timeout_s=60{query}"),
-        token,
-        Body::from(job("farm")),
-        &[],
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::CREATED, "{}", text(&a));
-    a.json()["id"].as_u64().unwrap()
+    crate::replica_tests::submit_replicated(app, token, query.trim_start_matches('&')).await
 }
 
 /// Registers runner `name` with `token` (and `key`, if one): its id.

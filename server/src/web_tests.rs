@@ -133,17 +133,7 @@ pub(crate) async fn ran(
         format!("{query}&private=false")
     };
     let t = token(app, owner, "submitter").await;
-    let a = crate::flow_tests::send(
-        app,
-        Method::POST,
-        &format!("/api/v1/jobs?name=hello_t0.tar.xz&memory_mib=256&vcpus=1&timeout_s=60{query}"),
-        &t,
-        Body::from(job("web")),
-        &[],
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::CREATED, "{}", text(&a));
-    let id = a.json()["id"].as_u64().unwrap();
+    let id = crate::replica_tests::submit_replicated(app, &t, query.trim_start_matches('&')).await;
     let runner_token = token(app, &format!("{owner}-volunteer"), "runner").await;
     let reg = json_call(
         app,

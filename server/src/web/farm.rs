@@ -6,7 +6,7 @@
 //! and nothing here marks any of it safe.
 
 use super::jobs::urlencode;
-use super::session::Visitor;
+use super::session::{CsrfForm, Visitor};
 use super::{Chrome, WebError, bytes, render, utc};
 use crate::service::Shared;
 use askama::Template;
@@ -109,12 +109,6 @@ async fn runners(State(app): State<Shared>, visitor: Visitor) -> Result<Response
         command,
     };
     Ok((visitor.jar(), render(&page, &chrome)?).into_response())
-}
-
-#[derive(serde::Deserialize)]
-struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
 }
 
 async fn revoke(

@@ -3,7 +3,7 @@
 //! shown once, revoked).
 
 use super::limits::{Limiter, Peer};
-use super::session::{SESSION_COOKIE, Visitor};
+use super::session::{CsrfForm, SESSION_COOKIE, Visitor};
 use super::{Chrome, WebError, render, utc};
 use crate::accounts::{self, MAX_PASSWORD, MIN_PASSWORD};
 use crate::service::Shared;
@@ -264,17 +264,11 @@ async fn signup(
     Ok((jar, Redirect::to(&visitor.link("/jobs"))).into_response())
 }
 
-#[derive(serde::Deserialize)]
-struct CsrfOnly {
-    #[serde(default)]
-    csrf: String,
-}
-
 async fn signout(
     State(app): State<Shared>,
     visitor: Visitor,
     headers: HeaderMap,
-    Form(form): Form<CsrfOnly>,
+    Form(form): Form<CsrfForm>,
 ) -> Result<Response, WebError> {
     visitor.check_form(&headers, &form.csrf)?;
     let chrome = visitor.chrome("Sign out");
@@ -403,7 +397,7 @@ async fn revoke_token(
     visitor: Visitor,
     headers: HeaderMap,
     Path(id): Path<i64>,
-    Form(form): Form<CsrfOnly>,
+    Form(form): Form<CsrfForm>,
 ) -> Result<Response, WebError> {
     visitor.check_form(&headers, &form.csrf)?;
     let chrome = visitor.chrome("Tokens");

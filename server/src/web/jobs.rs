@@ -2,7 +2,7 @@
 //! and verification), with cancel and resubmit for its owner.
 
 use super::console_page;
-use super::session::Visitor;
+use super::session::{CsrfForm, Visitor};
 use super::timeline::{self, Row};
 use super::{Chrome, WebError, bytes, render, span, utc};
 use crate::access::{self, Viewer};
@@ -396,12 +396,6 @@ async fn files_of(
             )
         }
     }
-}
-
-#[derive(serde::Deserialize)]
-struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
 }
 
 async fn cancel(

@@ -23,6 +23,13 @@ use sha2::{Digest, Sha256};
 pub const SESSION_COOKIE: &str = "construir_session";
 pub const CSRF_COOKIE: &str = "construir_csrf";
 
+/// A form that carries nothing but its CSRF token (cancel, revoke, sign out).
+#[derive(serde::Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    pub csrf: String,
+}
+
 /// The visitor of a page.
 pub struct Visitor {
     pub session: Option<Session>,
