@@ -170,3 +170,22 @@ construir_run_logged() {
     fi
     construir_log "$what: done in $((SECONDS - start)) s"
 }
+
+# The S3 server the tests run against: s3s-fs from the Rust registry, pinned (0.14.1: later
+# versions need a newer rustc), built once with cargo install and cached by version. Prints the
+# binary's path.
+CONSTRUIR_S3S_FS_VERSION=0.14.1
+construir_need_s3s_fs() {
+    local root
+    root="$(construir_cache)/tools/s3s-fs-$CONSTRUIR_S3S_FS_VERSION"
+    if [ ! -x "$root/bin/s3s-fs" ]; then
+        construir_log "building s3s-fs $CONSTRUIR_S3S_FS_VERSION with cargo install (once; about 9 minutes on 2 cores)"
+        rm -rf "$root.tmp"
+        mkdir -p "$(dirname "$root")"
+        construir_run_logged "cargo install s3s-fs@$CONSTRUIR_S3S_FS_VERSION" "$(dirname "$root")/s3s-fs-build.log" \
+            cargo install "s3s-fs@$CONSTRUIR_S3S_FS_VERSION" --features binary --locked --root "$root.tmp"
+        rm -rf "$root"
+        mv "$root.tmp" "$root"
+    fi
+    printf '%s\n' "$root/bin/s3s-fs"
+}

@@ -283,7 +283,7 @@ mod tests {
     #[tokio::test]
     async fn sessions_end_with_sign_out_a_ban_or_their_token() {
         let d = tempfile::tempdir().unwrap();
-        let db = Db::open_embedded(d.path()).await.unwrap();
+        let db = crate::test_backends::open_db(d.path()).await;
         let alice = db.sign_up("alice", "$argon2id$x").await.unwrap().unwrap();
         assert_eq!(db.sign_up("alice", "$argon2id$y").await.unwrap(), None);
         assert!(db.sign_up("../x", "h").await.is_err());

@@ -1,6 +1,6 @@
 //! Blobs — job files, outputs, finished consoles — content-addressed (`sha256/ab/abcdef…`) in an
-//! object store: object_store's local file system under `DATA/blobs` by default (S3 later, the
-//! same code). An upload is streamed into a private temporary file under `DATA/tmp` while it is
+//! object store: object_store's local file system under `DATA/blobs` by default, or an S3 bucket
+//! (`--store s3://BUCKET`, shared by every server of a farm), the same code. An upload is streamed into a private temporary file under `DATA/tmp` while it is
 //! hashed and counted (cut off past its limit), then published under its hash: a blob is visible
 //! whole or not at all, and equal blobs are stored once. The server computes every digest itself.
 //!
@@ -32,8 +32,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[derive(Clone)]
 pub struct Blobs {
     store: Arc<dyn ObjectStore>,
-    root: PathBuf,
+    /// The local store's directory; None for S3.
+    root: Option<PathBuf>,
     tmp: PathBuf,
+    /// Where blobs that must be files (image parts, served with ranges) are copied from S3.
+    cache: PathBuf,
+    /// The S3 bucket; None for the local store.
+    bucket: Option<String>,
     owner: Arc<TmpOwner>,
     names: Arc<NameLocks>,
 }
@@ -80,6 +85,39 @@ const UNOWNED_TMP_AGE: Duration = Duration::from_secs(3600);
 /// A staging file of the store's (`sha256/ab/<sha>#N`, renamed into place when its publication
 /// ends) not written to for this long is what a server killed during a publication left.
 pub const STAGING_AGE: Duration = Duration::from_secs(3600);
+
+/// An upload of bytes already stored marks them as just published; in S3, which has no way to
+/// touch an object, by writing them again, but only once they are older than this (well inside
+/// the collector's hour of grace, `retention::ORPHAN_GRACE`: younger ones are fresh to it).
+pub const REFRESH_AFTER: Duration = Duration::from_secs(1800);
+
+/// An S3 location as given to `--store` (`s3://BUCKET` or `s3://BUCKET/PREFIX`); the endpoint,
+/// region and keys come from the usual `AWS_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        let bucket = url
+            .strip_prefix("s3://")
+            .map(|rest| rest.split('/').next().unwrap_or(""));
+        match bucket {
+            Some(b) if !b.is_empty() => Ok(StoreUrl(url.trim_end_matches('/').to_string())),
+            _ => Err(format!(
+                "{url:?} is not an s3://BUCKET URL (leave --store out for the local directory)"
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn bucket(&self) -> &str {
+        let rest = self.0.strip_prefix("s3://").unwrap_or(&self.0);
+        rest.split('/').next().unwrap_or(rest)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -132,6 +170,21 @@ impl BlobWriter {
     }
 }
 
+/// A blob as a file ([`Blobs::as_file`]): the store's own, or a temporary copy removed on drop.
+pub enum BlobFile {
+    Stored(PathBuf),
+    Copy(tempfile::TempPath),
+}
+
+impl BlobFile {
+    pub fn path(&self) -> &Path {
+        match self {
+            BlobFile::Stored(p) => p,
+            BlobFile::Copy(t) => t,
+        }
+    }
+}
+
 /// A stored blob as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {
@@ -142,24 +195,62 @@ pub struct BlobInfo {
 }
 
 impl Blobs {
+    /// The store `--store` names (an S3 bucket), or the local one under `data` when it names
+    /// none. Temporary files are under `data` either way.
+    pub fn open(store: Option<&StoreUrl>, data: &Path) -> Result<Blobs, BlobError> {
+        match store {
+            None => Blobs::open_local(data),
+            Some(url) => Blobs::open_s3(url, data),
+        }
+    }
+
     /// The local store under `data`.
     pub fn open_local(data: &Path) -> Result<Blobs, BlobError> {
         let root = data.join("blobs");
+        std::fs::create_dir_all(&root)?;
+        // fsync on publish: an acknowledged blob survives a power loss like its database row.
+        let store = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
+        Blobs::with_store(Arc::new(store), Some(root), data)
+    }
+
+    /// The S3 bucket `url` names, its endpoint, region and keys from the `AWS_*` variables
+    /// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`;
+    /// `AWS_ALLOW_HTTP=true` for a plain-http endpoint). A PUT in S3 is atomic: an object is
+    /// visible whole or not at all, as a rename makes it in the local store.
+    pub fn open_s3(url: &StoreUrl, data: &Path) -> Result<Blobs, BlobError> {
+        let store = object_store::aws::AmazonS3Builder::from_env()
+            .with_url(url.as_str())
+            .build()?;
+        let mut blobs = Blobs::with_store(Arc::new(store), None, data)?;
+        blobs.bucket = Some(url.bucket().to_string());
+        Ok(blobs)
+    }
+
+    fn with_store(
+        store: Arc<dyn ObjectStore>,
+        root: Option<PathBuf>,
+        data: &Path,
+    ) -> Result<Blobs, BlobError> {
         let tmp = data.join("tmp");
         let owners = data.join("tmp-owners");
-        std::fs::create_dir_all(&root)?;
+        let cache = data.join("blob-cache");
         std::fs::create_dir_all(&tmp)?;
         std::fs::create_dir_all(&owners)?;
         let owner = claim_tmp(&tmp, &owners)?;
-        // fsync on publish: an acknowledged blob survives a power loss like its database row.
-        let store = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
         Ok(Blobs {
-            store: Arc::new(store),
+            store,
             root,
             tmp,
+            cache,
+            bucket: None,
             owner: Arc::new(owner),
             names: Arc::new(NameLocks::new()),
         })
+    }
+
+    /// Whether blobs are in S3 (not the local directory).
+    pub fn is_s3(&self) -> bool {
+        self.root.is_none()
     }
 
     /// The name this process's temporary files start with.
@@ -209,15 +300,26 @@ impl Blobs {
             // Under the name's lock: the collector removes it before this look (written anew
             // below) or sees it marked (kept), never in between.
             let _name = self.names.of(&received.sha256).lock().await;
-            if self.store.head(&key).await.is_ok() {
+            if let Ok(meta) = self.store.head(&key).await {
                 // Equal bytes are there already: mark them as just published, so the orphan
                 // collector's grace (blobs no row names yet) counts from now, not from the
                 // first upload; the caller's row is written right after this. Gone meanwhile
-                // (another server's collector): written again below.
-                match self.touch(&received.sha256) {
-                    Ok(()) => return Ok(()),
-                    Err(BlobError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
+                // (another server's collector): written again below. In S3, written again
+                // below unless recent enough to be fresh to the collector anyway.
+                match &self.root {
+                    Some(_) => match self.touch(&received.sha256) {
+                        Ok(()) => return Ok(()),
+                        Err(BlobError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    },
+                    None => {
+                        let age = SystemTime::now()
+                            .duration_since(SystemTime::from(meta.last_modified))
+                            .unwrap_or_default();
+                        if age < REFRESH_AFTER {
+                            return Ok(());
+                        }
+                    }
                 }
             }
         }
@@ -240,14 +342,75 @@ impl Blobs {
         Ok(())
     }
 
-    /// Where blob `sha256` is on the local file system (the local store's; readers that need a
-    /// file, such as the output indexer, open it there).
-    pub fn local_file(&self, sha256: &str) -> PathBuf {
-        self.local_path(sha256)
+    /// Blob `sha256` as a file, for readers that need one (the output indexer; image parts,
+    /// served with ranges): the local store's own file, or, from S3, a copy — temporary, or
+    /// with `keep` one under `DATA/blob-cache` that later calls reuse. A copy is checked
+    /// against the digest before it is used. NotFound (as [`BlobError::Io`]) if there is none.
+    pub async fn as_file(&self, sha256: &str, keep: bool) -> Result<BlobFile, BlobError> {
+        if self.root.is_some() {
+            let path = self.local_path(sha256);
+            if !tokio::fs::try_exists(&path).await? {
+                return Err(std::io::Error::from(std::io::ErrorKind::NotFound).into());
+            }
+            return Ok(BlobFile::Stored(path));
+        }
+        let kept = self.cache.join(sha256);
+        if keep && tokio::fs::try_exists(&kept).await? {
+            return Ok(BlobFile::Stored(kept));
+        }
+        let mut writer = self.writer().await?;
+        let mut stream = match self.read(sha256).await {
+            Err(BlobError::Store(object_store::Error::NotFound { .. })) => {
+                return Err(std::io::Error::from(std::io::ErrorKind::NotFound).into());
+            }
+            r => r?,
+        };
+        while let Some(chunk) = stream.next().await {
+            writer.write(&chunk?).await?;
+        }
+        let copy = writer.finish().await?;
+        if copy.sha256 != sha256 {
+            return Err(std::io::Error::other(format!(
+                "blob {sha256} in the store has other bytes (sha256 {})",
+                copy.sha256
+            ))
+            .into());
+        }
+        if !keep {
+            return Ok(BlobFile::Copy(copy.file));
+        }
+        tokio::fs::create_dir_all(&self.cache).await?;
+        copy.file
+            .persist(&kept)
+            .map_err(|e| BlobError::Io(e.error))?;
+        Ok(BlobFile::Stored(kept))
     }
 
     fn local_path(&self, sha256: &str) -> PathBuf {
-        self.root.join(Self::key(sha256).as_ref())
+        self.root
+            .as_deref()
+            .unwrap_or(&self.cache)
+            .join(Self::key(sha256).as_ref())
+    }
+
+    /// The directory the store's objects are files in: the local store's, or the test S3
+    /// server's bucket (s3s-fs keeps an object as a file, its time the object's; see
+    /// test_backends). For tests that age or damage a blob on purpose.
+    #[cfg(test)]
+    pub fn files_root(&self) -> PathBuf {
+        match (&self.root, &self.bucket) {
+            (Some(root), _) => root.clone(),
+            (None, bucket) => PathBuf::from(
+                std::env::var("CONSTRUIR_TEST_S3_ROOT").expect("the test S3 server's root"),
+            )
+            .join(bucket.as_deref().unwrap_or_default()),
+        }
+    }
+
+    /// Where blob `sha256` is a file (see [`Blobs::files_root`]).
+    #[cfg(test)]
+    pub fn local_file(&self, sha256: &str) -> PathBuf {
+        self.files_root().join(Self::key(sha256).as_ref())
     }
 
     fn touch(&self, sha256: &str) -> Result<(), BlobError> {
@@ -350,7 +513,12 @@ impl Blobs {
     /// publications cut short by a kill left (a live one writes far more often; one of another
     /// server on this data directory too). Returns how many.
     pub async fn remove_stale_staging(&self, age: Duration) -> Result<usize, BlobError> {
-        let root = self.root.join("sha256");
+        // S3 has no staging objects: an upload cut short is an incomplete multipart upload,
+        // invisible, and removed by the bucket's lifecycle rule (docs/operations.md).
+        let Some(root) = &self.root else {
+            return Ok(0);
+        };
+        let root = root.join("sha256");
         let removed = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
             let mut removed = 0;
             let Ok(dirs) = std::fs::read_dir(&root) else {

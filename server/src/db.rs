@@ -10,6 +10,16 @@ use std::path::Path;
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    engine: Engine,
+}
+
+/// Which database a [`Db`] is: the SQL is the same, but what the two serialise differs (SQLite
+/// runs one writer at a time; PostgreSQL runs writers side by side, so a write whose condition
+/// counts other rows takes a row lock first) and each has its own migrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +67,50 @@ pub fn valid_user_name(name: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// A `postgres://` URL as given to `--database`: its password never shows in a log or an error.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(format!(
+                "{:?} is not a postgres:// URL (leave --database out for the embedded SQLite)",
+                DatabaseUrl(url.to_string())
+            ));
+        }
+        Ok(DatabaseUrl(url.to_string()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // scheme://user:password@host… → scheme://user:***@host…
+        let s = &self.0;
+        let shown = match (s.find("://"), s.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let auth = &s[scheme + 3..at];
+                match auth.split_once(':') {
+                    Some((user, _)) => format!("{}{user}:***{}", &s[..scheme + 3], &s[at..]),
+                    None => s.clone(),
+                }
+            }
+            _ => s.clone(),
+        };
+        write!(f, "{shown}")
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -85,11 +139,44 @@ impl Db {
             .connect(&url)
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            engine: Engine::Sqlite,
+        })
+    }
+
+    /// Opens the database `--database` names (a `postgres://` URL), or the embedded one in `data`
+    /// when it names none, and brings its schema up to date.
+    pub async fn open(database: Option<&DatabaseUrl>, data: &Path) -> Result<Db, DbError> {
+        match database {
+            None => Db::open_embedded(data).await,
+            Some(url) => Db::open_postgres(url).await,
+        }
+    }
+
+    /// Opens a PostgreSQL database (shared by every server of a farm) and migrates it; servers
+    /// starting together migrate once (sqlx's migrator holds an advisory lock meanwhile).
+    pub async fn open_postgres(url: &DatabaseUrl) -> Result<Db, DbError> {
+        install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            // A database that does not answer fails the request in seconds, not never.
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url.expose())
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(Db {
+            pool,
+            engine: Engine::Postgres,
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     /// The user named `name`, made if new.
@@ -184,7 +271,7 @@ mod tests {
     #[tokio::test]
     async fn users_tokens_and_revocation() {
         let d = tempfile::tempdir().unwrap();
-        let db = Db::open_embedded(d.path()).await.unwrap();
+        let db = crate::test_backends::open_db(d.path()).await;
         let alice = db.ensure_user("alice").await.unwrap();
         assert_eq!(db.ensure_user("alice").await.unwrap(), alice, "made once");
         assert!(db.ensure_user("../root").await.is_err());
@@ -212,7 +299,27 @@ mod tests {
         assert!(list[0].revoked_ms.is_some());
         // Reopening keeps everything (and runs no migration twice).
         drop(db);
-        let db = Db::open_embedded(d.path()).await.unwrap();
+        let db = crate::test_backends::open_db(d.path()).await;
         assert_eq!(db.list_tokens().await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_database_url_shows_no_password() {
+        let url = DatabaseUrl::parse("postgres://farm:s3cret@db.example:5432/construir").unwrap();
+        assert_eq!(
+            format!("{url} {url:?}"),
+            "postgres://farm:***@db.example:5432/construir postgres://farm:***@db.example:5432/construir"
+        );
+        assert_eq!(
+            url.expose(),
+            "postgres://farm:s3cret@db.example:5432/construir"
+        );
+        let plain = DatabaseUrl::parse("postgresql://farm@db/construir").unwrap();
+        assert_eq!(plain.to_string(), "postgresql://farm@db/construir");
+        let err = DatabaseUrl::parse("mysql://root:hunter2@db/x").unwrap_err();
+        assert!(
+            err.contains("not a postgres:// URL") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 }

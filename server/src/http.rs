@@ -274,8 +274,6 @@ pub fn router_with(app: Shared, polls: Arc<Polls>) -> Router {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::blobs::Blobs;
-    use crate::db::Db;
     use crate::service::App;
     use axum::body::Body;
     use http_body_util::BodyExt;
@@ -296,8 +294,7 @@ pub(crate) mod tests {
         }
         .resolve()
         .unwrap();
-        let db = Db::open_embedded(d.path()).await.unwrap();
-        let blobs = Blobs::open_local(d.path()).unwrap();
+        let (db, blobs) = crate::test_backends::open(d.path()).await;
         (d, App::new(settings, db, blobs).unwrap())
     }
 

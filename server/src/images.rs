@@ -463,9 +463,29 @@ pub async fn part(
         ));
     };
     let (sha256, size) = blobs.part(which).clone();
-    // The local store's file, served with HTTP ranges (tower-http's ServeFile: one range, 206,
-    // 416), so a runner resumes a broken download where it stopped.
-    let file = app.blobs.local_file(&sha256);
+    // The local store's file (from S3, a kept copy), served with HTTP ranges (tower-http's
+    // ServeFile: one range, 206, 416), so a runner resumes a broken download where it stopped.
+    let lost = || {
+        tracing::error!(
+            "image {digest}: its {} blob {sha256} is missing from the blob store",
+            which.name()
+        );
+        Refusal::new(
+            codes::INTERNAL,
+            format!("the server has lost image {digest}'s {}", which.name()),
+        )
+    };
+    let file = match app.blobs.as_file(&sha256, true).await {
+        Ok(f) => f.path().to_path_buf(),
+        Err(BlobError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Err(lost()),
+        Err(e) => {
+            tracing::error!("image {digest}: its {} blob {sha256}: {e}", which.name());
+            return Err(Refusal::new(
+                codes::INTERNAL,
+                "the server could not read the image; try again",
+            ));
+        }
+    };
     let asked = request
         .headers()
         .get(header::RANGE)
@@ -482,16 +502,7 @@ pub async fn part(
             )
         })?;
     let mut response = match served.status() {
-        StatusCode::NOT_FOUND => {
-            tracing::error!(
-                "image {digest}: its {} blob {sha256} is missing from the blob store",
-                which.name()
-            );
-            return Err(Refusal::new(
-                codes::INTERNAL,
-                format!("the server has lost image {digest}'s {}", which.name()),
-            ));
-        }
+        StatusCode::NOT_FOUND => return Err(lost()),
         StatusCode::RANGE_NOT_SATISFIABLE => {
             // As an API error (the JSON body the API answers refusals with), keeping the
             // Content-Range that says the part's size.

@@ -87,11 +87,13 @@ async fn index_stored(
         .acquire_owned()
         .await
         .map_err(|_| IndexingError::Failed("the server is stopping".into()))?;
-    let path = app.blobs.local_file(sha256);
+    // From S3, a temporary copy (checked against its digest), removed when the index is made.
+    let blob = app.blobs.as_file(sha256, false).await?;
     let limits = limits_for(output_size);
     let made = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let file = std::fs::File::open(&path)
+        let path = blob.path();
+        let file = std::fs::File::open(path)
             .map_err(|e| format!("cannot read the stored output {}: {e}", path.display()))?;
         Ok::<_, String>(
             archive::index(std::io::BufReader::new(file), &limits).map(|index| {

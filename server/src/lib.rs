@@ -46,6 +46,8 @@ mod replica_tests;
 #[cfg(test)]
 mod retention_tests;
 #[cfg(test)]
+mod test_backends;
+#[cfg(test)]
 mod unstarted_tests;
 #[cfg(test)]
 mod web_admin_tests;

@@ -334,8 +334,7 @@ async fn an_ended_attempts_console_becomes_one_blob_read_the_same() {
 /// Two views of the same data directory: `first` as the server that died, the other as the
 /// one started after it.
 async fn restart(d: &tempfile::TempDir, app: &Shared) -> Shared {
-    let db = crate::db::Db::open_embedded(d.path()).await.unwrap();
-    let blobs = crate::blobs::Blobs::open_local(d.path()).unwrap();
+    let (db, blobs) = crate::test_backends::open(d.path()).await;
     App::new(app.settings.clone(), db, blobs).unwrap()
 }
 

@@ -156,7 +156,7 @@ impl Db {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "UPDATE log_pieces SET bytes = SUBSTR(bytes, $3 - start_offset + 1), \
+                "UPDATE log_pieces SET bytes = SUBSTR(bytes, CAST($3 - start_offset + 1 AS INTEGER)), \
                  start_offset = $3 WHERE attempt_id = $1 AND start_offset >= $2 \
                  AND start_offset < $3 AND start_offset + LENGTH(bytes) > $3",
             )

@@ -117,9 +117,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.settings.resolve()?;
     std::fs::create_dir_all(&settings.data)
         .with_context(|| format!("make the data directory {}", settings.data.display()))?;
-    let db = Db::open_embedded(&settings.data)
+    let db = Db::open(settings.database.as_ref(), &settings.data)
         .await
-        .with_context(|| format!("open the database in {}", settings.data.display()))?;
+        .with_context(|| match &settings.database {
+            Some(url) => format!("open the database {url}"),
+            None => format!("open the database in {}", settings.data.display()),
+        })?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve::serve(settings, cli.serve.resolve(), db).await,
         Command::Token(TokenCommand::Create { name, role }) => {
@@ -153,8 +156,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Image(ImageCommand::Publish { index, images }) => {
             let dir = images.unwrap_or_else(construir_contract::manifest::default_images_dir);
-            let blobs = construir_server::blobs::Blobs::open_local(&settings.data)
-                .with_context(|| format!("open the blobs in {}", settings.data.display()))?;
+            let blobs =
+                construir_server::blobs::Blobs::open(settings.store.as_ref(), &settings.data)
+                    .with_context(|| {
+                        format!("open the blob store of {}", settings.data.display())
+                    })?;
             let done = construir_server::images::publish(&db, &blobs, &dir, &index).await?;
             eprintln!(
                 "construir-server: image {index} {}",

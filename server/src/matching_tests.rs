@@ -190,7 +190,7 @@ async fn an_attempt_not_started_in_its_window_gives_the_job_back_at_once_without
 
 #[tokio::test]
 async fn equal_outputs_of_two_jobs_are_stored_once_and_both_served() {
-    let (d, app) = app_with(SettingArgs::default()).await;
+    let (_d, app) = app_with(SettingArgs::default()).await;
     let alice = token(&app, "alice", "submitter").await;
     let volunteer = token(&app, "volunteer", "runner").await;
     let runner = register(&app, &volunteer, "home").await;
@@ -224,7 +224,7 @@ async fn equal_outputs_of_two_jobs_are_stored_once_and_both_served() {
     }
     assert_eq!(shas[0], shas[1]);
     let sha = &shas[0];
-    let copies = walk(&d.path().join("blobs"))
+    let copies = walk(&app.blobs.files_root())
         .into_iter()
         .filter(|p| p.file_name().is_some_and(|n| n == sha.as_str()))
         .count();

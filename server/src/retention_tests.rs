@@ -29,10 +29,7 @@ async fn age_job(app: &App, job: u64, days: u64) {
 
 /// Makes a blob look as if it had been published `secs` ago.
 fn age_blob(app: &App, sha: &str, secs: u64) {
-    let path = app
-        .settings
-        .data
-        .join(format!("blobs/sha256/{}/{sha}", &sha[..2]));
+    let path = app.blobs.local_file(sha);
     std::fs::File::options()
         .write(true)
         .open(path)
@@ -200,13 +197,21 @@ async fn the_record_says_deleted_only_after_the_deletion_is_committed() {
             .reason
     };
     // The deletion fails half-way (as a transaction cut short would).
-    sqlx::query(
-        "CREATE TRIGGER refuse_deletion BEFORE UPDATE OF console_deleted_ms ON attempts \
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-    )
-    .execute(app.db.pool())
-    .await
-    .unwrap();
+    let refusal: &[&'static str] = match app.db.engine() {
+        crate::db::Engine::Sqlite => &[
+            "CREATE TRIGGER refuse_deletion BEFORE UPDATE OF console_deleted_ms ON attempts \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        ],
+        crate::db::Engine::Postgres => &[
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+            "CREATE TRIGGER refuse_deletion BEFORE UPDATE OF console_deleted_ms ON attempts \
+             FOR EACH ROW EXECUTE FUNCTION refuse()",
+        ],
+    };
+    for sql in refusal {
+        sqlx::query(*sql).execute(app.db.pool()).await.unwrap();
+    }
     assert_eq!(
         crate::retention::apply_retention(&app, crate::db::now_ms(), keep)
             .await
@@ -225,17 +230,27 @@ async fn the_record_says_deleted_only_after_the_deletion_is_committed() {
     )
     .await;
     assert_eq!(fetched.body, b"an output", "nothing was deleted");
-    sqlx::query("DROP TRIGGER refuse_deletion")
-        .execute(app.db.pool())
-        .await
-        .unwrap();
+    let pg = app.db.engine() == crate::db::Engine::Postgres;
+    sqlx::query(match pg {
+        true => "DROP TRIGGER refuse_deletion ON attempts",
+        false => "DROP TRIGGER refuse_deletion",
+    })
+    .execute(app.db.pool())
+    .await
+    .unwrap();
 
     // Committed, then the note cannot be written (the server dies there): the next pass does.
-    sqlx::query(
-        "CREATE TRIGGER refuse_note BEFORE UPDATE OF snapshot ON jobs \
-         WHEN NEW.snapshot LIKE '%deleted by retention%' \
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-    )
+    sqlx::query(match pg {
+        true => {
+            "CREATE TRIGGER refuse_note BEFORE UPDATE OF snapshot ON jobs FOR EACH ROW \
+             WHEN (NEW.snapshot LIKE '%deleted by retention%') EXECUTE FUNCTION refuse()"
+        }
+        false => {
+            "CREATE TRIGGER refuse_note BEFORE UPDATE OF snapshot ON jobs \
+             WHEN NEW.snapshot LIKE '%deleted by retention%' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        }
+    })
     .execute(app.db.pool())
     .await
     .unwrap();
@@ -248,10 +263,13 @@ async fn the_record_says_deleted_only_after_the_deletion_is_committed() {
     );
     assert_eq!(console_blob(&app, old.attempt).await, None, "committed");
     assert!(!reason(app.clone(), old.job).await.contains("retention"));
-    sqlx::query("DROP TRIGGER refuse_note")
-        .execute(app.db.pool())
-        .await
-        .unwrap();
+    sqlx::query(match pg {
+        true => "DROP TRIGGER refuse_note ON jobs",
+        false => "DROP TRIGGER refuse_note",
+    })
+    .execute(app.db.pool())
+    .await
+    .unwrap();
     crate::retention::apply_retention(&app, crate::db::now_ms(), keep)
         .await
         .unwrap();

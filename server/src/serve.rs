@@ -129,7 +129,7 @@ pub async fn serve(settings: Settings, limits: ServeLimits, db: Db) -> anyhow::R
         .await
         .map_err(|e| anyhow::anyhow!("listen on {}: {e}", settings.listen))?;
     let local = listener.local_addr()?;
-    let blobs = Blobs::open_local(&settings.data)?;
+    let blobs = Blobs::open(settings.store.as_ref(), &settings.data)?;
     // The address on stdout (one line), for scripts that listen on port 0.
     println!("http://{local}");
     tracing::info!(

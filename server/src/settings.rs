@@ -2,6 +2,8 @@
 //! `CONSTRUIR_SERVER_*` variable. A flag or a variable wins over the file, the file over the
 //! default.
 
+use crate::blobs::StoreUrl;
+use crate::db::DatabaseUrl;
 use construir_launcher::size::parse_size;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -14,6 +16,15 @@ pub struct SettingArgs {
     /// The data directory: the database, the blobs (default: /var/lib/construir/server).
     #[arg(long, env = "CONSTRUIR_SERVER_DATA")]
     pub data: Option<PathBuf>,
+    /// The database: a `postgres://USER:PASSWORD@HOST/DB` URL, shared by every server of a farm
+    /// (default: the embedded SQLite in the data directory). Give a password through the
+    /// variable or the config file, not the flag: a flag shows in `ps`.
+    #[arg(long, env = "CONSTRUIR_SERVER_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+    /// The blob store: `s3://BUCKET` (endpoint, region and keys from the usual AWS_* variables),
+    /// shared by every server of a farm (default: the data directory's blobs/).
+    #[arg(long, env = "CONSTRUIR_SERVER_STORE")]
+    pub store: Option<String>,
     /// A TOML file with any of these settings (same names, with underscores).
     #[arg(long, env = "CONSTRUIR_SERVER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -73,6 +84,8 @@ pub struct SettingArgs {
 #[serde(deny_unknown_fields)]
 struct FileSettings {
     data: Option<PathBuf>,
+    database: Option<String>,
+    store: Option<String>,
     listen: Option<SocketAddr>,
     lease: Option<String>,
     accept_window: Option<String>,
@@ -92,6 +105,10 @@ struct FileSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub data: PathBuf,
+    /// None: the embedded SQLite.
+    pub database: Option<DatabaseUrl>,
+    /// None: the data directory's blobs/.
+    pub store: Option<StoreUrl>,
     pub listen: SocketAddr,
     pub lease: Duration,
     pub accept_window: Duration,
@@ -174,7 +191,31 @@ impl SettingArgs {
             .retention
             .or(from_file("retention", &file.retention, parse_secs)?)
             .unwrap_or(30 * 86400);
+        let database = match self.database.clone().or(file.database) {
+            None => None,
+            Some(url) => {
+                Some(
+                    DatabaseUrl::parse(&url).map_err(|message| SettingsError::Value {
+                        path: path.clone(),
+                        key: "database",
+                        message,
+                    })?,
+                )
+            }
+        };
+        let store = match self.store.clone().or(file.store) {
+            None => None,
+            Some(url) => Some(
+                StoreUrl::parse(&url).map_err(|message| SettingsError::Value {
+                    path: path.clone(),
+                    key: "store",
+                    message,
+                })?,
+            ),
+        };
         Ok(Settings {
+            database,
+            store,
             data: self
                 .data
                 .clone()

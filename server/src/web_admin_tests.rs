@@ -411,7 +411,7 @@ async fn a_ban_ends_the_users_sessions_tokens_and_runners() {
 #[tokio::test]
 async fn user_add_and_password_set_a_password_read_as_one_line() {
     let d = tempfile::tempdir().unwrap();
-    let db = crate::db::Db::open_embedded(d.path()).await.unwrap();
+    let db = crate::test_backends::open_db(d.path()).await;
     assert_eq!(
         read_password(&mut "correct horse\n".as_bytes()).unwrap(),
         "correct horse"
