@@ -192,8 +192,7 @@ pub async fn append_log(
             .await?
         {
             crate::logs::Appended::Stored => {
-                app.watchers
-                    .wake(crate::service::Topic::Console(who.attempt));
+                app.wake(crate::service::Topic::Console(who.attempt));
                 return Ok(answer(plan.kind.http_status(), plan.next_offset));
             }
             crate::logs::Appended::Raced => continue,

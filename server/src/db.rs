@@ -11,6 +11,8 @@ use std::path::Path;
 pub struct Db {
     pool: AnyPool,
     engine: Engine,
+    /// PostgreSQL's URL (its LISTEN/NOTIFY connections are its own); None for SQLite.
+    url: Option<DatabaseUrl>,
 }
 
 /// Which database a [`Db`] is: the SQL is the same, but what the two serialise differs (SQLite
@@ -142,6 +144,7 @@ impl Db {
         Ok(Db {
             pool,
             engine: Engine::Sqlite,
+            url: None,
         })
     }
 
@@ -168,6 +171,7 @@ impl Db {
         Ok(Db {
             pool,
             engine: Engine::Postgres,
+            url: Some(url.clone()),
         })
     }
 
@@ -177,6 +181,11 @@ impl Db {
 
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// PostgreSQL's URL; None for SQLite.
+    pub fn url(&self) -> Option<&DatabaseUrl> {
+        self.url.as_ref()
     }
 
     /// The user named `name`, made if new.

@@ -141,9 +141,9 @@ pub async fn delete_job(app: &Shared, id: JobId, by: &str) -> Result<Deletion, D
         tx.commit().await?;
         tracing::info!("job {id} deleted by {by}");
         // Whoever follows the job or one of its consoles looks again, and finds it gone.
-        app.watchers.wake(Topic::Job(id));
+        app.wake(Topic::Job(id));
         for a in &attempts {
-            app.watchers.wake(Topic::Console(*a));
+            app.wake(Topic::Console(*a));
         }
         named.sort();
         named.dedup();

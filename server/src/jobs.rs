@@ -2,7 +2,7 @@
 //! snapshot; every write of it is conditional on the version read ([`Db::store_job`]), so a step
 //! is applied to exactly the state it was computed from, whatever else runs at the same time.
 
-use crate::db::{Db, DbError, now_ms};
+use crate::db::{Db, DbError, Engine, now_ms};
 use construir_api::state::{AttemptBlobs, Effect, JobFacts, JobSnapshot};
 use construir_api::types::{
     AttemptId, JobId, JobLimits, JobState, OutputIndexView, RunnerId, UserId,
@@ -216,9 +216,10 @@ impl Db {
     /// unstarted attempts than it allows. One transaction: the job's row (conditional on its
     /// version and the runner's counts, in one statement), then its attempts' live and started
     /// marks (what the counts read), then the standing of the runners a quorum in `effects`
-    /// judged (so it changes exactly once per quorum), and the report's `statement` if any. SQLite runs one writer at a time, so
-    /// concurrent claims of one runner cannot all pass the count. False if a condition failed
-    /// (nothing written).
+    /// judged (so it changes exactly once per quorum), and the report's `statement` if any.
+    /// Concurrent claims of one runner cannot all pass the count: SQLite runs one writer at a
+    /// time, and on PostgreSQL a claim locks its runner's row first. False if a condition
+    /// failed (nothing written).
     pub async fn store_job_within(
         &self,
         id: JobId,
@@ -264,6 +265,26 @@ impl Db {
                 .bind(c.alone_after as i64);
         }
         let mut tx = self.pool().begin().await?;
+        if let (Some(c), Engine::Postgres) = (cap, self.engine()) {
+            // PostgreSQL runs writers side by side. A claim skips a job another claim (or step)
+            // is writing right now instead of queueing behind it: lost, the runner takes the
+            // next (FOR UPDATE SKIP LOCKED). Then it locks its runner's row, so that claims of
+            // one runner run one after another and the counts below are exact (SQLite gets
+            // both from running one writer at a time). Job, then runner: the one lock a claim
+            // waits for is taken last.
+            let free = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE SKIP LOCKED")
+                .bind(id.0 as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if free.is_none() {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            sqlx::query("SELECT id FROM runners WHERE id = $1 FOR UPDATE")
+                .bind(c.runner.0 as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         if query.execute(&mut *tx).await?.rows_affected() != 1 {
             tx.rollback().await?;
             return Ok(false);

@@ -16,6 +16,7 @@ pub mod indexing;
 pub mod jobs;
 pub mod listing;
 pub mod logs;
+pub mod notify;
 pub mod openapi;
 pub mod polls;
 pub mod receipts;
@@ -31,6 +32,8 @@ pub mod web;
 
 #[cfg(test)]
 mod adaptive_tests;
+#[cfg(test)]
+mod farm_tests;
 #[cfg(test)]
 mod flow_tests;
 #[cfg(test)]

@@ -34,22 +34,25 @@ pub async fn record_standing(
     agreed: &[RunnerId],
     disagreed: &[RunnerId],
 ) -> Result<(), DbError> {
-    for r in agreed {
-        sqlx::query(
-            "UPDATE runners SET agreed = agreed + 1, agreed_in_row = agreed_in_row + 1 \
-             WHERE id = $1",
-        )
-        .bind(r.0 as i64)
-        .execute(&mut **tx)
-        .await?;
-    }
-    for r in disagreed {
-        sqlx::query(
-            "UPDATE runners SET disagreed = disagreed + 1, agreed_in_row = 0 WHERE id = $1",
-        )
-        .bind(r.0 as i64)
-        .execute(&mut **tx)
-        .await?;
+    // In the order of their ids: two quorums stored at once on PostgreSQL lock the runners'
+    // rows in one order, and so never wait on each other in a circle.
+    let mut votes: Vec<(RunnerId, bool)> = agreed.iter().map(|r| (*r, true)).collect();
+    votes.extend(disagreed.iter().map(|r| (*r, false)));
+    votes.sort();
+    for (r, agreed) in votes {
+        let update = match agreed {
+            true => {
+                "UPDATE runners SET agreed = agreed + 1, agreed_in_row = agreed_in_row + 1 \
+                 WHERE id = $1"
+            }
+            false => {
+                "UPDATE runners SET disagreed = disagreed + 1, agreed_in_row = 0 WHERE id = $1"
+            }
+        };
+        sqlx::query(update)
+            .bind(r.0 as i64)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }

@@ -36,6 +36,8 @@ pub struct App {
     stop: Notify,
     /// The key receipts are signed with (`DATA/server-key`).
     pub signer: crate::signing::ServerSigner,
+    /// The other servers on the same PostgreSQL, told of what wakes (None on SQLite).
+    peers: Option<crate::notify::Peers>,
 }
 
 /// The server's signing key's file in its data directory.
@@ -111,6 +113,20 @@ impl Watchers {
         }
     }
 
+    /// Wakes everyone waiting on any topic (what woke them may have been missed).
+    pub fn wake_all(&self) {
+        let all: Vec<(Topic, Arc<Notify>)> = {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter_map(|(t, w)| w.upgrade().map(|n| (*t, n)))
+                .collect()
+        };
+        for (topic, n) in all {
+            n.notify_waiters();
+            self.release(topic, n);
+        }
+    }
+
     /// Topics somebody waits for.
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -170,7 +186,11 @@ impl App {
         blobs: Blobs,
     ) -> Result<Shared, crate::signing::SigningError> {
         let signer = crate::signing::ServerSigner::load_or_create(&settings.data.join(KEY_FILE))?;
-        Ok(Arc::new(App {
+        let name = blobs.tmp_owner().to_string();
+        Ok(Arc::new_cyclic(|me| App {
+            peers: db
+                .url()
+                .map(|url| crate::notify::start(url, name, me.clone())),
             settings,
             db,
             blobs,
@@ -181,6 +201,22 @@ impl App {
             stop: Notify::new(),
             signer,
         }))
+    }
+
+    /// Wakes the runners' long polls, here and on the other servers: a job may be claimable.
+    pub fn wake_work(&self) {
+        self.work.notify_waiters();
+        if let Some(p) = &self.peers {
+            p.tell(crate::notify::Wake::Work);
+        }
+    }
+
+    /// Wakes whoever follows `topic`, here and on the other servers.
+    pub fn wake(&self, topic: Topic) {
+        self.watchers.wake(topic);
+        if let Some(p) = &self.peers {
+            p.tell(crate::notify::Wake::Topic(topic));
+        }
     }
 
     /// The server stops: every long poll, waiting or to come, answers at once.
@@ -262,7 +298,7 @@ impl App {
     /// without [`App::apply`] calls this after the write.
     pub fn stored(&self, job: &StoredJob, effects: &[Effect]) {
         self.carry_out(effects);
-        self.watchers.wake(Topic::Job(job.facts.id));
+        self.wake(Topic::Job(job.facts.id));
         self.compact_ended(job, effects);
     }
 
@@ -271,7 +307,7 @@ impl App {
     /// job: [`App::stored`].)
     pub fn carry_out(&self, effects: &[Effect]) {
         if effects.iter().any(|e| matches!(e, Effect::WakeRunners)) {
-            self.work.notify_waiters();
+            self.wake_work();
         }
     }
 
