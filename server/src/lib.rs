@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod api_attempts;
 pub mod api_jobs;
 pub mod api_runner;
+pub mod backup;
 pub mod blobs;
 pub mod db;
 pub mod deletion;
@@ -32,6 +33,8 @@ pub mod web;
 
 #[cfg(test)]
 mod adaptive_tests;
+#[cfg(test)]
+mod backup_tests;
 #[cfg(test)]
 mod farm_tests;
 #[cfg(test)]

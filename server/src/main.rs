@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use construir_server::db::Db;
 use construir_server::settings::SettingArgs;
-use construir_server::{deletion, serve, tokens};
+use construir_server::{backup, deletion, serve, tokens};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,7 +22,9 @@ use construir_server::{deletion, serve, tokens};
 construir-server --data DIR token create --name alice --role submitter\n  \
 construir-server --data DIR token list\n  \
 construir-server --data DIR image publish i0\n  \
-construir-server --data DIR user add alice --admin < password-file"
+construir-server --data DIR user add alice --admin < password-file\n  \
+construir-server --data DIR backup /backups/farm-2026-12-02\n  \
+construir-server --data NEW-DIR restore /backups/farm-2026-12-02"
 )]
 struct Cli {
     #[command(flatten)]
@@ -46,6 +48,12 @@ enum Command {
     /// Give users a password for the website.
     #[command(subcommand)]
     User(UserCommand),
+    /// Back up the embedded default (the database, the blobs, the key, the config file) into
+    /// DEST, a new directory, while the server runs or not.
+    Backup { dest: std::path::PathBuf },
+    /// Restore a backup into the data directory (--data), which must hold no database; start
+    /// the server on it afterwards.
+    Restore { src: std::path::PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +123,30 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.settings.resolve()?;
+    if let Some(Command::Restore { src }) = &cli.command {
+        // Before the database is opened: opening one would make an empty one.
+        anyhow::ensure!(
+            settings.database.is_none() && settings.store.is_none(),
+            "restore fills the embedded default (a data directory); restore PostgreSQL with \
+             pg_restore and the bucket with its own tools (docs/operations.md)"
+        );
+        let done = backup::restore(src, &settings.data).with_context(|| {
+            format!("restore {} into {}", src.display(), settings.data.display())
+        })?;
+        eprintln!(
+            "construir-server: restored {} blobs ({} bytes), the database and the key into {}",
+            done.blobs,
+            done.blob_bytes,
+            settings.data.display()
+        );
+        if src.join("config.toml").exists() {
+            eprintln!(
+                "construir-server: the backed-up config file is {}: put it where --config points",
+                src.join("config.toml").display()
+            );
+        }
+        return Ok(());
+    }
     std::fs::create_dir_all(&settings.data)
         .with_context(|| format!("make the data directory {}", settings.data.display()))?;
     let db = Db::open(settings.database.as_ref(), &settings.data)
@@ -194,6 +226,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("construir-server: {done}");
             Ok(())
         }
+        Command::Backup { dest } => {
+            let done = backup::backup(&db, &settings.data, cli.settings.config.as_deref(), &dest)
+                .await
+                .with_context(|| format!("back up into {}", dest.display()))?;
+            eprintln!(
+                "construir-server: backed up {} blobs ({} bytes), the database and the key into {}",
+                done.blobs,
+                done.blob_bytes,
+                dest.display()
+            );
+            for sha in &done.missing {
+                eprintln!(
+                    "construir-server: warning: blob {sha} was removed (retention) while the \
+                     backup ran: the restored server will not have it"
+                );
+            }
+            Ok(())
+        }
+        Command::Restore { .. } => unreachable!("restored above"),
         Command::Token(TokenCommand::Revoke { id }) => {
             anyhow::ensure!(db.revoke_token(id).await?, "no live token {id}");
             eprintln!("construir-server: token {id} revoked");
