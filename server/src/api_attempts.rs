@@ -270,6 +270,8 @@ pub async fn upload_output(
             .await?
         {
             SetOutput::Stored => {
+                app.metrics.uploads.inc();
+                app.metrics.upload_bytes.inc_by(received.size);
                 crate::indexing::spawn(
                     &app,
                     attempt,

@@ -247,6 +247,7 @@ async fn enqueue(app: &Shared, new: &NewJob, policy: JobPolicy) -> Result<Stored
     let now = now_ms() as u64;
     let t = JobSnapshot::submitted(policy, now);
     let id = app.db.insert_job(new, &t.job).await?;
+    app.metrics.submissions.inc();
     app.carry_out(&t.effects);
     app.db
         .load_job(id)

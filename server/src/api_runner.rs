@@ -426,6 +426,7 @@ pub async fn try_claim(
             .attempt(attempt)
             .ok_or_else(|| Refusal::new(codes::INTERNAL, "the claimed attempt vanished"))?;
         tracing::info!("job {id} claimed by runner {runner} as attempt {attempt}");
+        app.metrics.claims.inc();
         return Ok(Claimed::Got(Box::new(ClaimResponse {
             attempt_id: attempt,
             attempt_token: token,

@@ -233,6 +233,28 @@ async fn healthz(State(app): State<Shared>) -> Response {
     }
 }
 
+/// Prometheus' text format, as OpenMetrics (metrics.rs says what is counted).
+async fn metrics(State(app): State<Shared>) -> Response {
+    match app.metrics.render(&app.db).await {
+        Ok(page) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            page,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!("metrics: {e}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database does not answer\n",
+            )
+                .into_response()
+        }
+    }
+}
+
 /// JSON request bodies larger than this are refused (job files, outputs and log pieces have
 /// limits of their own).
 pub const JSON_BODY_LIMIT: usize = 64 << 10;
@@ -265,6 +287,7 @@ pub fn router_with(app: Shared, polls: Arc<Polls>) -> Router {
         .layer(middleware::from_fn(api_answers));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route(crate::receipts::KEY_PATH, get(crate::receipts::server_key))
         .nest("/api/v1", api)
         .merge(crate::web::routes())

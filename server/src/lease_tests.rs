@@ -622,3 +622,56 @@ async fn the_claim_counts_follow_the_snapshot() {
         (0, 0)
     );
 }
+
+#[tokio::test]
+async fn metrics_count_claims_submissions_lapsed_leases_and_jobs_per_state() {
+    let lease = Duration::from_millis(1500);
+    let (_d, app) = short_lease_app(lease).await;
+    let (alice, _) = token(&app, "alice", "submitter").await;
+    let (rt, _) = token(&app, "volunteer", "runner").await;
+    submit(&app, &alice, "counted_t0.tar.xz").await;
+    let runner = register(&app, &rt, "home").await;
+    let a = claimed(&app, &rt, &runner, 1).await;
+    assert_eq!(call(&app, &a, "start").await.status, StatusCode::OK);
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    app.sweep().await.unwrap();
+    let resp = router(app.clone())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "no token needed");
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let page = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    for line in [
+        "construir_claims_total 1",
+        "construir_submissions_total 1",
+        "construir_leases_lapsed_total 1",
+        "construir_attempts_ended_total{state=\"expired\"} 1",
+        "construir_jobs{state=\"queued\"} 1",
+        "construir_jobs{state=\"succeeded\"} 0",
+        "construir_queue_length 1",
+        "construir_runners_seen 1",
+        "construir_uploads_total 0",
+    ] {
+        assert!(page.lines().any(|l| l == line), "{line:?} in:\n{page}");
+    }
+    assert_eq!(page.lines().last(), Some("# EOF"));
+    for l in page.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = l.rsplit_once(' ').unwrap();
+        assert!(name.starts_with("construir_"), "{l}");
+        assert!(value.parse::<f64>().is_ok(), "{l}");
+    }
+}

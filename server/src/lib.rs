@@ -17,6 +17,7 @@ pub mod indexing;
 pub mod jobs;
 pub mod listing;
 pub mod logs;
+pub mod metrics;
 pub mod notify;
 pub mod openapi;
 pub mod polls;

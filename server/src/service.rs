@@ -38,6 +38,8 @@ pub struct App {
     pub signer: crate::signing::ServerSigner,
     /// The other servers on the same PostgreSQL, told of what wakes (None on SQLite).
     peers: Option<crate::notify::Peers>,
+    /// What `/metrics` shows.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The server's signing key's file in its data directory.
@@ -200,6 +202,7 @@ impl App {
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
             signer,
+            metrics: crate::metrics::Metrics::new(),
         }))
     }
 
@@ -297,6 +300,11 @@ impl App {
     /// waiters woken, the consoles of the attempts it ended compacted. Whoever stores a step
     /// without [`App::apply`] calls this after the write.
     pub fn stored(&self, job: &StoredJob, effects: &[Effect]) {
+        for e in effects {
+            if let Effect::AttemptEnded(_, state) = e {
+                self.metrics.attempt_ended(*state);
+            }
+        }
         self.carry_out(effects);
         self.wake(Topic::Job(job.facts.id));
         self.compact_ended(job, effects);
