@@ -152,6 +152,9 @@ pub mod codes {
     pub const WRONG_STATE: &str = "wrong-state";
     /// Too many requests or open long polls from this caller; retry later.
     pub const TOO_MANY_REQUESTS: &str = "too-many-requests";
+    /// A quota of the caller's is used up (bytes stored); the message says which, how much is
+    /// used and what the limit is. Retry once some is freed (retention, deleting jobs).
+    pub const QUOTA_EXCEEDED: &str = "quota-exceeded";
     /// The server failed; the request may be retried.
     pub const INTERNAL: &str = "internal";
 
@@ -171,6 +174,7 @@ pub mod codes {
         (JOB_FINISHED, 409),
         (WRONG_STATE, 409),
         (TOO_MANY_REQUESTS, 429),
+        (QUOTA_EXCEEDED, 429),
         (INTERNAL, 500),
     ];
 

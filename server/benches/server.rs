@@ -196,7 +196,7 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_construir-server"))
             .arg("--data")
             .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--requests-per-second", "0"])
             .args(args)
             .env("CONSTRUIR_LOG", "warn")
             .stdin(Stdio::null())

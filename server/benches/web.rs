@@ -34,6 +34,8 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 async fn app_in(dir: &std::path::Path) -> Res<Shared> {
     let settings = construir_server::settings::SettingArgs {
         data: Some(dir.to_path_buf()),
+        // What is measured is the page and the console, not the rate limiter.
+        requests_per_second: Some(0),
         ..Default::default()
     }
     .resolve()?;

@@ -133,9 +133,10 @@ pub fn limits_for(app: &Shared) -> (JobLimits, JobLimits) {
     (defaults, server_max)
 }
 
-/// Refuses a submission from `owner` past the server's cap of queued jobs per user: one user's
-/// flood waits in their own queue, not in the server's disk.
-async fn within_queue_cap(app: &Shared, owner: UserId) -> Result<(), Refusal> {
+/// Refuses a submission from `owner` past the server's cap of queued jobs per user (one user's
+/// flood waits in their own queue, not in the server's disk), or one whose `incoming` bytes
+/// would take the user past the bytes they may keep stored.
+async fn within_quotas(app: &Shared, owner: UserId, incoming: u64) -> Result<(), Refusal> {
     let queued = app.db.queued_of(owner).await?;
     if queued >= app.settings.max_queued_per_user {
         return Err(Refusal::new(
@@ -143,6 +144,26 @@ async fn within_queue_cap(app: &Shared, owner: UserId) -> Result<(), Refusal> {
             format!(
                 "you have {queued} jobs queued, the most this server takes from one user; \
                  submit more when some have run"
+            ),
+        ));
+    }
+    within_storage(app, owner, incoming).await
+}
+
+/// Refuses `incoming` bytes more for `owner` past `--max-stored-per-user`.
+async fn within_storage(app: &Shared, owner: UserId, incoming: u64) -> Result<(), Refusal> {
+    let quota = app.settings.max_stored_per_user;
+    if quota == 0 {
+        return Ok(());
+    }
+    let stored = app.db.stored_of(owner).await?;
+    if stored.saturating_add(incoming) > quota {
+        return Err(Refusal::new(
+            codes::QUOTA_EXCEEDED,
+            format!(
+                "you keep {stored} bytes stored (job files, outputs, consoles) and this job \
+                 brings {incoming}: past the {quota} bytes this server keeps for one user; \
+                 delete jobs or wait for retention to free some"
             ),
         ));
     }
@@ -162,7 +183,7 @@ pub async fn precheck(
     params
         .resolve(&defaults, &server_max)
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
-    within_queue_cap(app, owner).await
+    within_quotas(app, owner, 0).await
 }
 
 /// A submission, from the API or the website: the name and parameters checked, the body
@@ -182,8 +203,8 @@ pub async fn submit_job(
     let limits = params
         .resolve(&defaults, &server_max)
         .map_err(|e| Refusal::new(codes::INVALID_PARAMS, e.to_string()))?;
-    // Refused before the body is read.
-    within_queue_cap(app, owner).await?;
+    // Refused before the body is read (as far as its declared size tells).
+    within_quotas(app, owner, declared.unwrap_or(0)).await?;
     let max = app.settings.max_job_size;
     if let Some(n) = declared.filter(|n| *n > max) {
         return Err(Refusal::new(
@@ -208,6 +229,10 @@ pub async fn submit_job(
         .await
         .map_err(|e| Refusal::new(codes::INTERNAL, format!("checking the job: {e}")))?;
     checked.map_err(|why| Refusal::new(codes::BAD_REQUEST, why))?;
+    if declared.is_none() {
+        // Its size is known only now.
+        within_storage(app, owner, received.size).await?;
+    }
     app.blobs.publish(&received).await?;
     let (replicas, quorum) = params
         .replication()
@@ -268,7 +293,7 @@ pub async fn resubmit(app: &Shared, job: &StoredJob, owner: UserId) -> Result<Jo
             ),
         ));
     }
-    within_queue_cap(app, owner).await?;
+    within_quotas(app, owner, job.facts.size).await?;
     let policy = JobPolicy {
         max_tries: app.settings.max_tries,
         ttl_ms: app.settings.job_ttl.as_millis() as u64,

@@ -290,13 +290,18 @@ pub async fn try_claim(
     let now = now_ms() as u64;
     let candidates = app.db.claimable(now).await?;
     let running = app.db.running_per_owner().await?;
-    let mut order: Vec<(u64, usize, JobId)> = Vec::new();
+    let mut order: Vec<(u64, usize, JobId, UserId)> = Vec::new();
     let mut seen: HashSet<UserId> = HashSet::new();
     let mut rank_in_owner = std::collections::HashMap::<UserId, u64>::new();
     for (i, (id, owner, _)) in candidates.iter().enumerate() {
         let n = rank_in_owner.entry(*owner).or_default();
         // Round robin: an owner's k-th job comes after every owner's (k-1)-th.
-        order.push((running.get(owner).copied().unwrap_or(0) + *n, i, *id));
+        order.push((
+            running.get(owner).copied().unwrap_or(0) + *n,
+            i,
+            *id,
+            *owner,
+        ));
         *n += 1;
         seen.insert(*owner);
     }
@@ -324,10 +329,26 @@ pub async fn try_claim(
         after,
         audit_percent: app.settings.audit_percent,
     });
-    for (_, _, id) in order {
+    let max_running = app.settings.max_running_per_user;
+    for (_, _, id, job_owner) in order {
+        let at_cap = running.get(&job_owner).copied().unwrap_or(0) >= max_running;
         let Some(job) = app.db.load_job(id).await? else {
             continue;
         };
+        // A job that would add to its owner's running ones past the cap waits (one that
+        // runs already and wants another replica does not add one).
+        if at_cap && job.snapshot.state == construir_api::types::JobState::Queued {
+            let why = format!(
+                "waiting: its owner has {max_running} jobs running, the most one user may run \
+                 at once (--max-running-per-user)"
+            );
+            if job.snapshot.reason != why {
+                let _ = app
+                    .apply(id, |_| Event::Unschedulable { why: why.clone() })
+                    .await;
+            }
+            continue;
+        }
         // (A live one, if the job was claimed since it was listed, fails the claim anyway.)
         let cooling = job
             .snapshot

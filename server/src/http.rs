@@ -101,6 +101,21 @@ impl FromRequestParts<Shared> for Caller {
             .identify(&tokens::digest(token))
             .await?
             .ok_or_else(|| unauthorized("unknown or revoked token"))?;
+        if let Some(limiter) = &app.requests
+            && let Err(not_until) = limiter.check_key(&who.user_id)
+        {
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            return Err(Refusal::new(
+                codes::TOO_MANY_REQUESTS,
+                format!(
+                    "more than {} API requests a second from {}'s tokens; try again in {} ms",
+                    app.settings.requests_per_second,
+                    who.user,
+                    wait.as_millis().max(1)
+                ),
+            ));
+        }
         Ok(Caller(who))
     }
 }

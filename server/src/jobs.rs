@@ -425,6 +425,29 @@ impl Db {
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
+    /// The bytes `owner` keeps stored: the job files still kept, the outputs and the finished
+    /// consoles of their jobs not deleted (equal bytes stored once are counted for each).
+    pub async fn stored_of(&self, owner: UserId) -> Result<u64, DbError> {
+        let row = sqlx::query(
+            "SELECT CAST((SELECT COALESCE(SUM(size), 0) FROM jobs WHERE owner = $1 \
+             AND deleted_ms IS NULL AND file_deleted_ms IS NULL) AS BIGINT), \
+             CAST((SELECT COALESCE(SUM(a.output_size), 0) FROM attempts a JOIN jobs j \
+             ON j.id = a.job_id WHERE j.owner = $1 AND j.deleted_ms IS NULL \
+             AND a.output_sha256 IS NOT NULL) AS BIGINT), \
+             CAST((SELECT COALESCE(SUM(a.console_blob_size), 0) FROM attempts a JOIN jobs j \
+             ON j.id = a.job_id WHERE j.owner = $1 AND j.deleted_ms IS NULL \
+             AND a.console_sha256 IS NOT NULL) AS BIGINT)",
+        )
+        .bind(owner.0 as i64)
+        .fetch_one(self.pool())
+        .await?;
+        let mut total = 0u64;
+        for i in 0..3 {
+            total = total.saturating_add(row.try_get::<i64, _>(i)?.max(0) as u64);
+        }
+        Ok(total)
+    }
+
     /// How many jobs each owner has running (the fair-share key).
     pub async fn running_per_owner(&self) -> Result<HashMap<UserId, u64>, DbError> {
         let rows =

@@ -49,6 +49,8 @@ mod log_tests;
 #[cfg(test)]
 mod matching_tests;
 #[cfg(test)]
+mod quota_tests;
+#[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
 mod retention_tests;

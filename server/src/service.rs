@@ -40,6 +40,9 @@ pub struct App {
     peers: Option<crate::notify::Peers>,
     /// What `/metrics` shows.
     pub metrics: crate::metrics::Metrics,
+    /// API requests per user (`--requests-per-second`; None: no limit). In this process: each
+    /// server of a farm lets a user make that many.
+    pub requests: Option<governor::DefaultKeyedRateLimiter<i64>>,
 }
 
 /// The server's signing key's file in its data directory.
@@ -189,6 +192,7 @@ impl App {
     ) -> Result<Shared, crate::signing::SigningError> {
         let signer = crate::signing::ServerSigner::load_or_create(&settings.data.join(KEY_FILE))?;
         let name = blobs.tmp_owner().to_string();
+        let settings_rate = settings.requests_per_second;
         Ok(Arc::new_cyclic(|me| App {
             peers: db
                 .url()
@@ -203,6 +207,12 @@ impl App {
             stop: Notify::new(),
             signer,
             metrics: crate::metrics::Metrics::new(),
+            requests: std::num::NonZeroU32::new(settings_rate).map(|per_second| {
+                let burst = per_second.saturating_mul(std::num::NonZeroU32::new(5).expect("5"));
+                governor::RateLimiter::keyed(
+                    governor::Quota::per_second(per_second).allow_burst(burst),
+                )
+            }),
         }))
     }
 
@@ -393,6 +403,10 @@ impl App {
     /// consoles in their final place), then retention, then, when `collect` says so, orphan
     /// blobs.
     pub async fn housekeep(self: &Shared, collect: bool) {
+        if let Some(limiter) = &self.requests {
+            // Users not seen for a while hold no state (their next request starts afresh).
+            limiter.retain_recent();
+        }
         if let Err(e) = self.compact_leftovers().await {
             tracing::warn!("compacting leftover consoles: {e}");
         }

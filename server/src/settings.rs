@@ -57,6 +57,18 @@ pub struct SettingArgs {
     /// (default 10000).
     #[arg(long, env = "CONSTRUIR_SERVER_MAX_QUEUED_PER_USER")]
     pub max_queued_per_user: Option<u64>,
+    /// Jobs of one user running at once; more wait in the queue, their reason says why
+    /// (default 500).
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_RUNNING_PER_USER")]
+    pub max_running_per_user: Option<u64>,
+    /// Bytes one user may keep stored (job files, outputs, consoles), in bytes or 64M/100G; a
+    /// submission past it is refused with 429 (default 100G; 0: no limit).
+    #[arg(long, env = "CONSTRUIR_SERVER_MAX_STORED_PER_USER", value_parser = parse_size)]
+    pub max_stored_per_user: Option<u64>,
+    /// API requests a second one user may make with their tokens (bursts of five seconds'
+    /// worth); past it, 429 (default 20; 0: no limit).
+    #[arg(long, env = "CONSTRUIR_SERVER_REQUESTS_PER_SECOND")]
+    pub requests_per_second: Option<u32>,
     /// Adaptive replication: a runner whose last N votes agreed with a quorum may run a job
     /// submitted with `--adaptive` alone; its result is then `on-standing`, not `verified`
     /// (default 0: never).
@@ -95,6 +107,9 @@ struct FileSettings {
     max_tries: Option<u32>,
     retention: Option<String>,
     max_queued_per_user: Option<u64>,
+    max_running_per_user: Option<u64>,
+    max_stored_per_user: Option<String>,
+    requests_per_second: Option<u32>,
     adaptive_after: Option<u64>,
     audit_percent: Option<u8>,
     public_url: Option<String>,
@@ -118,6 +133,11 @@ pub struct Settings {
     pub max_tries: u32,
     pub retention: Option<Duration>,
     pub max_queued_per_user: u64,
+    pub max_running_per_user: u64,
+    /// 0: no limit.
+    pub max_stored_per_user: u64,
+    /// Per user, with bursts of five seconds' worth; 0: no limit.
+    pub requests_per_second: u32,
     /// Votes agreed in a row that let a runner run an adaptive job alone; 0: never.
     pub adaptive_after: u64,
     /// The chance, in percent (0 to 100), that a run alone is audited.
@@ -255,6 +275,23 @@ impl SettingArgs {
                 .max_queued_per_user
                 .or(file.max_queued_per_user)
                 .unwrap_or(10_000),
+            max_running_per_user: self
+                .max_running_per_user
+                .or(file.max_running_per_user)
+                .unwrap_or(500)
+                .max(1),
+            max_stored_per_user: self
+                .max_stored_per_user
+                .or(from_file(
+                    "max_stored_per_user",
+                    &file.max_stored_per_user,
+                    parse_size,
+                )?)
+                .unwrap_or(100 << 30),
+            requests_per_second: self
+                .requests_per_second
+                .or(file.requests_per_second)
+                .unwrap_or(20),
             public_url: {
                 let listen = self
                     .listen
