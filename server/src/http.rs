@@ -305,6 +305,12 @@ pub fn router_with(app: Shared, polls: Arc<Polls>) -> Router {
         .route("/metrics", get(metrics))
         .route(crate::receipts::KEY_PATH, get(crate::receipts::server_key))
         .nest("/api/v1", api)
+        // The nest's own root with a slash is not inside it: answered as any unknown endpoint.
+        .merge(
+            Router::new()
+                .route("/api/v1/", axum::routing::any(no_such_endpoint))
+                .layer(middleware::from_fn(api_answers)),
+        )
         .merge(crate::web::routes())
         .with_state(app)
 }

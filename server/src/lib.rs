@@ -35,6 +35,8 @@ pub mod web;
 #[cfg(test)]
 mod adaptive_tests;
 #[cfg(test)]
+mod api_fuzz_tests;
+#[cfg(test)]
 mod backup_tests;
 #[cfg(test)]
 mod farm_tests;
