@@ -31,12 +31,16 @@ trap 'construir__on_err $? "$BASH_COMMAND" "${BASH_SOURCE[0]:-$0}" "$LINENO"' ER
 # replace this one: add paths with construir_cleanup instead).
 construir__cleanup_paths=()
 construir__cleanup_pids=()
+construir__cleanup_cmds=()
 construir__verdict_name=
 construir__verdict_start=$SECONDS
 construir__on_exit() {
     local status=$?
     trap - ERR
-    local pid
+    local pid cmd
+    for cmd in "${construir__cleanup_cmds[@]}"; do
+        eval "$cmd" || true
+    done
     for pid in "${construir__cleanup_pids[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -86,6 +90,12 @@ construir_cleanup() {
 # when the script exits, however it exits.
 construir_stop_at_exit() {
     construir__cleanup_pids+=("$@")
+}
+
+# construir_run_at_exit COMMAND: a shell command run when the script exits, however it exits
+# (before the processes are stopped and the paths removed).
+construir_run_at_exit() {
+    construir__cleanup_cmds+=("$1")
 }
 
 # construir_verdict NAME: the script ends with one line, "NAME: PASSED in N s" or "NAME: FAILED …".

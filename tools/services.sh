@@ -50,12 +50,12 @@ construir_start_postgres() {
     su postgres -s /bin/sh -c "'$bin/pg_ctl' -D '$dir/data' -l '$dir/server.log' -w -t 60 \
         -o \"-c listen_addresses=127.0.0.1 -p $port -k '$dir' -c fsync=off -c max_connections=400\" start" \
         >"$dir/pg_ctl.log" 2>&1 || { tail -n 20 "$dir/server.log" >&2; construir_die "PostgreSQL did not start (log: $dir/server.log)"; }
-    # SIGTERM at exit: PostgreSQL's smart shutdown (the tests' connections are gone by then).
-    local pid
-    pid=$(head -n 1 "$dir/data/postmaster.pid") || construir_die "PostgreSQL left no postmaster.pid"
-    construir_stop_at_exit "$pid"
+    # Stopped at exit by pg_ctl (a test may restart it: its process is then another).
+    construir_run_at_exit "su postgres -s /bin/sh -c \"'$bin/pg_ctl' -D '$dir/data' -m fast -w stop\" >/dev/null 2>&1"
     CONSTRUIR_TEST_POSTGRES="postgres://construir:$password@127.0.0.1:$port/postgres"
-    export CONSTRUIR_TEST_POSTGRES
+    # What a fault test needs to restart it.
+    CONSTRUIR_TEST_PG_BIN=$bin CONSTRUIR_TEST_PG_DATA=$dir/data
+    export CONSTRUIR_TEST_POSTGRES CONSTRUIR_TEST_PG_BIN CONSTRUIR_TEST_PG_DATA
 }
 
 # construir_start_s3 DIR: s3s-fs serving DIR (a bucket is a directory in it) on a free port;
@@ -73,6 +73,8 @@ construir_start_s3() {
         >"$dir/s3s-fs.log" 2>&1 &
     construir_stop_at_exit $!
     construir_wait_port "s3s-fs" "$port" 30 "$dir/s3s-fs.log"
+    # (CONSTRUIR_TEST_S3S_FS: fault tests start an S3 server of their own, to stop it.)
     export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
-        AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret CONSTRUIR_TEST_S3_ROOT="$dir/root"
+        AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret CONSTRUIR_TEST_S3_ROOT="$dir/root" \
+        CONSTRUIR_TEST_S3S_FS=$s3s
 }

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 pub mod browser;
+pub mod shared;
 
 use construir_runner::remote::client::{ApiFailure, Client, Payload, http::Method, read_json};
 use construir_tests::*;
@@ -110,6 +111,8 @@ pub struct Server {
     pub url: String,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Variables set for it (and its token commands) beyond the test's own.
+    pub env: Vec<(String, String)>,
     proc: Option<Proc>,
 }
 
@@ -122,8 +125,18 @@ impl Server {
             url: format!("http://127.0.0.1:{port}"),
             log,
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             proc: None,
         }
+    }
+
+    /// The flags it was made with (beyond --data and --listen).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_some()
     }
 
     /// Starts it; returns once it listens (it prints its address on stdout then).
@@ -136,6 +149,7 @@ impl Server {
                 .arg(&self.data)
                 .args(["--listen", &format!("127.0.0.1:{}", self.port)])
                 .args(&self.args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(log_file(&self.log))
