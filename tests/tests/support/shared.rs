@@ -2,8 +2,8 @@
 //! its own (on the cluster tools/test starts), an S3 server of its own (s3s-fs, which the test
 //! stops and starts again), servers on both with the same key, runners with a backend program
 //! that does a job's work at once (what is tested is the farm, not the VM), and a balancer in
-//! front of the servers. Only under `CONSTRUIR_TEST_BACKENDS=postgres-s3` (tools/test's second
-//! pass); a test run without it says so and fails under CI.
+//! front of the servers. Run by tools/test's second pass (`CONSTRUIR_TEST_BACKENDS=postgres-s3`),
+//! never by a plain `cargo test`.
 
 use super::{Proc, Server, free_port, log_file, tail};
 use construir_runner::remote::client::{Client, Payload, http::Method, read_json};
@@ -16,20 +16,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Whether this run has PostgreSQL and S3; says so loudly when not (and fails under CI).
+/// Whether this run has PostgreSQL and S3: these tests run only when asked for (Cargo.toml's
+/// `test = false`), by tools/test's second pass, which starts both; without them they fail.
 pub fn backends_here(test: &str) -> bool {
-    if std::env::var("CONSTRUIR_TEST_BACKENDS").as_deref() == Ok("postgres-s3") {
-        return true;
-    }
-    assert!(
-        std::env::var("CONSTRUIR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-        "{test} needs PostgreSQL and S3 (CONSTRUIR_TEST_BACKENDS=postgres-s3, as tools/test's \
-         second pass sets) and CONSTRUIR_REQUIRE_POSTGRES=1 asks for them"
+    assert_eq!(
+        std::env::var("CONSTRUIR_TEST_BACKENDS").as_deref(),
+        Ok("postgres-s3"),
+        "{test} needs PostgreSQL and S3: run it through tools/test, which starts both \
+         (CONSTRUIR_TEST_BACKENDS=postgres-s3 and the servers' addresses)"
     );
-    eprintln!(
-        "NOTE: {test} did not run: it needs PostgreSQL and S3 (tools/test runs it with them)"
-    );
-    false
+    true
 }
 
 fn var(name: &str) -> String {
