@@ -1,7 +1,12 @@
 //! What the benches share: medians and spreads in milliseconds, and the line that says what
 //! host the figures were measured on.
 
+// Each bench uses a part of what is here.
+#![allow(dead_code)]
+
 use std::path::Path;
+
+pub mod harness;
 
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
