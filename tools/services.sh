@@ -36,7 +36,7 @@ construir_wait_port() {
 # cluster is for tests only: fsync is off (a machine crash is not what these tests are about).
 construir_start_postgres() {
     local dir=$1 bin port password
-    bin=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)
+    bin=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1 || true)
     [ -x "$bin/initdb" ] || construir_die "no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql"
     id postgres >/dev/null 2>&1 || construir_die "no postgres user (the postgresql package makes it)"
     port=$(construir_free_port) || return

@@ -155,6 +155,9 @@ pub mod codes {
     /// A quota of the caller's is used up (bytes stored); the message says which, how much is
     /// used and what the limit is. Retry once some is freed (retention, deleting jobs).
     pub const QUOTA_EXCEEDED: &str = "quota-exceeded";
+    /// What the server keeps its data in does not answer or is full (its disk, its database,
+    /// its blob store): nothing was stored; retry later.
+    pub const UNAVAILABLE: &str = "unavailable";
     /// The server failed; the request may be retried.
     pub const INTERNAL: &str = "internal";
 
@@ -175,6 +178,7 @@ pub mod codes {
         (WRONG_STATE, 409),
         (TOO_MANY_REQUESTS, 429),
         (QUOTA_EXCEEDED, 429),
+        (UNAVAILABLE, 503),
         (INTERNAL, 500),
     ];
 

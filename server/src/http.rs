@@ -57,6 +57,20 @@ impl From<BlobError> for Refusal {
                 codes::BAD_REQUEST,
                 format!("the upload was cut short: {why}"),
             ),
+            BlobError::Io(e) if is_disk_full(&e) => {
+                tracing::error!("blob storage: {e}");
+                Refusal::new(
+                    codes::UNAVAILABLE,
+                    "the server's disk is full: nothing was stored; try again later",
+                )
+            }
+            BlobError::Store(e) if !matches!(e, object_store::Error::NotFound { .. }) => {
+                tracing::error!("blob storage: {e}");
+                Refusal::new(
+                    codes::UNAVAILABLE,
+                    "the server's blob store did not take the upload; try again later",
+                )
+            }
             other => {
                 tracing::error!("{other}");
                 Refusal::new(
@@ -68,13 +82,35 @@ impl From<BlobError> for Refusal {
     }
 }
 
+/// A write refused for want of space (or of a quota of the file system's).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
 impl From<crate::db::DbError> for Refusal {
     fn from(e: crate::db::DbError) -> Self {
         tracing::error!("{e}");
-        Refusal::new(
-            codes::INTERNAL,
-            "the server could not complete the request; try again",
-        )
+        // The database not answering (down, restarting, every connection busy) is the farm's
+        // trouble for a while, not this request's: 503, retried by runners and clients.
+        let unreachable = matches!(
+            &e,
+            crate::db::DbError::Sql(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            )
+        );
+        match unreachable {
+            true => Refusal::new(
+                codes::UNAVAILABLE,
+                "the server's database does not answer; try again later",
+            ),
+            false => Refusal::new(
+                codes::INTERNAL,
+                "the server could not complete the request; try again",
+            ),
+        }
     }
 }
 

@@ -191,6 +191,75 @@ fn the_link_cut_mid_upload_then_slow_loses_nothing() {
     farm.check_all(&url, &jobs, &ended);
 }
 
+/// A tmpfs mounted on a directory, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount a tmpfs on {} (the disk-full test needs root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn the_servers_disk_full_refuses_uploads_until_space_is_freed() {
+    if !backends_here("the_servers_disk_full_refuses_uploads_until_space_is_freed") {
+        return;
+    }
+    // The server's data directory (where uploads are received before S3) on a 3 MiB disk.
+    let mounted = std::sync::Mutex::new(None);
+    let mut farm = SharedFarm::start_with(1, &["--lease", "20s"], &|data| {
+        *mounted.lock().unwrap() = Some(Tmpfs::mount(data, "3m"));
+    });
+    let disk = mounted.lock().unwrap().take().unwrap();
+    let url = farm.servers[0].url.clone();
+    let _runner = farm.runner("r0", &url, &[]);
+    let (jobs, _files) = submit_jobs(&farm, &url, 1, 6 << 20, 600);
+    // The upload is refused (503, nothing stored) while the disk is full; the runner retries.
+    let log = &farm.servers[0].log;
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("No space left")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the disk never filled");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let j = farm.job(&url, jobs[0].0);
+    assert_eq!(j["state"], "running", "waiting, not failed: {j:#}");
+    disk.resize("64m");
+    let ended = farm.wait_all(&url, &ids(&jobs), Duration::from_secs(120));
+    farm.check_all(&url, &jobs, &ended);
+    // The server stopped before its disk goes, the disk before the directory.
+    farm.servers[0].kill9();
+    drop(disk);
+}
+
 fn ids(jobs: &[(u64, Vec<u8>)]) -> Vec<u64> {
     jobs.iter().map(|(id, _)| *id).collect()
 }

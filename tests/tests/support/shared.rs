@@ -203,6 +203,12 @@ pub struct SharedFarm {
 impl SharedFarm {
     /// `n` servers (each its own data directory, the same key), with `args` (`--lease 10s`, …).
     pub fn start(n: usize, args: &[&str]) -> SharedFarm {
+        SharedFarm::start_with(n, args, &|_| {})
+    }
+
+    /// [`SharedFarm::start`], with `prepare` called on each server's data directory (made,
+    /// empty) before the server starts on it.
+    pub fn start_with(n: usize, args: &[&str], prepare: &dyn Fn(&Path)) -> SharedFarm {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let database = new_database();
@@ -222,6 +228,7 @@ impl SharedFarm {
         for i in 0..n {
             let data = root.join(format!("server{i}"));
             std::fs::create_dir_all(&data).unwrap();
+            prepare(&data);
             if i > 0 {
                 // The farm's key, the same for all (configuration, like the settings).
                 // (Made by server 0 as it starts, just after it prints its address.)
