@@ -31,27 +31,43 @@ construir_wait_port() {
     done
 }
 
-# construir_start_postgres DIR: a new PostgreSQL cluster in DIR (run as the postgres user), on a
-# free port; exports CONSTRUIR_TEST_POSTGRES, the URL of a role that may create databases. The
-# cluster is for tests only: fsync is off (a machine crash is not what these tests are about).
+# Runs a shell command as the cluster's owner: the postgres user when we are root (PostgreSQL
+# refuses to run as root), else ourselves.
+construir__as_pg() {
+    if [ "$(id -u)" = 0 ]; then
+        su postgres -s /bin/sh -c "$1"
+    else
+        sh -c "$1"
+    fi
+}
+
+# construir_start_postgres DIR: a new PostgreSQL cluster in DIR (owned by the postgres user when
+# run as root, else by us), on a free port; exports CONSTRUIR_TEST_POSTGRES, the URL of a role
+# that may create databases. The cluster is for tests only: fsync is off (a machine crash is not
+# what these tests are about).
 construir_start_postgres() {
     local dir=$1 bin port password
     bin=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1 || true)
     [ -x "$bin/initdb" ] || construir_die "no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql"
-    id postgres >/dev/null 2>&1 || construir_die "no postgres user (the postgresql package makes it)"
+    if [ "$(id -u)" = 0 ]; then
+        id postgres >/dev/null 2>&1 || construir_die "no postgres user (the postgresql package makes it)"
+    fi
     port=$(construir_free_port) || return
     password=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     [ ${#password} = 32 ] || construir_die "could not read 16 random bytes"
-    { mkdir -p "$dir" && printf '%s\n' "$password" >"$dir/password" && chown -R postgres: "$dir" \
-        && chmod 700 "$dir"; } || construir_die "could not make the PostgreSQL directory $dir"
+    { mkdir -p "$dir" && printf '%s\n' "$password" >"$dir/password" && chmod 700 "$dir"; } \
+        || construir_die "could not make the PostgreSQL directory $dir"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R postgres: "$dir" || construir_die "could not give $dir to the postgres user"
+    fi
     construir_log "PostgreSQL ($bin): a new cluster in $dir, port $port"
-    su postgres -s /bin/sh -c "'$bin/initdb' -D '$dir/data' -U construir -A scram-sha-256 --pwfile='$dir/password' -E UTF8 --no-instructions" \
+    construir__as_pg "'$bin/initdb' -D '$dir/data' -U construir -A scram-sha-256 --pwfile='$dir/password' -E UTF8 --no-instructions" \
         >"$dir/initdb.log" 2>&1 || { tail -n 20 "$dir/initdb.log" >&2; construir_die "initdb failed (log: $dir/initdb.log)"; }
-    su postgres -s /bin/sh -c "'$bin/pg_ctl' -D '$dir/data' -l '$dir/server.log' -w -t 60 \
+    construir__as_pg "'$bin/pg_ctl' -D '$dir/data' -l '$dir/server.log' -w -t 60 \
         -o \"-c listen_addresses=127.0.0.1 -p $port -k '$dir' -c fsync=off -c max_connections=400\" start" \
         >"$dir/pg_ctl.log" 2>&1 || { tail -n 20 "$dir/server.log" >&2; construir_die "PostgreSQL did not start (log: $dir/server.log)"; }
     # Stopped at exit by pg_ctl (a test may restart it: its process is then another).
-    construir_run_at_exit "su postgres -s /bin/sh -c \"'$bin/pg_ctl' -D '$dir/data' -m fast -w stop\" >/dev/null 2>&1"
+    construir_run_at_exit "construir__as_pg \"'$bin/pg_ctl' -D '$dir/data' -m fast -w stop\" >/dev/null 2>&1"
     CONSTRUIR_TEST_POSTGRES="postgres://construir:$password@127.0.0.1:$port/postgres"
     # What a fault test needs to restart it.
     CONSTRUIR_TEST_PG_BIN=$bin CONSTRUIR_TEST_PG_DATA=$dir/data

@@ -32,6 +32,10 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
     pub blobs: u64,
     pub blob_bytes: u64,
+    /// Blobs the database names that retention removed while the backup ran (restored as
+    /// missing, knowingly).
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
 pub const FORMAT: u32 = 1;
@@ -80,11 +84,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
 /// into `dest`, a directory that must not exist; `config`, the config file, is copied too.
 pub async fn backup(
     db: &Db,
+    blobs: &crate::blobs::Blobs,
     data: &Path,
     config: Option<&Path>,
     dest: &Path,
 ) -> Result<Done, BackupError> {
-    if db.engine() != Engine::Sqlite {
+    // Both halves embedded: a backup of SQLite with the blobs in S3 would hold no blob.
+    if db.engine() != Engine::Sqlite || blobs.is_s3() {
         return Err(BackupError::NotEmbedded);
     }
     if dest.exists() {
@@ -141,6 +147,7 @@ pub async fn backup(
         files,
         blobs: counted.blobs,
         blob_bytes: counted.blob_bytes,
+        missing: missing.clone(),
     };
     write_synced(
         &partial.join(MANIFEST),
@@ -163,7 +170,7 @@ pub async fn backup(
 /// Restores the backup `src` into `data`, which must hold no database. Every file is checked
 /// against the manifest (and every blob against its name) before the database is put in place.
 /// The config file, if backed up, stays in `src` (its place is the operator's: `--config`).
-pub fn restore(src: &Path, data: &Path) -> Result<Done, BackupError> {
+pub async fn restore(src: &Path, data: &Path) -> Result<Done, BackupError> {
     let text = std::fs::read(src.join(MANIFEST)).map_err(io(&src.join(MANIFEST)))?;
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| BackupError::Invalid(format!("{}: {e}", src.join(MANIFEST).display())))?;
@@ -198,12 +205,30 @@ pub fn restore(src: &Path, data: &Path) -> Result<Done, BackupError> {
         )));
     }
     let done = copy_blobs(&src.join("blobs"), &data.join("blobs"), true)?;
+    // A restore cut short left what it had copied (no database, so no data directory yet):
+    // this one replaces it.
+    let staged = data.join(format!("{DB_FILE}.restoring"));
+    for leftover in [data.join(KEY_FILE), staged.clone()] {
+        match std::fs::remove_file(&leftover) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&leftover)(e)),
+            _ => {}
+        }
+    }
     if manifest.files.contains_key(KEY_FILE) {
         copy_file(&src.join(KEY_FILE), &data.join(KEY_FILE))?;
     }
     // Last, under a temporary name renamed into place: the database makes it a data directory.
-    let staged = data.join(format!("{DB_FILE}.restoring"));
     copy_file(&src.join(DB_FILE), &staged)?;
+    // Every blob the database names is there (a count alone would take a stray file for one).
+    let missing = missing_blobs(&staged, &data.join("blobs")).await?;
+    if !missing.is_empty() && !manifest.missing.iter().eq(missing.iter()) {
+        let _ = std::fs::remove_file(&staged);
+        return Err(BackupError::Invalid(format!(
+            "the backup's database names {} blobs it does not hold (the first: {})",
+            missing.len(),
+            missing[0]
+        )));
+    }
     std::fs::rename(&staged, &db_path).map_err(io(&db_path))?;
     sync_dir(data)?;
     Ok(done)

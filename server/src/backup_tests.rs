@@ -57,7 +57,7 @@ async fn a_backup_made_while_serving_restores_every_job_byte_token_and_the_key()
     let (alice, id, out) = a_finished_job(&app).await;
     let dest = tempfile::tempdir().unwrap();
     let into = dest.path().join("farm-backup");
-    let made = backup(&app.db, d.path(), None, &into).await;
+    let made = backup(&app.db, &app.blobs, d.path(), None, &into).await;
     if chosen() == Backends::PostgresS3 {
         assert!(matches!(made, Err(BackupError::NotEmbedded)), "{made:?}");
         return;
@@ -74,7 +74,7 @@ async fn a_backup_made_while_serving_restores_every_job_byte_token_and_the_key()
 
     // Restored elsewhere, a server started on it serves it all.
     let restored = tempfile::tempdir().unwrap();
-    let done = restore(&into, restored.path()).unwrap();
+    let done = restore(&into, restored.path()).await.unwrap();
     assert_eq!(done.blobs, made.blobs);
     let (db, blobs) = crate::test_backends::open(restored.path()).await;
     let settings = crate::settings::Settings {
@@ -108,22 +108,51 @@ async fn a_backup_made_while_serving_restores_every_job_byte_token_and_the_key()
 
     // Refusals: a backup over an existing directory, a restore over a database, a damaged blob.
     assert!(matches!(
-        backup(&app.db, d.path(), None, &into).await,
+        backup(&app.db, &app.blobs, d.path(), None, &into).await,
         Err(BackupError::Exists(_))
     ));
-    let again = restore(&into, restored.path());
+    let again = restore(&into, restored.path()).await;
     assert!(matches!(again, Err(BackupError::Exists(_))), "{again:?}");
     let blob = walk_one(&into.join("blobs"));
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[0] ^= 1;
     std::fs::write(&blob, bytes).unwrap();
     let fresh = tempfile::tempdir().unwrap();
-    let damaged = restore(&into, fresh.path()).unwrap_err().to_string();
+    let damaged = restore(&into, fresh.path()).await.unwrap_err().to_string();
     assert!(damaged.contains("other bytes"), "{damaged}");
     assert!(
         !fresh.path().join("construir.db").exists(),
         "nothing is a data directory after a refused restore"
     );
+    // A blob swapped for a stray one (the count still right): refused, by the database's names.
+    std::fs::remove_file(&blob).unwrap();
+    let stray = b"not a blob of this farm";
+    let name = sha256(stray);
+    let dir = into.join("blobs/sha256").join(&name[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&name), stray).unwrap();
+    let swapped = tempfile::tempdir().unwrap();
+    let refused = restore(&into, swapped.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("does not hold"), "{refused}");
+    assert!(!swapped.path().join("construir.db").exists());
+    // That refused restore left its copies behind; one of the whole backup replaces them.
+    std::fs::remove_file(dir.join(&name)).unwrap();
+    std::fs::write(
+        &blob,
+        std::fs::read(
+            restored
+                .path()
+                .join("blobs")
+                .join(blob.strip_prefix(into.join("blobs")).unwrap()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let redone = restore(&into, swapped.path()).await;
+    assert!(redone.is_ok(), "{redone:?}");
 }
 
 fn walk_one(dir: &std::path::Path) -> std::path::PathBuf {

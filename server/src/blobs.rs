@@ -41,6 +41,9 @@ pub struct Blobs {
     bucket: Option<String>,
     owner: Arc<TmpOwner>,
     names: Arc<NameLocks>,
+    /// Held while a blob is copied from S3 into the cache ([`Blobs::as_file`]); apart from the
+    /// name locks, which are never held across a transfer.
+    copies: Arc<NameLocks>,
 }
 
 /// Locks on blob names, striped by the digest's first byte: held by [`Blobs::publish`] around
@@ -116,6 +119,13 @@ impl StoreUrl {
     pub fn bucket(&self) -> &str {
         let rest = self.0.strip_prefix("s3://").unwrap_or(&self.0);
         rest.split('/').next().unwrap_or(rest)
+    }
+
+    /// The path under the bucket every blob goes under (`s3://BUCKET/PREFIX`); empty for none.
+    pub fn prefix(&self) -> &str {
+        let rest = self.0.strip_prefix("s3://").unwrap_or(&self.0);
+        rest.split_once('/')
+            .map_or("", |(_, p)| p.trim_matches('/'))
     }
 }
 
@@ -219,9 +229,18 @@ impl Blobs {
     /// visible whole or not at all, as a rename makes it in the local store.
     pub fn open_s3(url: &StoreUrl, data: &Path) -> Result<Blobs, BlobError> {
         let store = object_store::aws::AmazonS3Builder::from_env()
-            .with_url(url.as_str())
+            .with_bucket_name(url.bucket())
             .build()?;
-        let mut blobs = Blobs::with_store(Arc::new(store), None, data)?;
+        // object_store takes only the bucket from a URL: the prefix is ours to apply, so that
+        // two farms in one bucket never see (nor collect) each other's blobs.
+        let store: Arc<dyn ObjectStore> = match url.prefix() {
+            "" => Arc::new(store),
+            prefix => Arc::new(object_store::prefix::PrefixStore::new(
+                store,
+                StorePath::from(prefix),
+            )),
+        };
+        let mut blobs = Blobs::with_store(store, None, data)?;
         blobs.bucket = Some(url.bucket().to_string());
         Ok(blobs)
     }
@@ -245,6 +264,7 @@ impl Blobs {
             bucket: None,
             owner: Arc::new(owner),
             names: Arc::new(NameLocks::new()),
+            copies: Arc::new(NameLocks::new()),
         })
     }
 
@@ -355,6 +375,15 @@ impl Blobs {
             return Ok(BlobFile::Stored(path));
         }
         let kept = self.cache.join(sha256);
+        if keep && tokio::fs::try_exists(&kept).await? {
+            return Ok(BlobFile::Stored(kept));
+        }
+        // One copy of a kept blob at a time (200 runners asking for a new image's disk at once
+        // make one download, not 200): the others wait, then find it kept.
+        let _copying = match keep {
+            true => Some(self.copies.of(sha256).lock().await),
+            false => None,
+        };
         if keep && tokio::fs::try_exists(&kept).await? {
             return Ok(BlobFile::Stored(kept));
         }

@@ -34,6 +34,35 @@ pub enum DbError {
     Refused(String),
 }
 
+/// What a database failure means for the request that met it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    /// The database does not answer, is restarting, or gave up a transaction for another
+    /// (a deadlock, a serialisation failure): nothing was stored; try again later (503).
+    Unavailable,
+    /// A value it refuses to store (PostgreSQL's TEXT takes no NUL byte): the request's (400).
+    BadValue,
+    Internal,
+}
+
+/// Sorts a database failure by SQLSTATE: class 08 (connection), 57P01–57P03 (shut down,
+/// starting), 40001 and 40P01 (serialisation, deadlock), 53300 (too many connections) are the
+/// database's trouble for a while; 22021 (a NUL in TEXT) is the value's.
+pub fn trouble(e: &DbError) -> Trouble {
+    match e {
+        DbError::Sql(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
+            Trouble::Unavailable
+        }
+        DbError::Sql(sqlx::Error::Database(d)) => match d.code().as_deref() {
+            Some(c) if c.starts_with("08") => Trouble::Unavailable,
+            Some("57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300") => Trouble::Unavailable,
+            Some("22021") => Trouble::BadValue,
+            _ => Trouble::Internal,
+        },
+        _ => Trouble::Internal,
+    }
+}
+
 /// A token as listed (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TokenInfo {
@@ -91,9 +120,13 @@ impl DatabaseUrl {
 
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // scheme://user:password@host… → scheme://user:***@host…
-        let s = &self.0;
-        let shown = match (s.find("://"), s.rfind('@')) {
+        // scheme://user:password@host… → scheme://user:***@host…, and every query value
+        // (`?password=…`, `sslpassword=…`) as ***.
+        let (s, query) = match self.0.split_once('?') {
+            Some((base, q)) => (base.to_string(), Some(q)),
+            None => (self.0.clone(), None),
+        };
+        let mut shown = match (s.find("://"), s.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
                 let auth = &s[scheme + 3..at];
                 match auth.split_once(':') {
@@ -103,6 +136,13 @@ impl std::fmt::Debug for DatabaseUrl {
             }
             _ => s.clone(),
         };
+        if let Some(q) = query {
+            let keys: Vec<String> = q
+                .split('&')
+                .map(|kv| format!("{}=***", kv.split('=').next().unwrap_or("")))
+                .collect();
+            shown = format!("{shown}?{}", keys.join("&"));
+        }
         write!(f, "{shown}")
     }
 }
@@ -323,6 +363,8 @@ mod tests {
             url.expose(),
             "postgres://farm:s3cret@db.example:5432/construir"
         );
+        let query = DatabaseUrl::parse("postgres://db/c?user=farm&password=hunter2").unwrap();
+        assert_eq!(query.to_string(), "postgres://db/c?user=***&password=***");
         let plain = DatabaseUrl::parse("postgresql://farm@db/construir").unwrap();
         assert_eq!(plain.to_string(), "postgresql://farm@db/construir");
         let err = DatabaseUrl::parse("mysql://root:hunter2@db/x").unwrap_err();

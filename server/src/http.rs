@@ -95,18 +95,16 @@ impl From<crate::db::DbError> for Refusal {
         tracing::error!("{e}");
         // The database not answering (down, restarting, every connection busy) is the farm's
         // trouble for a while, not this request's: 503, retried by runners and clients.
-        let unreachable = matches!(
-            &e,
-            crate::db::DbError::Sql(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-            )
-        );
-        match unreachable {
-            true => Refusal::new(
+        match crate::db::trouble(&e) {
+            crate::db::Trouble::Unavailable => Refusal::new(
                 codes::UNAVAILABLE,
                 "the server's database does not answer; try again later",
             ),
-            false => Refusal::new(
+            crate::db::Trouble::BadValue => Refusal::new(
+                codes::BAD_REQUEST,
+                "a value in the request holds a character the database does not store (a NUL)",
+            ),
+            crate::db::Trouble::Internal => Refusal::new(
                 codes::INTERNAL,
                 "the server could not complete the request; try again",
             ),
@@ -137,7 +135,10 @@ impl FromRequestParts<Shared> for Caller {
             .identify(&tokens::digest(token))
             .await?
             .ok_or_else(|| unauthorized("unknown or revoked token"))?;
+        // Runner tokens are not held to it: a volunteer's fleet claims (long polls, capped per
+        // token) and registers, and its jobs' traffic goes with attempt tokens.
         if let Some(limiter) = &app.requests
+            && who.role != "runner"
             && let Err(not_until) = limiter.check_key(&who.user_id)
         {
             use governor::clock::Clock;

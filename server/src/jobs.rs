@@ -735,6 +735,25 @@ impl Db {
         size: u64,
         index: &OutputIndexed,
     ) -> Result<SetOutput, DbError> {
+        let mut tx = self.pool().begin().await?;
+        if self.engine() == Engine::Postgres {
+            // The job's row held (shared) until the output is named: a step, a deletion or
+            // retention of the job waits, and then sees it; one that came first makes the
+            // version differ (the statement's own look at jobs would read the state from before
+            // it waited, on PostgreSQL).
+            let held = sqlx::query("SELECT id FROM jobs WHERE id = $1 AND version = $2 FOR SHARE")
+                .bind(job.0 as i64)
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if held.is_none() {
+                tx.rollback().await?;
+                return Ok(match self.attempt_output(attempt).await? {
+                    Some((sha, size)) => SetOutput::AlreadySet(sha, size),
+                    None => SetOutput::JobChanged,
+                });
+            }
+        }
         let done = sqlx::query(
             "UPDATE attempts SET output_sha256 = $1, output_size = $2, \
              output_index_sha256 = $6, output_tree_sha256 = $7, output_entries = $8, \
@@ -751,8 +770,9 @@ impl Db {
         .bind(index.tree_sha256.as_deref())
         .bind(index.entries.map(|n| n as i64))
         .bind(index.error.as_deref())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         if done.rows_affected() == 1 {
             return Ok(SetOutput::Stored);
         }

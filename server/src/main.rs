@@ -130,9 +130,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "restore fills the embedded default (a data directory); restore PostgreSQL with \
              pg_restore and the bucket with its own tools (docs/operations.md)"
         );
-        let done = backup::restore(src, &settings.data).with_context(|| {
-            format!("restore {} into {}", src.display(), settings.data.display())
-        })?;
+        let done = backup::restore(src, &settings.data)
+            .await
+            .with_context(|| {
+                format!("restore {} into {}", src.display(), settings.data.display())
+            })?;
         eprintln!(
             "construir-server: restored {} blobs ({} bytes), the database and the key into {}",
             done.blobs,
@@ -227,7 +229,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup { dest } => {
-            let done = backup::backup(&db, &settings.data, cli.settings.config.as_deref(), &dest)
+            let blobs =
+                construir_server::blobs::Blobs::open(settings.store.as_ref(), &settings.data)
+                    .with_context(|| {
+                        format!("open the blob store of {}", settings.data.display())
+                    })?;
+            let config = cli.settings.config.as_deref();
+            let done = backup::backup(&db, &blobs, &settings.data, config, &dest)
                 .await
                 .with_context(|| format!("back up into {}", dest.display()))?;
             eprintln!(

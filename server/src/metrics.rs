@@ -35,7 +35,13 @@ pub struct Metrics {
     jobs: Family<StateLabel, Gauge>,
     queued: Gauge,
     runners_seen: Gauge,
+    /// When the database's figures were last read (ms): read at most every [`FRESH_MS`], so a
+    /// scrape loop from anyone costs the database nothing more.
+    read_ms: std::sync::Mutex<i64>,
 }
+
+/// How long the database's figures are reused.
+const FRESH_MS: i64 = 10_000;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -69,6 +75,7 @@ impl Metrics {
             jobs: Family::default(),
             queued: Gauge::default(),
             runners_seen: Gauge::default(),
+            read_ms: std::sync::Mutex::new(i64::MIN),
         };
         registry.register(
             "claims",
@@ -130,8 +137,29 @@ impl Metrics {
         }
     }
 
-    /// The page: the database's figures read now, then everything encoded.
+    /// The page: the database's figures (read again when older than ten seconds), then
+    /// everything encoded.
     pub async fn render(&self, db: &Db) -> Result<String, DbError> {
+        let now = crate::db::now_ms();
+        let stale = {
+            let mut read = self.read_ms.lock().unwrap_or_else(|p| p.into_inner());
+            let stale = now.saturating_sub(*read) >= FRESH_MS;
+            if stale {
+                *read = now;
+            }
+            stale
+        };
+        if stale && let Err(e) = self.read_database(db).await {
+            *self.read_ms.lock().unwrap_or_else(|p| p.into_inner()) = i64::MIN;
+            return Err(e);
+        }
+        let mut page = String::new();
+        prometheus_client::encoding::text::encode(&mut page, &self.registry)
+            .expect("writing to a String does not fail");
+        Ok(page)
+    }
+
+    async fn read_database(&self, db: &Db) -> Result<(), DbError> {
         let rows =
             sqlx::query("SELECT state, COUNT(*) FROM jobs WHERE deleted_ms IS NULL GROUP BY state")
                 .fetch_all(db.pool())
@@ -159,9 +187,6 @@ impl Metrics {
             .await?
             .try_get::<i64, _>(0)?;
         self.runners_seen.set(seen);
-        let mut page = String::new();
-        prometheus_client::encoding::text::encode(&mut page, &self.registry)
-            .expect("writing to a String does not fail");
-        Ok(page)
+        Ok(())
     }
 }

@@ -57,6 +57,13 @@ pub fn decode(payload: &str) -> Option<(&str, Wake)> {
 /// Wakeups waiting to be sent, at most this many (past it one is dropped: a hint, see above).
 const QUEUED: usize = 4096;
 
+/// A server tells itself a ping this often, and takes its listening connection for dead (a
+/// half-open TCP connection waits forever) when it has heard none for [`DEAD_AFTER`].
+const PING_EVERY: Duration = Duration::from_secs(20);
+const DEAD_AFTER: Duration = Duration::from_secs(65);
+/// A NOTIFY or a connection that takes longer is given up (the connection with it).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// This server's side of the channel: what it tells the others.
 pub struct Peers {
     me: String,
@@ -90,8 +97,9 @@ impl Peers {
 /// [`Peers`]; the tasks end when it is dropped.
 pub fn start(url: &DatabaseUrl, me: String, app: Weak<App>) -> Peers {
     let (queue, outgoing) = mpsc::channel(QUEUED);
-    let sending = tokio::spawn(send(url.clone(), outgoing)).abort_handle();
-    let listening = tokio::spawn(listen(url.clone(), me.clone(), app)).abort_handle();
+    let ping = encode_ping(&me);
+    let sending = tokio::spawn(send(url.clone(), outgoing, ping)).abort_handle();
+    let listening = tokio::spawn(supervise(url.clone(), me.clone(), app)).abort_handle();
     Peers {
         me,
         queue,
@@ -99,35 +107,54 @@ pub fn start(url: &DatabaseUrl, me: String, app: Weak<App>) -> Peers {
     }
 }
 
-/// Sends queued wakeups, each distinct one once per batch.
-async fn send(url: DatabaseUrl, mut outgoing: mpsc::Receiver<String>) {
+/// A server's ping to itself: `SENDER ping`.
+fn encode_ping(me: &str) -> String {
+    format!("{me} ping")
+}
+
+/// Sends queued wakeups, each distinct one once per batch, and this server's ping now and then.
+async fn send(url: DatabaseUrl, mut outgoing: mpsc::Receiver<String>, ping: String) {
     let mut conn: Option<sqlx::PgConnection> = None;
     let mut batch: Vec<String> = Vec::new();
-    while outgoing.recv_many(&mut batch, 256).await > 0 {
+    let mut pings = tokio::time::interval(PING_EVERY);
+    loop {
+        tokio::select! {
+            n = outgoing.recv_many(&mut batch, 256) => if n == 0 { return },
+            _ = pings.tick() => batch.push(ping.clone()),
+        }
         batch.sort();
         batch.dedup();
         for payload in batch.drain(..) {
             for _try in 0..2 {
                 if conn.is_none() {
                     use sqlx::Connection;
-                    match sqlx::PgConnection::connect(url.expose()).await {
-                        Ok(c) => conn = Some(c),
-                        Err(e) => {
+                    let connecting = sqlx::PgConnection::connect(url.expose());
+                    match tokio::time::timeout(STATEMENT_TIMEOUT, connecting).await {
+                        Ok(Ok(c)) => conn = Some(c),
+                        Ok(Err(e)) => {
                             tracing::warn!("cannot reach the database to wake other servers: {e}");
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::warn!("the database did not answer a connection in time");
                             break;
                         }
                     }
                 }
                 let c = conn.as_mut().expect("connected above");
-                match sqlx::query("SELECT pg_notify($1, $2)")
+                let notify = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(CHANNEL)
                     .bind(&payload)
-                    .execute(c)
-                    .await
-                {
-                    Ok(_) => break,
-                    Err(e) => {
+                    .execute(c);
+                // (A statement given up drops its connection: never used again half-read.)
+                match tokio::time::timeout(STATEMENT_TIMEOUT, notify).await {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) => {
                         tracing::debug!("waking other servers: {e}; reconnecting");
+                        conn = None;
+                    }
+                    Err(_) => {
+                        tracing::debug!("waking other servers: no answer in time; reconnecting");
                         conn = None;
                     }
                 }
@@ -136,9 +163,48 @@ async fn send(url: DatabaseUrl, mut outgoing: mpsc::Receiver<String>) {
     }
 }
 
+/// Runs the listener, and a new one (everyone here woken) whenever the current one has heard
+/// none of this server's own pings for [`DEAD_AFTER`]: its connection may be half-open, and a
+/// wait on it would never end. The old one is dropped whole, connection and all.
+async fn supervise(url: DatabaseUrl, me: String, app: Weak<App>) {
+    struct Child(tokio::task::JoinHandle<()>);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    loop {
+        let heard = std::sync::Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+        let child = Child(tokio::spawn(listen(
+            url.clone(),
+            me.clone(),
+            app.clone(),
+            heard.clone(),
+        )));
+        loop {
+            tokio::time::sleep(PING_EVERY).await;
+            let last = *heard.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() > DEAD_AFTER {
+                tracing::warn!(
+                    "no word from the database's wakeup channel for {} s: listening anew",
+                    last.elapsed().as_secs()
+                );
+                break;
+            }
+        }
+        drop(child);
+    }
+}
+
 /// Hears the other servers' wakeups and wakes them here; after a broken connection, wakes
-/// everyone here (what was said meanwhile is lost).
-async fn listen(url: DatabaseUrl, me: String, app: Weak<App>) {
+/// everyone here (what was said meanwhile is lost). Notes when it last heard this server's own
+/// ping in `heard`.
+async fn listen(
+    url: DatabaseUrl,
+    me: String,
+    app: Weak<App>,
+    heard: std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>,
+) {
     let mut listener: Option<PgListener> = None;
     loop {
         let l = match &mut listener {
@@ -159,6 +225,14 @@ async fn listen(url: DatabaseUrl, me: String, app: Weak<App>) {
         match l.try_recv().await {
             Ok(Some(n)) => {
                 let Some(app) = app.upgrade() else { return };
+                if n.payload().ends_with(" ping") {
+                    // Every server's pings reach every server; only its own tell it anything.
+                    if n.payload() == encode_ping(&me) {
+                        *heard.lock().unwrap_or_else(|p| p.into_inner()) =
+                            tokio::time::Instant::now();
+                    }
+                    continue;
+                }
                 match decode(n.payload()) {
                     Some((sender, _)) if sender == me => {}
                     Some((_, Wake::Work)) => app.work.notify_waiters(),

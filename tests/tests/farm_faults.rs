@@ -216,13 +216,20 @@ impl Tmpfs {
             .arg(&self.0)
             .output()
             .expect("run mount");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -247,7 +254,10 @@ fn the_servers_disk_full_refuses_uploads_until_space_is_freed() {
         .unwrap_or_default()
         .contains("No space left")
     {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the disk never filled");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the disk never filled"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let j = farm.job(&url, jobs[0].0);
