@@ -217,3 +217,52 @@ async fn two_servers_serve_one_farm_and_one_going_away_loses_nothing() {
     .await;
     assert_eq!(console.body, b"built on b\n");
 }
+
+#[tokio::test]
+async fn two_farms_in_one_bucket_under_prefixes_never_see_each_others_blobs() {
+    if !on_a_shared_database("two_farms_in_one_bucket_under_prefixes_never_see_each_others_blobs") {
+        return;
+    }
+    use crate::blobs::{Blobs, StoreUrl};
+    let bucket = crate::test_backends::new_bucket();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = |p: &str| StoreUrl::parse(&format!("s3://{}/{p}", bucket.bucket())).unwrap();
+    let a = Blobs::open_s3(&url("farm-a"), da.path()).unwrap();
+    let b = Blobs::open_s3(&url("farm-b/"), db.path()).unwrap();
+    let mut w = a.writer().await.unwrap();
+    w.write(b"farm a's output").await.unwrap();
+    let got = w.finish().await.unwrap();
+    a.publish(&got).await.unwrap();
+    assert_eq!(a.list().await.unwrap().len(), 1);
+    assert!(
+        b.list().await.unwrap().is_empty(),
+        "farm b sees nothing of farm a's"
+    );
+    assert!(b.info(&got.sha256).await.unwrap().is_none());
+    let root = std::path::PathBuf::from(std::env::var("CONSTRUIR_TEST_S3_ROOT").unwrap());
+    let file = root
+        .join(bucket.bucket())
+        .join("farm-a/sha256")
+        .join(&got.sha256[..2])
+        .join(&got.sha256);
+    assert!(
+        file.is_file(),
+        "stored under the prefix: {}",
+        file.display()
+    );
+}
+
+#[tokio::test]
+async fn a_nul_in_a_value_is_the_requests_fault_not_the_servers() {
+    // PostgreSQL's TEXT takes no NUL byte; SQLite does. Either way, never a 5xx.
+    let (_d, app) = test_app().await;
+    let alice = token(&app, "alice", "submitter").await;
+    for path in [
+        "/api/v1/jobs?owner=%00",
+        "/jobs?owner=%00",
+        "/jobs?image=a%00b",
+    ] {
+        let r = send(&app, Method::GET, path, &alice, Body::empty(), &[]).await;
+        assert!(!r.status.is_server_error(), "{path}: {}", r.status);
+    }
+}

@@ -238,15 +238,17 @@ fn the_servers_disk_full_refuses_uploads_until_space_is_freed() {
     if !backends_here("the_servers_disk_full_refuses_uploads_until_space_is_freed") {
         return;
     }
-    // The server's data directory (where uploads are received before S3) on a 3 MiB disk.
+    // The server's data directory (where uploads are received before S3) on a disk of its
+    // own: roomy for the submission, then 3 MiB when the runner uploads the output.
     let mounted = std::sync::Mutex::new(None);
     let mut farm = SharedFarm::start_with(1, &["--lease", "20s"], &|data| {
-        *mounted.lock().unwrap() = Some(Tmpfs::mount(data, "3m"));
+        *mounted.lock().unwrap() = Some(Tmpfs::mount(data, "64m"));
     });
     let disk = mounted.lock().unwrap().take().unwrap();
     let url = farm.servers[0].url.clone();
-    let _runner = farm.runner("r0", &url, &[]);
     let (jobs, _files) = submit_jobs(&farm, &url, 1, 6 << 20, 600);
+    disk.resize("3m");
+    let _runner = farm.runner("r0", &url, &[]);
     // The upload is refused (503, nothing stored) while the disk is full; the runner retries.
     let log = &farm.servers[0].log;
     let t0 = Instant::now();
