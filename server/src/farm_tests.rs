@@ -66,18 +66,11 @@ async fn two_servers_serve_one_farm_and_one_going_away_loses_nothing() {
     let (_dir_b, b) = another_server(&dir_a, &a).await;
     // Tokens made through one are good on the other.
     let alice = token(&a, "alice", "submitter").await;
-    let volunteer = token(&b, "volunteer", "runner").await;
-    let reg = json_call(
-        &b,
-        Method::POST,
-        "/api/v1/runner/register",
-        &volunteer,
-        json!({"name": "home"}),
-        &[],
-    )
-    .await;
-    assert_eq!(reg.status, StatusCode::OK);
-    let runner = reg.json()["runner_id"].as_u64().unwrap().to_string();
+    let crate::replica_tests::Volunteer {
+        token: volunteer,
+        runner,
+        ..
+    } = crate::replica_tests::volunteer(&b, "volunteer", "home").await;
 
     // A runner long-polling b gets a job submitted through a, woken by a's NOTIFY.
     let waiting = {

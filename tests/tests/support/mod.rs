@@ -553,14 +553,19 @@ impl Farm {
 
 impl Drop for Farm {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in self.logs.lock().unwrap().iter() {
-                eprintln!(
-                    "----- {} (last lines) -----\n{}",
-                    log.display(),
-                    tail(log, 40)
-                );
-            }
+        show_logs_if_failing(&self.logs);
+    }
+}
+
+/// The last lines of every log in `logs`, when the test is failing (called from a fixture's drop).
+pub fn show_logs_if_failing(logs: &Mutex<Vec<PathBuf>>) {
+    if std::thread::panicking() {
+        for log in logs.lock().unwrap().iter() {
+            eprintln!(
+                "----- {} (last lines) -----\n{}",
+                log.display(),
+                tail(log, 40)
+            );
         }
     }
 }
@@ -611,8 +616,14 @@ pub fn processes_mentioning(path: &Path) -> Vec<(u32, String)> {
 /// sha256. Returns how many there are, and the paths of any other files (staging files a killed
 /// server left: not visible as blobs, but garbage).
 pub fn check_blobs(data: &Path) -> (usize, Vec<PathBuf>) {
+    check_blob_tree(&data.join("blobs"))
+}
+
+/// [`check_blobs`] for any directory of content-addressed files (the local store's, or an S3
+/// server's bucket as s3s-fs keeps it).
+pub fn check_blob_tree(root: &Path) -> (usize, Vec<PathBuf>) {
     let (mut n, mut other) = (0, Vec::new());
-    let mut stack = vec![data.join("blobs")];
+    let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
             let path = e.path();

@@ -144,29 +144,8 @@ impl S3 {
 
     /// Every object in the bucket is whole (its bytes hash to its name); how many there are.
     pub fn check_objects(&self) -> usize {
-        let mut n = 0;
-        let mut stack = vec![self.root.join(&self.bucket)];
-        while let Some(dir) = stack.pop() {
-            for e in std::fs::read_dir(&dir).unwrap().flatten() {
-                let path = e.path();
-                if path.is_dir() {
-                    stack.push(path);
-                    continue;
-                }
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    let bytes = std::fs::read(&path).unwrap();
-                    assert_eq!(
-                        sha256_hex(&bytes),
-                        name,
-                        "object {} holds other bytes than its name (half written, yet visible)",
-                        path.display()
-                    );
-                    n += 1;
-                }
-            }
-        }
-        n
+        // (Anything else there, s3s-fs's own files for uploads under way, is not an object.)
+        super::check_blob_tree(&self.root.join(&self.bucket)).0
     }
 }
 
@@ -448,15 +427,7 @@ impl SharedFarm {
 
 impl Drop for SharedFarm {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in self.logs.lock().unwrap().iter() {
-                eprintln!(
-                    "----- {} (last lines) -----\n{}",
-                    log.display(),
-                    tail(log, 40)
-                );
-            }
-        }
+        super::show_logs_if_failing(&self.logs);
     }
 }
 
