@@ -1,5 +1,5 @@
 //! The farm under load (issue 14): 10,000 jobs through 200 runners against a real
-//! construir-server, on SQLite and on PostgreSQL in one run, each against the bare SQL
+//! construir-server, on SQLite + files and on PostgreSQL + S3 in one run, each against the bare SQL
 //! transaction rate of the same database measured in the same run.
 //!
 //! The runners are protocol-level: each an async task on a connection of its own speaking the
@@ -8,15 +8,16 @@
 //! and its database. Submitters send the jobs meanwhile. At the end every job is accounted for
 //! from the database itself: succeeded, with exactly one output named (0 lost, 0 duplicated).
 //!
-//! `cargo bench -p construir-server --bench load [-- --jobs 10000 --runners 200]`; PostgreSQL
-//! when `CONSTRUIR_BENCH_POSTGRES` is a URL of a role that may create databases
-//! (tools/bench-server starts a throw-away cluster and sets it). Prints Markdown tables.
+//! `cargo bench -p construir-server --bench load [-- --jobs 10000 --runners 200]`; on SQLite +
+//! files, and on PostgreSQL + S3 when `CONSTRUIR_BENCH_POSTGRES` is a URL of a role that may
+//! create databases and `CONSTRUIR_BENCH_S3_ROOT` the root of an s3s-fs server the `AWS_*`
+//! variables reach (tools/bench-server starts both, throw-away). Prints Markdown tables.
 
 mod common;
 
 use common::harness::{
-    Http, Res, Server, claim_body_with, make_tokens_in, raise_fd_limit, register, tar_of,
-    trivial_job,
+    BackendSet, Http, Res, Server, claim_body_with, make_tokens_in, raise_fd_limit, register,
+    tar_of, trivial_job,
 };
 use common::host_line;
 use sqlx::Row;
@@ -58,24 +59,6 @@ fn cpu_s(pid: u32) -> f64 {
     // SAFETY: sysconf with a valid name.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz
-}
-
-/// A new database on the PostgreSQL `admin` names: its URL.
-async fn new_pg_database(admin: &str) -> Res<String> {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
-    let name = format!("bench_{}", std::process::id());
-    let mut conn = sqlx::AnyConnection::connect(admin).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name}"
-    )))
-    .execute(&mut conn)
-    .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await?;
-    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
-    Ok(format!("{base}/{name}"))
 }
 
 /// The bare transaction rate of the database at `url`: each transaction updates a row (reading
@@ -215,13 +198,18 @@ async fn protocol_runner(
 }
 
 async fn run_on(
-    engine: &'static str,
-    database: Option<String>,
+    set: &BackendSet,
     root: &std::path::Path,
     jobs: usize,
     runners: usize,
 ) -> Res<Figures> {
-    let data = root.join(engine);
+    let engine = set.name;
+    let data = root.join(if set.database.is_some() {
+        "postgres-s3"
+    } else {
+        "embedded"
+    });
+    let database = set.database.clone();
     let sub = make_tokens_in(&data, database.as_deref(), "submitter", "submitter", 4).await?;
     let run_tokens =
         make_tokens_in(&data, database.as_deref(), "volunteer", "runner", runners).await?;
@@ -243,9 +231,7 @@ async fn run_on(
         "--max-polls-per-token",
         "8",
     ];
-    if let Some(url) = &database {
-        args.extend(["--database", url.as_str()]);
-    }
+    args.extend(set.args());
     let server = Server::start(&data, &args)?;
     let addr = server.addr;
     let pid = server.child.id();
@@ -367,15 +353,9 @@ fn main() {
     println!("{}; descriptor limit {fds}", host_line());
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result: Res<Vec<Figures>> = rt.block_on(async {
-        let mut all = vec![run_on("sqlite", None, root.path(), jobs, runners).await?];
-        match std::env::var("CONSTRUIR_BENCH_POSTGRES") {
-            Ok(admin) => {
-                let url = new_pg_database(&admin).await?;
-                all.push(run_on("postgresql", Some(url), root.path(), jobs, runners).await?);
-            }
-            Err(_) => eprintln!(
-                "load: NOT measured on PostgreSQL: set CONSTRUIR_BENCH_POSTGRES (tools/bench-server does)"
-            ),
+        let mut all = vec![run_on(&BackendSet::embedded(), root.path(), jobs, runners).await?];
+        if let Some(set) = BackendSet::postgres_s3("load").await? {
+            all.push(run_on(&set, root.path(), jobs, runners).await?);
         }
         Ok(all)
     });
@@ -390,7 +370,7 @@ fn main() {
         "\n### {jobs} jobs through {runners} protocol-level runners (claim by long poll, start, output, report; no VM)"
     );
     println!(
-        "| database | jobs/s (claims/s) | bare SQL tx/s (baseline) | jobs/s ÷ bare tx/s | claim p50 / p99 | submit p50 / p99 | server CPU | server peak RSS | succeeded / lost / duplicated |"
+        "| backends | jobs/s (claims/s) | bare SQL tx/s (baseline) | jobs/s ÷ bare tx/s | claim p50 / p99 | submit p50 / p99 | server CPU | server peak RSS | succeeded / lost / duplicated |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for mut f in all {

@@ -22,8 +22,8 @@
 mod common;
 
 use common::harness::{
-    Http, Res, Server, caps, claim_body_with, make_tokens, now_ms, raise_fd_limit, register,
-    tar_of, trivial_job,
+    Http, Res, Server, caps, claim_body_with, make_tokens, now_ms, raise_fd_limit, random_bytes,
+    register, tar_of, trivial_job,
 };
 use common::{host_line, median, spread};
 use construir_api::types::ClaimResponse;
@@ -34,22 +34,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-
-// ---------------------------------------------------------------------------------------------
-// Helpers.
-
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn claim_body(wait_s: u32, images: &[&str]) -> Vec<u8> {
     claim_body_with(wait_s, images, 1)

@@ -268,7 +268,8 @@ pub enum Claimed {
 
 /// One pass over the claimable jobs, fairly across owners: the owner with the fewest jobs
 /// running goes first (one owner's thousand queued jobs do not starve another's one), then
-/// priority and age within an owner. Jobs this runner cannot take are skipped; one no runner
+/// priority and age within an owner; claims at once start at different ones of the best
+/// ([`crate::claim_spread`]). Jobs this runner cannot take are skipped; one no runner
 /// could take says why. So is a job that one of `own` (the runners of this runner's user, all
 /// its names) claimed and did not start, while they wait out its cool-down: it went back to the
 /// queue at once and cost no try, so handing it straight back to the same user would let one
@@ -287,6 +288,8 @@ pub async fn try_claim(
     if req.capabilities.free_slots == 0 {
         return Ok(Claimed::Nothing);
     }
+    // Counted from before the look, so claims looking at once see each other.
+    let turn = app.claim_spread.begin();
     let now = now_ms() as u64;
     let candidates = app.db.claimable(now).await?;
     let running = app.db.running_per_owner().await?;
@@ -306,6 +309,7 @@ pub async fn try_claim(
         seen.insert(*owner);
     }
     order.sort();
+    turn.arrange(&mut order);
     let settings = app.step_settings();
     let mut lost_any = false;
     // A replicated job takes only signed reports: a runner without a key gets none of them.

@@ -8,6 +8,7 @@ pub mod api_jobs;
 pub mod api_runner;
 pub mod backup;
 pub mod blobs;
+pub mod claim_spread;
 pub mod db;
 pub mod deletion;
 pub mod farm_queries;

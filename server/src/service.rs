@@ -40,6 +40,8 @@ pub struct App {
     peers: Option<crate::notify::Peers>,
     /// What `/metrics` shows.
     pub metrics: crate::metrics::Metrics,
+    /// The claims in progress here: concurrent ones start at different jobs.
+    pub claim_spread: crate::claim_spread::ClaimSpread,
     /// API requests per user (`--requests-per-second`; None: no limit). In this process: each
     /// server of a farm lets a user make that many.
     pub requests: Option<governor::DefaultKeyedRateLimiter<i64>>,
@@ -207,6 +209,7 @@ impl App {
             stop: Notify::new(),
             signer,
             metrics: crate::metrics::Metrics::new(),
+            claim_spread: Default::default(),
             requests: std::num::NonZeroU32::new(settings_rate).map(|per_second| {
                 let burst = per_second.saturating_mul(std::num::NonZeroU32::new(5).expect("5"));
                 governor::RateLimiter::keyed(

@@ -351,3 +351,92 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// `len` bytes that do not compress, the same for the same `seed` (xorshift).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A new database (`bench_WHAT_PID`) on the PostgreSQL `admin` names: its URL.
+pub async fn new_pg_database(admin: &str, what: &str) -> Res<String> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let name = format!("bench_{what}_{}", std::process::id());
+    let mut conn = sqlx::AnyConnection::connect(admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&mut conn)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await?;
+    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+    Ok(format!("{base}/{name}"))
+}
+
+/// Where a server under test keeps its state: the embedded default, or PostgreSQL + S3.
+pub struct BackendSet {
+    pub name: &'static str,
+    /// A `postgres://` URL (None: SQLite in the data directory).
+    pub database: Option<String>,
+    /// An `s3://BUCKET` URL (None: files in the data directory).
+    pub store: Option<String>,
+}
+
+impl BackendSet {
+    pub fn embedded() -> BackendSet {
+        BackendSet {
+            name: "SQLite + files",
+            database: None,
+            store: None,
+        }
+    }
+
+    /// PostgreSQL + S3, when the bench is given them: a new database on the cluster
+    /// `CONSTRUIR_BENCH_POSTGRES` names and a new bucket in the s3s-fs root
+    /// `CONSTRUIR_BENCH_S3_ROOT` (the server reads the endpoint and keys from `AWS_*`), both
+    /// named after `what`. None, said loudly, when either is missing.
+    pub async fn postgres_s3(what: &str) -> Res<Option<BackendSet>> {
+        let (Ok(admin), Ok(root)) = (
+            std::env::var("CONSTRUIR_BENCH_POSTGRES"),
+            std::env::var("CONSTRUIR_BENCH_S3_ROOT"),
+        ) else {
+            eprintln!(
+                "bench: NOT measured on PostgreSQL + S3: set CONSTRUIR_BENCH_POSTGRES and \
+                 CONSTRUIR_BENCH_S3_ROOT (tools/bench-server does)"
+            );
+            return Ok(None);
+        };
+        let database = new_pg_database(&admin, what).await?;
+        let bucket = format!("bench-{what}-{}", std::process::id());
+        // A bucket of s3s-fs is a directory of its root.
+        std::fs::create_dir_all(Path::new(&root).join(&bucket))?;
+        Ok(Some(BackendSet {
+            name: "PostgreSQL + S3",
+            database: Some(database),
+            store: Some(format!("s3://{bucket}")),
+        }))
+    }
+
+    /// The server's flags for it.
+    pub fn args(&self) -> Vec<&str> {
+        let mut args = Vec::new();
+        if let Some(url) = &self.database {
+            args.extend(["--database", url.as_str()]);
+        }
+        if let Some(url) = &self.store {
+            args.extend(["--store", url.as_str()]);
+        }
+        args
+    }
+}
