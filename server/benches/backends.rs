@@ -15,9 +15,9 @@ mod common;
 
 use common::harness::{
     BackendSet, Http, Res, Server, claim_body_with, make_tokens_in, raise_fd_limit, random_bytes,
-    register, tar_of, trivial_job,
+    register, submit, tar_of, trivial_job,
 };
-use common::{host_line, median};
+use common::{host_line, median, pct};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,14 +47,6 @@ struct Figures {
     console_checked: bool,
     disk_mb_s: Vec<f64>,
     put_mb_s: Vec<f64>,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.is_empty() {
-        true => f64::NAN,
-        false => v[((v.len() - 1) as f64 * p).round() as usize],
-    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -94,21 +86,6 @@ async fn claim_started(c: &mut Http, token: &str, runner: u64) -> Res<(u64, (u64
     .await?
     .expect(200, "start")?;
     Ok((job, (id, at)))
-}
-
-async fn submit(c: &mut Http, token: &str, job: &[u8], extra: &str) -> Res<u64> {
-    let a = c
-        .call(
-            "POST",
-            &format!("/api/v1/jobs?name=bench_t0.tar.xz&memory_mib=256&timeout_s=3600{extra}"),
-            token,
-            None,
-            job,
-        )
-        .await?
-        .expect(201, "submit")?;
-    let v: serde_json::Value = a.json()?;
-    Ok(v["id"].as_u64().ok_or("no id")?)
 }
 
 /// The bytes of piece `k` of a console: text, different for every piece and attempt.

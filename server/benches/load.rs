@@ -19,7 +19,7 @@ use common::harness::{
     BackendSet, Http, Res, Server, claim_body_with, make_tokens_in, raise_fd_limit, register,
     tar_of, trivial_job,
 };
-use common::host_line;
+use common::{host_line, pct};
 use sqlx::Row;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,14 +39,6 @@ struct Figures {
     succeeded: i64,
     lost: i64,
     duplicated: i64,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// The server's CPU time (user + system) so far, in seconds.

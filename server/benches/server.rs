@@ -21,6 +21,7 @@
 
 mod common;
 
+use common::harness::submit;
 use common::harness::{
     Http, Res, Server, caps, claim_body_with, make_tokens, now_ms, raise_fd_limit, random_bytes,
     register, tar_of, trivial_job,
@@ -40,21 +41,6 @@ fn claim_body(wait_s: u32, images: &[&str]) -> Vec<u8> {
 }
 
 const REPORT: &[u8] = br#"{"status":"success","exit_code":0,"job_exit_status":0,"reason":"bench"}"#;
-
-async fn submit(c: &mut Http, token: &str, job: &[u8], extra: &str) -> Res<u64> {
-    let a = c
-        .call(
-            "POST",
-            &format!("/api/v1/jobs?name=bench_t0.tar.xz&memory_mib=256&timeout_s=600{extra}"),
-            token,
-            None,
-            job,
-        )
-        .await?
-        .expect(201, "submit")?;
-    let v: serde_json::Value = a.json()?;
-    Ok(v["id"].as_u64().ok_or("no job id")?)
-}
 
 async fn job_view(c: &mut Http, token: &str, id: u64) -> Res<serde_json::Value> {
     c.call("GET", &format!("/api/v1/jobs/{id}"), token, None, b"")

@@ -440,3 +440,19 @@ impl BackendSet {
         args
     }
 }
+
+/// Submits `job` (a t0 job; `extra`: more query parameters): its id.
+pub async fn submit(c: &mut Http, token: &str, job: &[u8], extra: &str) -> Res<u64> {
+    let a = c
+        .call(
+            "POST",
+            &format!("/api/v1/jobs?name=bench_t0.tar.xz&memory_mib=256&timeout_s=600{extra}"),
+            token,
+            None,
+            job,
+        )
+        .await?
+        .expect(201, "submit")?;
+    let v: serde_json::Value = a.json()?;
+    Ok(v["id"].as_u64().ok_or("no job id")?)
+}

@@ -16,6 +16,15 @@ pub fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The `p`-quantile of `v` (sorted in place), NaN when empty.
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
 pub fn spread(v: &mut [f64]) -> String {
     let m = median(v);
     match (v.first().copied(), v.last().copied()) {
