@@ -5,7 +5,8 @@
 //! file names ([`jobname`]), the job archive format and its capped reader ([`archive`]), the
 //! guest kernel command line ([`cmdline`]), the status port protocol ([`status`]), what a run's
 //! outcome means as a process exit code ([`outcome`]), a run's record ([`record`]), the kind of
-//! host ([`host`]) and image manifests ([`manifest`]). This crate knows nothing of KVM, QEMU,
+//! host ([`host`]), image manifests ([`manifest`]) and the layout of a job packed from a source tree
+//! and a separate build script ([`source_job`]). This crate knows nothing of KVM, QEMU,
 //! HTTP or a database; what the host-side binaries set up alike lives in `construir-launcher`.
 
 #[cfg(feature = "archive")]
@@ -19,5 +20,6 @@ mod manifest_index;
 pub mod outcome;
 #[cfg(feature = "manifest")]
 pub mod record;
+pub mod source_job;
 pub mod status;
 pub mod text;

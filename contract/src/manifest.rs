@@ -7,6 +7,7 @@
 //! other separator. The sha256 fields are 64 lower-case hex digits, and the sizes are capped.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// What an image manifest records.
@@ -38,6 +39,10 @@ pub struct ImageManifest {
     pub installed: Vec<String>,
     /// The hash of the build inputs this image was made from.
     pub build_key: String,
+    /// The tools a job finds, by name, each with the first line its version command printed
+    /// (`construir-pack --list-tools`). Absent from manifests made before 2026-12.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tools: BTreeMap<String, String>,
 }
 
 /// Why a manifest could not be used.
@@ -301,7 +306,22 @@ mod tests {
             init_sha256: "2".repeat(64),
             installed: vec!["busybox".into()],
             build_key: "k".into(),
+            tools: Default::default(),
         }
+    }
+
+    #[test]
+    fn tools_are_optional_and_an_older_manifest_reads_and_writes_the_same() {
+        let older = serde_json::to_string(&sample("i0")).unwrap();
+        assert!(!older.contains("tools"), "{older}");
+        let read: ImageManifest = serde_json::from_str(&older).unwrap();
+        assert_eq!(serde_json::to_string(&read).unwrap(), older);
+        let mut with = sample("i1");
+        with.tools
+            .insert("rustc".into(), "rustc 1.85.1 (4eb161250 2025-03-15)".into());
+        let text = serde_json::to_string(&with).unwrap();
+        let back: ImageManifest = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.tools["rustc"], "rustc 1.85.1 (4eb161250 2025-03-15)");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub(crate) fn write_image(dir: &Path, index: &str, qcow2: &[u8]) -> Vec<u8> {
         init_sha256: "2".repeat(64),
         installed: vec!["busybox".into()],
         build_key: "k".into(),
+        tools: Default::default(),
     };
     let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
     std::fs::write(dir.join(format!("{index}.json")), &bytes).unwrap();

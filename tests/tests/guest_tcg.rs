@@ -191,3 +191,65 @@ fn the_base_image_is_not_changed_by_a_job_that_writes_to_its_root() {
     );
     qemu_tcg(&check, &[]).expect_code(0);
 }
+
+/// An upstream tree without a `construir` of its own, packed by `construir-pack --git --script`:
+/// the tree is /opt/job/src in the VM, and the script, which lives outside the tree, runs there.
+#[test]
+fn a_tree_packed_with_a_script_from_outside_runs_it_in_opt_job_src() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("upstream");
+    std::fs::create_dir_all(repo.join("data")).unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(repo.join("data/payload.bin"), &payload).unwrap();
+    std::fs::write(repo.join("README"), "upstream\n").unwrap();
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "upstream"]);
+    // The script names no path: it runs in the tree. No #! line: /bin/sh runs it.
+    let script = work.path().join("build.sh");
+    std::fs::write(
+        &script,
+        "set -e\nmkdir -p /tmp/out\npwd > /tmp/out/pwd.txt\nsha256sum data/payload.bin > /tmp/out/sum.txt\n\
+         test ! -e construir\ncd /tmp && tar -cJf /dev/sdb out\n",
+    )
+    .unwrap();
+    let pack = std::process::Command::new(binary("construir-pack"))
+        .arg("--git")
+        .arg(&repo)
+        .arg("--script")
+        .arg(&script)
+        .args(["--image", "t0", "--output-size", "2M", "-o"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        pack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pack.stderr)
+    );
+    let path = work.path().join("upstream_t0.tar.xz");
+    assert_eq!(
+        String::from_utf8_lossy(&pack.stdout).trim(),
+        path.display().to_string()
+    );
+    let job = TestJob { dir: work, path };
+    qemu_tcg(&job, &[]).expect_code(0);
+    assert_eq!(job.output("out/pwd.txt"), b"/opt/job/src\n");
+    let sum = String::from_utf8(job.output("out/sum.txt")).unwrap();
+    assert_eq!(
+        sum,
+        format!("{}  data/payload.bin\n", sha256_hex(&payload)),
+        "the tree's bytes in the VM"
+    );
+}

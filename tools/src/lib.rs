@@ -1,4 +1,6 @@
-//! construir's tools as a library: packing jobs ([`pack`]), the QEMU launcher ([`qemu`]).
+//! construir's tools as a library: packing jobs ([`pack`]), what an image offers
+//! ([`image_info`]), the QEMU launcher ([`qemu`]).
 
+pub mod image_info;
 pub mod pack;
 pub mod qemu;

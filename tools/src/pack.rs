@@ -2,6 +2,7 @@
 //! brings under `opt/job/`), padded with zeros so the job disk has room for the output.
 
 use construir_contract::archive::{JOB_DIR, JOB_SCRIPT};
+use construir_contract::source_job;
 use std::io::Write;
 use std::path::Path;
 
@@ -45,30 +46,11 @@ pub fn job_archive(files: &[JobFile]) -> Result<Vec<u8>, PackError> {
     if !files.iter().any(|f| f.path == "construir") {
         return Err(PackError::NoScript);
     }
-    let mut builder = tar::Builder::new(Vec::new());
-    builder.mode(tar::HeaderMode::Deterministic);
-    for dir in ["opt/", "opt/job/"] {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_mode(0o755);
-        header.set_size(0);
-        header.set_cksum();
-        builder.append_data(&mut header, dir, std::io::empty())?;
-    }
+    let mut builder = job_tar()?;
     for f in files {
-        if f.path.is_empty() || f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
-            return Err(PackError::BadPath(f.path.clone()));
-        }
-        let mut header = tar::Header::new_gnu();
-        header.set_size(f.data.len() as u64);
-        header.set_mode(f.mode);
-        header.set_cksum();
-        builder.append_data(&mut header, format!("{JOB_DIR}/{}", f.path), &f.data[..])?;
+        append_file(&mut builder, f)?;
     }
-    let tar = builder.into_inner()?;
-    let mut xz = xz2::write::XzEncoder::new(Vec::new(), 6);
-    xz.write_all(&tar)?;
-    Ok(xz.finish()?)
+    finish_xz(builder)
 }
 
 /// Packs the tree at `dir` (everything but `.git`, symlinks kept as symlinks) as `opt/job/`.
@@ -77,10 +59,99 @@ pub fn archive_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
     if !dir.join("construir").is_file() {
         return Err(PackError::NoScript);
     }
+    let mut builder = job_tar()?;
+    append_tree(&mut builder, dir, None)?;
+    finish_xz(builder)
+}
+
+/// Packs a project's tree that has no job script of its own (`construir-pack --script`): the
+/// tree (everything but `.git`) as `opt/job/src/`, `script` as `opt/job/build.sh`, and the
+/// wrapper of [`source_job`] as `opt/job/construir`, the layout the server's submit form makes.
+/// `extra` are more files under `opt/job/` (what `--vendor` brings).
+pub fn archive_from_source(
+    dir: &Path,
+    script: &[u8],
+    extra: &[JobFile],
+) -> Result<Vec<u8>, PackError> {
+    if !dir.is_dir() {
+        return Err(PackError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not a directory", dir.display()),
+        )));
+    }
+    let mut builder = job_tar()?;
+    let wrapper = source_job::wrapper("construir-pack --script", None);
+    let job_dir = |p: &str| {
+        p.strip_prefix("opt/job/")
+            .expect("under opt/job")
+            .to_string()
+    };
+    let mut files = vec![
+        JobFile::new("construir", wrapper.into_bytes(), 0o755),
+        JobFile::new(job_dir(source_job::BUILD_SCRIPT), script.to_vec(), 0o755),
+    ];
+    files.extend(extra.iter().cloned());
+    for f in &files {
+        append_file(&mut builder, f)?;
+    }
+    let src = source_job::SOURCE_DIR
+        .strip_prefix("opt/job/")
+        .expect("under opt/job");
+    append_tree(&mut builder, dir, Some(src))?;
+    finish_xz(builder)
+}
+
+/// A deterministic tar that stores symlinks as symlinks, with `opt/` and `opt/job/` in it.
+fn job_tar() -> std::io::Result<tar::Builder<Vec<u8>>> {
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Deterministic);
-    fn walk(builder: &mut tar::Builder<Vec<u8>>, root: &Path, dir: &Path) -> std::io::Result<()> {
+    dir_header(&mut builder, "opt/")?;
+    dir_header(&mut builder, &format!("{JOB_DIR}/"))?;
+    Ok(builder)
+}
+
+fn dir_header(builder: &mut tar::Builder<Vec<u8>>, path: &str) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_mode(0o755);
+    header.set_size(0);
+    header.set_cksum();
+    builder.append_data(&mut header, path, std::io::empty())
+}
+
+fn append_file(builder: &mut tar::Builder<Vec<u8>>, f: &JobFile) -> Result<(), PackError> {
+    if f.path.is_empty() || f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
+        return Err(PackError::BadPath(f.path.clone()));
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_size(f.data.len() as u64);
+    header.set_mode(f.mode);
+    header.set_cksum();
+    builder.append_data(&mut header, format!("{JOB_DIR}/{}", f.path), &f.data[..])?;
+    Ok(())
+}
+
+/// Appends `root`'s tree (sorted by name, without `.git`) under `opt/job/`, or under
+/// `opt/job/SUB/` (and that directory's own entry) when `sub` is given.
+fn append_tree(
+    builder: &mut tar::Builder<Vec<u8>>,
+    root: &Path,
+    sub: Option<&str>,
+) -> std::io::Result<()> {
+    let under = match sub {
+        Some(sub) => {
+            dir_header(builder, &format!("{JOB_DIR}/{sub}/"))?;
+            Path::new(JOB_DIR).join(sub)
+        }
+        None => Path::new(JOB_DIR).to_path_buf(),
+    };
+    fn walk(
+        builder: &mut tar::Builder<Vec<u8>>,
+        root: &Path,
+        under: &Path,
+        dir: &Path,
+    ) -> std::io::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
@@ -89,17 +160,17 @@ pub fn archive_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
             }
             let path = entry.path();
             let rel = path.strip_prefix(root).expect("under root");
-            let name = Path::new(JOB_DIR).join(rel);
-            builder.append_path_with_name(&path, &name)?;
+            builder.append_path_with_name(&path, under.join(rel))?;
             if entry.file_type()?.is_dir() {
-                walk(builder, root, &path)?;
+                walk(builder, root, under, &path)?;
             }
         }
         Ok(())
     }
-    builder.append_dir("opt", dir)?;
-    builder.append_dir(JOB_DIR, dir)?;
-    walk(&mut builder, dir, dir)?;
+    walk(builder, root, &under, root)
+}
+
+fn finish_xz(builder: tar::Builder<Vec<u8>>) -> Result<Vec<u8>, PackError> {
     let tar = builder.into_inner()?;
     let mut xz = xz2::write::XzEncoder::new(Vec::new(), 6);
     xz.write_all(&tar)?;
@@ -204,6 +275,64 @@ mod tests {
             archive_from_dir(d.path()),
             Err(PackError::NoScript)
         ));
+    }
+
+    #[test]
+    fn a_source_tree_packs_under_src_with_the_script_outside_it() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("lib")).unwrap();
+        std::fs::write(d.path().join("Makefile"), "all:\n").unwrap();
+        std::fs::write(d.path().join("lib/a.c"), "int a;").unwrap();
+        std::fs::create_dir_all(d.path().join(".git")).unwrap();
+        std::fs::write(d.path().join(".git/HEAD"), "ref").unwrap();
+        let extra = [JobFile::new("vendor/README", b"x".to_vec(), 0o644)];
+        let archive = archive_from_source(d.path(), b"#!/bin/bash\nmake\n", &extra).unwrap();
+        let (_, entries) = archive::list(&archive[..]).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "opt/job/construir",
+            "opt/job/build.sh",
+            "opt/job/src/Makefile",
+            "opt/job/src/lib/a.c",
+            "opt/job/vendor/README",
+        ] {
+            assert!(paths.contains(&want), "{want} in {paths:?}");
+        }
+        assert!(!paths.iter().any(|p| p.contains(".git")), "{paths:?}");
+        // Directories come before what they hold.
+        let at = |p: &str| {
+            paths
+                .iter()
+                .position(|x| x.trim_end_matches('/') == p)
+                .unwrap()
+        };
+        assert!(at("opt/job") < at("opt/job/construir"));
+        assert!(
+            at("opt/job/src") < at("opt/job/src/lib")
+                && at("opt/job/src/lib") < at("opt/job/src/lib/a.c")
+        );
+        let read = |p: &str| {
+            archive::read_file(&archive[..], p, 1 << 20)
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(read("opt/job/build.sh"), b"#!/bin/bash\nmake\n");
+        let wrapper = String::from_utf8(read("opt/job/construir")).unwrap();
+        assert_eq!(
+            wrapper,
+            source_job::wrapper("construir-pack --script", None)
+        );
+        let script = entries
+            .iter()
+            .find(|e| e.path == "opt/job/build.sh")
+            .unwrap();
+        assert_eq!(script.mode & 0o777, 0o755);
+        // The same tree packs the same bytes again.
+        assert_eq!(
+            archive,
+            archive_from_source(d.path(), b"#!/bin/bash\nmake\n", &extra).unwrap()
+        );
+        assert!(archive_from_source(&d.path().join("absent"), b"x", &[]).is_err());
     }
 
     #[test]

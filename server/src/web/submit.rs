@@ -19,6 +19,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use construir_api::types::{MAX_REPLICAS, SubmitParams, UserId};
+use construir_contract::source_job::{BUILD_SCRIPT, SOURCE_DIR};
 use futures::TryStreamExt;
 
 pub fn routes() -> Router<Shared> {
@@ -349,17 +350,13 @@ fn unpack_flags(file_name: &str) -> Option<(&'static str, &'static str)> {
     .map(|(_, name, flags)| (name, flags))
 }
 
-/// The `opt/job/construir` of a packed source.
+/// The `opt/job/construir` of a packed source: the tarball as uploaded is unpacked into
+/// /opt/job/src in the VM, and the build script runs there (`construir_contract::source_job`,
+/// the layout `construir-pack --script` makes too).
 fn wrapper(source: &str, flags: &str) -> String {
-    format!(
-        "#!/bin/sh\n\
-         # Packed by construir-server's submit form: the source tarball as uploaded is unpacked\n\
-         # into /opt/job/src, and the build script runs there.\n\
-         set -e\n\
-         mkdir -p /opt/job/src\n\
-         tar {flags} /opt/job/{source} -C /opt/job/src\n\
-         cd /opt/job/src\n\
-         exec sh /opt/job/build.sh\n"
+    construir_contract::source_job::wrapper(
+        "construir-server's submit form",
+        Some(&format!("tar {flags} /opt/job/{source} -C /{SOURCE_DIR}")),
     )
 }
 
@@ -438,7 +435,7 @@ fn build_job(
         &mut wrapper.as_bytes(),
     )?;
     add(
-        "opt/job/build.sh",
+        BUILD_SCRIPT,
         0o755,
         script.len() as u64,
         &mut script.as_bytes(),

@@ -3,24 +3,35 @@
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use construir_contract::manifest::valid_index;
-use construir_tools::pack::{archive_from_dir, parse_size, write_archive};
+use construir_contract::manifest::{Image, default_images_dir, valid_index};
+use construir_tools::image_info::describe;
+use construir_tools::pack::{
+    PackError, archive_from_dir, archive_from_source, parse_size, write_archive,
+};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "construir-pack",
-    about = "Make a construir job from a directory or a git repository (its top holds the job script, `construir`)",
-    after_help = "Examples:\n  construir-pack --dir examples/hello-c/opt/job --image i0 --output-size 64M\n  \
-construir-pack --git ~/src/project --rev v1.2 --image i0 --name project"
+    about = "Make a construir job from a directory or a git repository: its top holds the job script, `construir`, or --script gives one from outside the tree",
+    after_help = "Examples:\n  construir-pack --dir examples/hello-c --image i0 --output-size 64M\n  \
+construir-pack --git ~/src/project --rev v1.2 --image i0 --name project\n  \
+construir-pack --git ~/src/lua --rev v5.4.7 --script build.sh --image i0\n\n\
+With --script, the tree lands at /opt/job/src in the guest and the script (/opt/job/build.sh)\n\
+runs there, by its own #! line or else by /bin/sh: the layout the server's submit form makes."
 )]
 struct Cli {
-    /// A directory whose contents become /opt/job in the guest (.git is left out).
+    /// A directory whose contents become /opt/job in the guest (.git is left out), or
+    /// /opt/job/src with --script.
     #[arg(long, conflicts_with = "git")]
     dir: Option<PathBuf>,
-    /// A git repository; its tree at --rev becomes /opt/job (nothing of .git is included).
+    /// A git repository; its tree at --rev becomes /opt/job (nothing of .git is included), or
+    /// /opt/job/src with --script.
     #[arg(long)]
     git: Option<PathBuf>,
+    /// A build script from outside the tree: the tree needs no `construir` of its own.
+    #[arg(long)]
+    script: Option<PathBuf>,
     /// The commit, tag or branch to pack from --git.
     #[arg(long, default_value = "HEAD")]
     rev: String,
@@ -36,6 +47,13 @@ struct Cli {
     /// Where to write NAME_INDEX.tar.xz.
     #[arg(short, long, default_value = ".")]
     out_dir: PathBuf,
+    /// Print what --image offers (tools with versions, Debian packages, defaults) and pack
+    /// nothing.
+    #[arg(long, conflicts_with_all = ["dir", "git", "script"])]
+    list_tools: bool,
+    /// Where the images are, for --list-tools (default: $CONSTRUIR_IMAGES, or the cache's).
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
 }
 
 fn main() {
@@ -48,6 +66,12 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     if !valid_index(&cli.image) {
         bail!("--image {:?} is not an image index (like i0)", cli.image);
+    }
+    if cli.list_tools {
+        let dir = cli.images_dir.clone().unwrap_or_else(default_images_dir);
+        let image = Image::load(&dir, &cli.image)?;
+        print!("{}", describe(&image.manifest));
+        return Ok(());
     }
     let min_size = parse_size(&cli.output_size).map_err(anyhow::Error::msg)?;
     // `_tmp` holds --git's scratch tree until the job is written; dropping it removes the tree.
@@ -84,7 +108,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let archive = archive_from_dir(&tree).with_context(|| format!("pack {}", tree.display()))?;
+    let what = match (&cli.dir, &cli.git) {
+        (Some(dir), _) => dir.display().to_string(),
+        (_, Some(repo)) => format!("{} at {}", repo.display(), cli.rev),
+        _ => unreachable!("checked above"),
+    };
+    let archive = match &cli.script {
+        Some(script) => {
+            let text = std::fs::read(script)
+                .with_context(|| format!("read the build script {}", script.display()))?;
+            if text.iter().all(u8::is_ascii_whitespace) {
+                bail!("the build script {} is empty", script.display());
+            }
+            archive_from_source(&tree, &text, &[]).map_err(anyhow::Error::from)
+        }
+        None => archive_from_dir(&tree).map_err(|e| match e {
+            PackError::NoScript => anyhow::anyhow!(
+                "{what} has no job script `construir` at its top (give one from outside the tree with --script FILE)"
+            ),
+            e => e.into(),
+        }),
+    }
+    .with_context(|| format!("pack {what}"))?;
     let out = cli.out_dir.join(format!("{name}_{}.tar.xz", cli.image));
     let size = write_archive(&out, &archive, min_size)?;
     eprintln!(

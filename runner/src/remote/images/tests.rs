@@ -36,6 +36,7 @@ fn manifest_of(index: &str, kernel: &[u8], disk: &[u8]) -> ImageManifest {
         init_sha256: "c".repeat(64),
         installed: vec![],
         build_key: "k".into(),
+        tools: Default::default(),
     }
 }
 
