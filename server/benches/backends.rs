@@ -150,6 +150,9 @@ async fn run_on(set: &BackendSet, root: &std::path::Path, sizes: &Sizes) -> Res<
         "100000",
         "--max-stored-per-user",
         "1T",
+        // A 1 GiB output is a little more than 1 GiB as a tar, past the default limit.
+        "--max-output-size",
+        "2G",
     ];
     args.extend(set.args());
     let server = Server::start(&data, &args)?;
@@ -320,15 +323,25 @@ async fn run_on(set: &BackendSet, root: &std::path::Path, sizes: &Sizes) -> Res<
         }
         disk_mb_s.push(output.len() as f64 / t.elapsed().as_secs_f64() / 1e6);
         let c = &mut Http::connect(addr).await?;
-        submit(
+        let wanted = submit(
             c,
             &sub,
             &job,
-            &format!("&output_size={}", output.len() + (1 << 20)),
+            &format!(
+                "&priority={}&output_size={}",
+                10 * (i + 1),
+                output.len() + (1 << 20)
+            ),
         )
         .await?;
         let mut uc = Http::connect(addr).await?;
-        let (_, (attempt, token)) = claim_started(&mut uc, uploader, uploader_id).await?;
+        // The job the first part's poll took was never started: once its accept window
+        // lapsed it is queued again, as is the upload before this one once aborted. Ours
+        // goes before them by its priority.
+        let (got, (attempt, token)) = claim_started(&mut uc, uploader, uploader_id).await?;
+        if got != wanted {
+            return Err(format!("{name}: the uploader got job {got}, not {wanted}").into());
+        }
         let t = Instant::now();
         let a = uc
             .call(
