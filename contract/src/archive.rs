@@ -344,6 +344,7 @@ fn entry_path(entry: &Entry<'_, '_>) -> String {
     normalize(&String::from_utf8_lossy(&entry.path_bytes())).to_string()
 }
 
+#[cfg(feature = "manifest")]
 fn entry_path_bytes(entry: &Entry<'_, '_>) -> Vec<u8> {
     entry.path_bytes().into_owned()
 }

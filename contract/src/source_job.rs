@@ -6,12 +6,17 @@
 //!   job unpacks there, in the VM, never on the server);
 //! - the build script at [`BUILD_SCRIPT`], run with `/opt/job/src` as its working directory, by its
 //!   own `#!` line if it has one, else by `/bin/sh`;
+//! - what `--vendor` fetched at `/opt/job/deps`, its [`DEPS_SETUP`] sourced before the build;
 //! - a small `opt/job/construir` from [`wrapper`] that does the above.
 
 /// Where the project's tree lands, relative to the guest's root.
 pub const SOURCE_DIR: &str = "opt/job/src";
 /// Where the build script lands, relative to the guest's root.
 pub const BUILD_SCRIPT: &str = "opt/job/build.sh";
+/// What `construir-pack --vendor` fetched for the build, relative to the guest's root; its
+/// `setup.sh` (the environment that points the tools at it, and the .debs to install) is
+/// sourced before the build script.
+pub const DEPS_SETUP: &str = "opt/job/deps/setup.sh";
 
 /// The job's `opt/job/construir`: `unpack`, if given, is a shell command run first (the form's
 /// `tar -xzf /opt/job/source.tar.gz -C /opt/job/src`); then the build script runs in the tree.
@@ -29,6 +34,7 @@ pub fn wrapper(packed_by: &str, unpack: Option<&str>) -> String {
          set -e\n\
          mkdir -p /{SOURCE_DIR}\n\
          {unpack}\
+         if [ -f /{DEPS_SETUP} ]; then . /{DEPS_SETUP}; fi\n\
          cd /{SOURCE_DIR}\n\
          case \"$(head -c 2 /{BUILD_SCRIPT})\" in\n\
          '#!') exec /{BUILD_SCRIPT} ;;\n\
@@ -48,6 +54,10 @@ mod tests {
         assert!(w.contains("\ncd /opt/job/src\n"));
         assert!(w.contains("'#!') exec /opt/job/build.sh ;;"));
         assert!(w.contains("*) exec sh /opt/job/build.sh ;;"));
+        let setup = w
+            .find("if [ -f /opt/job/deps/setup.sh ]; then . /opt/job/deps/setup.sh; fi\n")
+            .unwrap();
+        assert!(setup < w.find("cd /opt/job/src").unwrap());
         let w = wrapper(
             "a\nform\u{0}",
             Some("tar -xf /opt/job/source.tar -C /opt/job/src"),

@@ -67,11 +67,11 @@ pub fn archive_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
 /// Packs a project's tree that has no job script of its own (`construir-pack --script`): the
 /// tree (everything but `.git`) as `opt/job/src/`, `script` as `opt/job/build.sh`, and the
 /// wrapper of [`source_job`] as `opt/job/construir`, the layout the server's submit form makes.
-/// `extra` are more files under `opt/job/` (what `--vendor` brings).
+/// `deps`, if given, is a directory packed as `opt/job/deps/` (what `--vendor` fetched).
 pub fn archive_from_source(
     dir: &Path,
     script: &[u8],
-    extra: &[JobFile],
+    deps: Option<&Path>,
 ) -> Result<Vec<u8>, PackError> {
     if !dir.is_dir() {
         return Err(PackError::Io(std::io::Error::new(
@@ -86,13 +86,15 @@ pub fn archive_from_source(
             .expect("under opt/job")
             .to_string()
     };
-    let mut files = vec![
+    let files = [
         JobFile::new("construir", wrapper.into_bytes(), 0o755),
         JobFile::new(job_dir(source_job::BUILD_SCRIPT), script.to_vec(), 0o755),
     ];
-    files.extend(extra.iter().cloned());
     for f in &files {
         append_file(&mut builder, f)?;
+    }
+    if let Some(deps) = deps {
+        append_tree(&mut builder, deps, Some("deps"))?;
     }
     let src = source_job::SOURCE_DIR
         .strip_prefix("opt/job/")
@@ -285,8 +287,12 @@ mod tests {
         std::fs::write(d.path().join("lib/a.c"), "int a;").unwrap();
         std::fs::create_dir_all(d.path().join(".git")).unwrap();
         std::fs::write(d.path().join(".git/HEAD"), "ref").unwrap();
-        let extra = [JobFile::new("vendor/README", b"x".to_vec(), 0o644)];
-        let archive = archive_from_source(d.path(), b"#!/bin/bash\nmake\n", &extra).unwrap();
+        let deps = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(deps.path().join("cargo/a-1.0.0")).unwrap();
+        std::fs::write(deps.path().join("cargo/a-1.0.0/lib.rs"), "").unwrap();
+        std::fs::write(deps.path().join("setup.sh"), "export A=1\n").unwrap();
+        let archive =
+            archive_from_source(d.path(), b"#!/bin/bash\nmake\n", Some(deps.path())).unwrap();
         let (_, entries) = archive::list(&archive[..]).unwrap();
         let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         for want in [
@@ -294,7 +300,8 @@ mod tests {
             "opt/job/build.sh",
             "opt/job/src/Makefile",
             "opt/job/src/lib/a.c",
-            "opt/job/vendor/README",
+            "opt/job/deps/setup.sh",
+            "opt/job/deps/cargo/a-1.0.0/lib.rs",
         ] {
             assert!(paths.contains(&want), "{want} in {paths:?}");
         }
@@ -330,9 +337,9 @@ mod tests {
         // The same tree packs the same bytes again.
         assert_eq!(
             archive,
-            archive_from_source(d.path(), b"#!/bin/bash\nmake\n", &extra).unwrap()
+            archive_from_source(d.path(), b"#!/bin/bash\nmake\n", Some(deps.path())).unwrap()
         );
-        assert!(archive_from_source(&d.path().join("absent"), b"x", &[]).is_err());
+        assert!(archive_from_source(&d.path().join("absent"), b"x", None).is_err());
     }
 
     #[test]

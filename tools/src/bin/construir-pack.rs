@@ -8,6 +8,7 @@ use construir_tools::image_info::describe;
 use construir_tools::pack::{
     PackError, archive_from_dir, archive_from_source, parse_size, write_archive,
 };
+use construir_tools::vendor::{ImageTools, vendor_all};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
@@ -51,7 +52,15 @@ struct Cli {
     /// nothing.
     #[arg(long, conflicts_with_all = ["dir", "git", "script"])]
     list_tools: bool,
-    /// Where the images are, for --list-tools (default: $CONSTRUIR_IMAGES, or the cache's).
+    /// Fetch on this host what the build will need (Rust crates, Python wheels, npm packages,
+    /// Debian build dependencies), each checked against the tree's lock file, for the image's
+    /// toolchain versions, and pack it with the configuration that makes the tools use it
+    /// offline (at /opt/job/deps). The tree lands at /opt/job/src; its own `construir` is the
+    /// build script unless --script gives one.
+    #[arg(long)]
+    vendor: bool,
+    /// Where the images are, for --list-tools and --vendor (default: $CONSTRUIR_IMAGES, or the
+    /// cache's).
     #[arg(long)]
     images_dir: Option<PathBuf>,
 }
@@ -113,14 +122,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (_, Some(repo)) => format!("{} at {}", repo.display(), cli.rev),
         _ => unreachable!("checked above"),
     };
-    let archive = match &cli.script {
+    // With --vendor the tree's own `construir` (if no --script) becomes the build script of a
+    // source-tree job, so the wrapper sets up the dependencies first.
+    let script = match (&cli.script, cli.vendor) {
+        (Some(script), _) => Some(script.clone()),
+        (None, true) => {
+            let own = tree.join("construir");
+            if !own.is_file() {
+                bail!(
+                    "{what} has no job script `construir` at its top (give one from outside the tree with --script FILE)"
+                );
+            }
+            Some(own)
+        }
+        (None, false) => None,
+    };
+    let deps_dir = if cli.vendor {
+        Some(vendor(&cli, &tree, &what)?)
+    } else {
+        None
+    };
+    let archive = match &script {
         Some(script) => {
             let text = std::fs::read(script)
                 .with_context(|| format!("read the build script {}", script.display()))?;
             if text.iter().all(u8::is_ascii_whitespace) {
                 bail!("the build script {} is empty", script.display());
             }
-            archive_from_source(&tree, &text, &[]).map_err(anyhow::Error::from)
+            archive_from_source(&tree, &text, deps_dir.as_ref().map(|d| d.path()))
+                .map_err(anyhow::Error::from)
         }
         None => archive_from_dir(&tree).map_err(|e| match e {
             PackError::NoScript => anyhow::anyhow!(
@@ -141,6 +171,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     );
     println!("{}", out.display());
     Ok(())
+}
+
+/// Fetches the tree's dependencies into a fresh private directory (removed when the returned
+/// guard drops), saying what it fetches as it goes and what it fetched in the end.
+fn vendor(cli: &Cli, tree: &Path, what: &str) -> anyhow::Result<tempfile::TempDir> {
+    let dir = cli.images_dir.clone().unwrap_or_else(default_images_dir);
+    let image = Image::load(&dir, &cli.image)?;
+    let tools = ImageTools {
+        index: image.manifest.index.clone(),
+        tools: image.manifest.tools.clone(),
+        installed: image.manifest.installed.clone(),
+    };
+    // Private (0700, a fresh random name) like --git's tree: nobody else puts files in it.
+    let deps = tempfile::Builder::new()
+        .prefix("construir-pack-deps-")
+        .tempdir()
+        .context("a scratch directory for the dependencies")?;
+    let started = std::time::Instant::now();
+    let fetched = vendor_all(tree, deps.path(), &tools, &mut |step| {
+        eprintln!("construir-pack: {step}")
+    })
+    .with_context(|| format!("vendor the dependencies of {what} for image {}", cli.image))?;
+    let mut total = 0;
+    for f in &fetched {
+        total += f.bytes;
+        eprintln!(
+            "construir-pack: {}: {} ({:.1} MiB)",
+            f.kind,
+            f.summary,
+            f.bytes as f64 / (1u64 << 20) as f64
+        );
+    }
+    eprintln!(
+        "construir-pack: dependencies fetched in {:.0} s: {:.1} MiB at /opt/job/deps",
+        started.elapsed().as_secs_f64(),
+        total as f64 / (1u64 << 20) as f64
+    );
+    Ok(deps)
 }
 
 /// The committed tree of `repo` at `rev` (no .git), unpacked into a fresh private directory:

@@ -1,0 +1,229 @@
+//! Node: the packages of the tree's `package-lock.json`, fetched into an npm cache by
+//! `npm ci --ignore-scripts` in a scratch copy of the manifest and the lock (npm checks each
+//! tarball against the lock's `integrity`; no install script runs on the host, and the
+//! scratch `node_modules` is thrown away). In the guest `npm ci --offline` installs from it.
+
+use super::version::satisfies_npm_range;
+use super::{
+    Fetched, ImageTools, Setup, VendorError, io_error, need_tool, run_tool, scratch, tree_bytes,
+};
+use std::path::Path;
+use std::process::Command;
+
+const CACHE_DIR: &str = "npm-cache";
+const REGISTRY: &str = "https://registry.npmjs.org/";
+
+/// What a lock asks for, checked before anything is fetched.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NodeLock {
+    /// Packages to fetch (entries with a tarball).
+    pub packages: usize,
+    /// `engines.node` of package.json, if it says.
+    pub engines_node: Option<String>,
+}
+
+/// Reads `package.json` and `package-lock.json` (lockfileVersion 2 or 3): every package must
+/// come from the npm registry with an `integrity` hash; git, file and other URLs are refused
+/// (nothing else is reachable, and nothing else is checked).
+pub fn read_lock(package_json: &str, lock: &str) -> Result<NodeLock, String> {
+    let manifest: serde_json::Value =
+        serde_json::from_str(package_json).map_err(|e| format!("package.json is not JSON: {e}"))?;
+    let lock: serde_json::Value =
+        serde_json::from_str(lock).map_err(|e| format!("not JSON: {e}"))?;
+    let version = lock["lockfileVersion"].as_u64().unwrap_or(0);
+    if version < 2 {
+        return Err(format!(
+            "lockfileVersion {version}: construir-pack reads versions 2 and 3 (npm 7 and later; `npm install --package-lock-only` upgrades it)"
+        ));
+    }
+    let packages = lock["packages"]
+        .as_object()
+        .ok_or("no \"packages\" in the lock")?;
+    let mut count = 0;
+    for (path, p) in packages {
+        if path.is_empty() || p["link"].as_bool() == Some(true) {
+            continue;
+        }
+        let Some(resolved) = p["resolved"].as_str() else {
+            // Bundled dependencies come inside their parent's tarball.
+            if p["inBundle"].as_bool() == Some(true) {
+                continue;
+            }
+            return Err(format!("{path} has no \"resolved\" address"));
+        };
+        if !resolved.starts_with(REGISTRY) {
+            return Err(format!(
+                "{path} comes from {resolved}: only the npm registry ({REGISTRY}) is fetched"
+            ));
+        }
+        let integrity = p["integrity"].as_str().unwrap_or_default();
+        if !integrity.starts_with("sha512-") && !integrity.starts_with("sha256-") {
+            return Err(format!(
+                "{path} has no sha512 integrity hash (the lock must say what the tarball is)"
+            ));
+        }
+        count += 1;
+    }
+    Ok(NodeLock {
+        packages: count,
+        engines_node: manifest["engines"]["node"].as_str().map(str::to_string),
+    })
+}
+
+/// Fetches the packages of `tree/package-lock.json` into `deps/npm-cache`.
+pub fn vendor(
+    tree: &Path,
+    deps: &Path,
+    image: &ImageTools,
+    setup: &mut Setup,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<Fetched>, VendorError> {
+    let lock_path = tree.join("package-lock.json");
+    if !lock_path.is_file() {
+        if tree.join("package.json").is_file() {
+            return Err(VendorError::Lock {
+                lock: "package.json".into(),
+                message: "no package-lock.json beside it: lock the dependencies first (`npm install --package-lock-only`)".into(),
+            });
+        }
+        return Ok(None);
+    }
+    let node = image.version("node")?;
+    let manifest = std::fs::read_to_string(tree.join("package.json"))
+        .map_err(io_error("the tree's package.json"))?;
+    let lock_text = std::fs::read_to_string(&lock_path).map_err(io_error("package-lock.json"))?;
+    let lock = read_lock(&manifest, &lock_text).map_err(|message| VendorError::Lock {
+        lock: "package-lock.json".into(),
+        message,
+    })?;
+    if let Some(range) = &lock.engines_node {
+        match satisfies_npm_range(&node, range) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(VendorError::ToolchainTooOld {
+                    image: image.index.clone(),
+                    needs: vec![format!(
+                        "package.json's engines.node is {range:?}, the image has Node.js {node}"
+                    )],
+                });
+            }
+            None => progress(&format!(
+                "node: engines.node {range:?} is a range construir-pack cannot check; the image has Node.js {node}"
+            )),
+        }
+    }
+    need_tool(
+        "npm",
+        &["--version"],
+        "the packages of package-lock.json",
+        "npm",
+    )?;
+    let work = scratch(deps)?;
+    let project = work.path().join("project");
+    std::fs::create_dir(&project).map_err(io_error("a scratch project"))?;
+    std::fs::write(project.join("package.json"), &manifest).map_err(io_error("package.json"))?;
+    std::fs::write(project.join("package-lock.json"), &lock_text)
+        .map_err(io_error("package-lock.json"))?;
+    let userconfig = work.path().join("npmrc");
+    std::fs::write(&userconfig, format!("registry={REGISTRY}\n")).map_err(io_error("an npmrc"))?;
+    let cache = deps.join(CACHE_DIR);
+    progress(&format!(
+        "node: npm ci --ignore-scripts of {} packages from package-lock.json (each checked against its integrity)",
+        lock.packages
+    ));
+    run_tool(
+        "npm ci --ignore-scripts",
+        Command::new("npm")
+            .args([
+                "ci",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+                "--no-update-notifier",
+            ])
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--userconfig")
+            .arg(&userconfig)
+            .env("npm_config_globalconfig", &userconfig),
+        &project,
+    )?;
+    // What the host's npm left beside the cache is not needed in the guest.
+    let _ = std::fs::remove_dir_all(cache.join("_logs"));
+    let _ = std::fs::remove_dir_all(cache.join("_update-notifier-last-checked"));
+    let dir = format!("{}/{CACHE_DIR}", super::GUEST_DEPS);
+    for (k, v) in [
+        ("npm_config_cache", dir.as_str()),
+        ("npm_config_offline", "true"),
+        ("npm_config_audit", "false"),
+        ("npm_config_fund", "false"),
+        ("npm_config_update_notifier", "false"),
+    ] {
+        setup.env.push((k.into(), v.into()));
+    }
+    Ok(Some(Fetched {
+        kind: "node",
+        summary: format!("{} packages from package-lock.json", lock.packages),
+        bytes: tree_bytes(&cache),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"{"name":"a","version":"1.0.0","engines":{"node":">=18"}}"#;
+
+    fn lock(packages: &str) -> String {
+        format!(r#"{{"name":"a","lockfileVersion":3,"packages":{{"":{{"name":"a"}},{packages}}}}}"#)
+    }
+
+    #[test]
+    fn a_registry_lock_with_integrity_reads() {
+        let l = lock(
+            r#""node_modules/ms":{"version":"2.1.3","resolved":"https://registry.npmjs.org/ms/-/ms-2.1.3.tgz","integrity":"sha512-abc"},
+               "node_modules/x/node_modules/y":{"version":"1.0.0","inBundle":true},
+               "packages/local":{"link":true}"#,
+        );
+        let got = read_lock(MANIFEST, &l).unwrap();
+        assert_eq!(
+            got,
+            NodeLock {
+                packages: 1,
+                engines_node: Some(">=18".into())
+            }
+        );
+    }
+
+    #[test]
+    fn other_sources_missing_hashes_and_old_locks_are_refused() {
+        let git = lock(
+            r#""node_modules/x":{"version":"1.0.0","resolved":"git+ssh://git@github.com/x/x.git#abc","integrity":"sha512-a"}"#,
+        );
+        assert!(
+            read_lock(MANIFEST, &git)
+                .unwrap_err()
+                .contains("only the npm registry")
+        );
+        let unhashed = lock(
+            r#""node_modules/ms":{"version":"2.1.3","resolved":"https://registry.npmjs.org/ms/-/ms-2.1.3.tgz"}"#,
+        );
+        assert!(
+            read_lock(MANIFEST, &unhashed)
+                .unwrap_err()
+                .contains("no sha512 integrity")
+        );
+        let v1 = r#"{"name":"a","lockfileVersion":1,"dependencies":{}}"#;
+        assert!(
+            read_lock(MANIFEST, v1)
+                .unwrap_err()
+                .contains("lockfileVersion 1")
+        );
+        assert!(read_lock(MANIFEST, "{").is_err());
+        assert!(
+            read_lock("[", &lock(r#""x":{}"#))
+                .unwrap_err()
+                .contains("package.json")
+        );
+    }
+}
