@@ -110,7 +110,8 @@ pub fn report_for_wait_status(status: libc::c_int) -> GuestReport {
 /// /bin/sh, as a shell would run it.
 ///
 /// fork/exec by hand: std's `Command` falls back to a socketpair-based path when it needs a
-/// working directory or a pre-exec hook, and this kernel has no sockets at all (CONFIG_NET=n).
+/// working directory or a pre-exec hook, and the init must not depend on the guest kernel's sockets
+/// (until 2026-12 it had none; now only AF_UNIX).
 fn spawn_job(script: &str, source_date_epoch: Option<u64>) -> std::io::Result<libc::pid_t> {
     use std::ffi::CString;
     let cstr = |s: &str| {
