@@ -182,6 +182,7 @@ fn vendor(cli: &Cli, tree: &Path, what: &str) -> anyhow::Result<tempfile::TempDi
         index: image.manifest.index.clone(),
         tools: image.manifest.tools.clone(),
         installed: image.manifest.installed.clone(),
+        dpkg_status: std::fs::read_to_string(dir.join(format!("{}.dpkg-status", cli.image))).ok(),
     };
     // Private (0700, a fresh random name) like --git's tree: nobody else puts files in it.
     let deps = tempfile::Builder::new()

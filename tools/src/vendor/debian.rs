@@ -139,8 +139,17 @@ pub fn vendor(
         ),
     )
     .map_err(io_error("apt's sources"))?;
-    std::fs::write(w.join("status"), status_file(&image.installed))
-        .map_err(io_error("the image's package list"))?;
+    let status = match &image.dpkg_status {
+        Some(s) => s.clone(),
+        None => {
+            progress(&format!(
+                "debian: the image {} has no INDEX.dpkg-status beside its manifest: resolving against its package list (packages it has may be fetched again)",
+                image.index
+            ));
+            status_file(&image.installed)
+        }
+    };
+    std::fs::write(w.join("status"), status).map_err(io_error("the image's package list"))?;
     // Only our control file, copied, is read: debian/ alone, so apt sees nothing else.
     let source = w.join("source");
     std::fs::create_dir_all(source.join("debian")).map_err(io_error("a copy of debian/"))?;

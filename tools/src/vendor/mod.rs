@@ -43,7 +43,7 @@ pub enum VendorError {
         what: &'static str,
         package: &'static str,
     },
-    #[error("{what} failed (exit status {status}):\n{output}")]
+    #[error("{what} failed ({status}):\n{output}")]
     Fetch {
         what: String,
         status: String,
@@ -72,12 +72,14 @@ pub(crate) fn io_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Err
 }
 
 /// What the image offers, from its manifest: the index, its tools' version lines and its
-/// installed Debian packages (`name version`).
+/// installed Debian packages (`name version`), and the dpkg status file `image/build` keeps
+/// beside the manifest (`INDEX.dpkg-status`), if there is one.
 #[derive(Debug, Clone)]
 pub struct ImageTools {
     pub index: String,
     pub tools: BTreeMap<String, String>,
     pub installed: Vec<String>,
+    pub dpkg_status: Option<String>,
 }
 
 impl ImageTools {
@@ -286,6 +288,7 @@ mod tests {
             )]
             .into(),
             installed: vec![],
+            dpkg_status: None,
         };
         let e = image.version("rustc").unwrap_err().to_string();
         assert_eq!(e, "the image i0 has no rustc (its manifest's tools: gcc)");

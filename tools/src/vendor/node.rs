@@ -44,17 +44,20 @@ pub fn read_lock(package_json: &str, lock: &str) -> Result<NodeLock, String> {
         if path.is_empty() || p["link"].as_bool() == Some(true) {
             continue;
         }
-        let Some(resolved) = p["resolved"].as_str() else {
-            // Bundled dependencies come inside their parent's tarball.
-            if p["inBundle"].as_bool() == Some(true) {
-                continue;
-            }
-            return Err(format!("{path} has no \"resolved\" address"));
-        };
-        if !resolved.starts_with(REGISTRY) {
+        // Bundled dependencies come inside their parent's tarball.
+        if p["inBundle"].as_bool() == Some(true) {
+            continue;
+        }
+        // No "resolved" (npm's omit-lockfile-registry-resolved): the registry's, by version.
+        if let Some(resolved) = p["resolved"].as_str()
+            && !resolved.starts_with(REGISTRY)
+        {
             return Err(format!(
                 "{path} comes from {resolved}: only the npm registry ({REGISTRY}) is fetched"
             ));
+        }
+        if p["version"].as_str().is_none() {
+            return Err(format!("{path} has no version"));
         }
         let integrity = p["integrity"].as_str().unwrap_or_default();
         if !integrity.starts_with("sha512-") && !integrity.starts_with("sha256-") {
@@ -145,7 +148,7 @@ pub fn vendor(
             .arg(&cache)
             .arg("--userconfig")
             .arg(&userconfig)
-            .env("npm_config_globalconfig", &userconfig),
+            .env("npm_config_globalconfig", work.path().join("global-npmrc")),
         &project,
     )?;
     // What the host's npm left beside the cache is not needed in the guest.
@@ -213,6 +216,8 @@ mod tests {
                 .unwrap_err()
                 .contains("no sha512 integrity")
         );
+        let registrys = lock(r#""node_modules/ms":{"version":"2.1.3","integrity":"sha512-abc"}"#);
+        assert_eq!(read_lock(MANIFEST, &registrys).unwrap().packages, 1);
         let v1 = r#"{"name":"a","lockfileVersion":1,"dependencies":{}}"#;
         assert!(
             read_lock(MANIFEST, v1)
