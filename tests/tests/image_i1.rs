@@ -332,3 +332,58 @@ fn lying_locks_too_new_toolchains_and_unfetchable_projects_are_refused() {
     let e = refused(p.path(), "nothing");
     assert!(e.contains("nothing to vendor"), "{e}");
 }
+
+/// The corpus' C project with autotools: GNU hello's release (fetched from Debian's archive,
+/// pinned by sha256 in examples/gnu-hello/fetch), an upstream tree packed with --script, built
+/// and tested by its own configure, make and make check in the VM.
+#[test]
+fn gnu_hello_builds_and_passes_its_own_tests_from_its_upstream_tree() {
+    let work = tempfile::tempdir().unwrap();
+    let fetch = Command::new(example("gnu-hello").join("fetch"))
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        fetch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetch.stderr)
+    );
+    let tree = PathBuf::from(String::from_utf8(fetch.stdout).unwrap().trim());
+    assert!(tree.join("configure").is_file() && !tree.join("construir").exists());
+    let pack = Command::new(binary("construir-pack"))
+        .arg("--dir")
+        .arg(&tree)
+        .arg("--script")
+        .arg(example("gnu-hello").join("build.sh"))
+        .args([
+            "--image",
+            "i1",
+            "--name",
+            "gnu-hello",
+            "--output-size",
+            "16M",
+            "-o",
+        ])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        pack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pack.stderr)
+    );
+    let job = TestJob {
+        path: work.path().join("gnu-hello_i1.tar.xz"),
+        dir: work,
+    };
+    let out = run_i1(
+        &job,
+        "gnu-hello",
+        &["out/run.txt", "out/check-summary.txt", "out/hello"],
+    );
+    assert_eq!(out[0], b"Hello, world!\n");
+    let summary = String::from_utf8_lossy(&out[1]);
+    assert!(summary.contains("# FAIL:  0\n"), "{summary}");
+    assert!(summary.contains("# PASS:  4\n"), "{summary}");
+    assert_eq!(&out[2][..4], b"\x7fELF");
+}

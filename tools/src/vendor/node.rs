@@ -144,6 +144,13 @@ pub fn vendor(
                 "--no-fund",
                 "--no-update-notifier",
             ])
+            // npm retries a tarball that fails its integrity check too, by default after 10 s
+            // then 60 s: a lying lock is told in seconds, a flaky network still gets retries.
+            .args([
+                "--fetch-retries=2",
+                "--fetch-retry-mintimeout=1000",
+                "--fetch-retry-maxtimeout=4000",
+            ])
             .arg("--cache")
             .arg(&cache)
             .arg("--userconfig")
