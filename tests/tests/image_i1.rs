@@ -327,6 +327,31 @@ fn lying_locks_too_new_toolchains_and_unfetchable_projects_are_refused() {
         "{e}"
     );
 
+    // A git source in the lock would be fetched with the user's credentials: refused.
+    let p = rust_project(ITOA_SHA256, None);
+    let lock = std::fs::read_to_string(p.path().join("Cargo.lock")).unwrap();
+    std::fs::write(
+        p.path().join("Cargo.lock"),
+        lock.replace(
+            "registry+https://github.com/rust-lang/crates.io-index",
+            "git+ssh://git@example.invalid/private#0123abcd",
+        ),
+    )
+    .unwrap();
+    let e = refused(p.path(), "rust-git");
+    assert!(e.contains("only crates.io is fetched"), "{e}");
+
+    // The tree's script or lock as a link to a file of this host's: refused, not packed.
+    let p = rust_project(ITOA_SHA256, None);
+    std::fs::remove_file(p.path().join("construir")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", p.path().join("construir")).unwrap();
+    let e = refused(p.path(), "linked-script");
+    assert!(e.contains("is a symbolic link"), "{e}");
+    let p = project(&[("construir", "true\n".into())]);
+    std::os::unix::fs::symlink("/etc/passwd", p.path().join("requirements.txt")).unwrap();
+    let e = refused(p.path(), "linked-lock");
+    assert!(e.contains("a symbolic link in the tree"), "{e}");
+
     // Nothing to vendor is said, not packed silently.
     let p = project(&[("construir", "true\n".into())]);
     let e = refused(p.path(), "nothing");

@@ -128,6 +128,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (Some(script), _) => Some(script.clone()),
         (None, true) => {
             let own = tree.join("construir");
+            // The tree's own script as a regular file only: a link could point at a file of
+            // this host's (its environment, a key) and pack it into the job.
+            if std::fs::symlink_metadata(&own).is_ok_and(|m| m.file_type().is_symlink()) {
+                bail!(
+                    "{what}'s `construir` is a symbolic link; give the script with --script FILE"
+                );
+            }
             if !own.is_file() {
                 bail!(
                     "{what} has no job script `construir` at its top (give one from outside the tree with --script FILE)"
@@ -185,9 +192,7 @@ fn vendor(cli: &Cli, tree: &Path, what: &str) -> anyhow::Result<tempfile::TempDi
         dpkg_status: std::fs::read_to_string(dir.join(format!("{}.dpkg-status", cli.image))).ok(),
     };
     // Private (0700, a fresh random name) like --git's tree: nobody else puts files in it.
-    let deps = tempfile::Builder::new()
-        .prefix("construir-pack-deps-")
-        .tempdir()
+    let deps = construir_tools::vendor::private_dir("construir-pack-deps-", &std::env::temp_dir())
         .context("a scratch directory for the dependencies")?;
     let started = std::time::Instant::now();
     let fetched = vendor_all(tree, deps.path(), &tools, &mut |step| {

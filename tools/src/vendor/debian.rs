@@ -102,7 +102,7 @@ pub fn vendor(
     if !control_path.is_file() {
         return Ok(None);
     }
-    let control = std::fs::read_to_string(&control_path).map_err(io_error("debian/control"))?;
+    let control = super::read_in_tree(tree, "debian/control")?;
     let wanted = build_depends(&control);
     let release = image
         .version("debian")

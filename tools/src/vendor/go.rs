@@ -4,7 +4,7 @@
 //! Maven or Gradle project, is told so plainly instead of packed to fail in the VM.
 
 use super::version::Version;
-use super::{Fetched, ImageTools, Setup, VendorError, io_error};
+use super::{Fetched, ImageTools, Setup, VendorError};
 use std::path::Path;
 
 /// What a `go.mod` says: its `go` version and how many modules it requires.
@@ -67,7 +67,7 @@ pub fn refuse_unfetchable(tree: &Path) -> Result<(), VendorError> {
     }
     let go_mod = tree.join("go.mod");
     if go_mod.is_file() {
-        let m = read_go_mod(&std::fs::read_to_string(&go_mod).map_err(io_error("go.mod"))?);
+        let m = read_go_mod(&super::read_in_tree(tree, "go.mod")?);
         if m.requires > 0 && !tree.join("vendor/modules.txt").is_file() {
             return Err(VendorError::Unsupported(format!(
                 "go.mod requires {} modules and the tree has no vendor/: Go modules cannot be fetched here \
@@ -90,7 +90,7 @@ pub fn vendor(
     if !go_mod.is_file() {
         return Ok(None);
     }
-    let m = read_go_mod(&std::fs::read_to_string(&go_mod).map_err(io_error("go.mod"))?);
+    let m = read_go_mod(&super::read_in_tree(tree, "go.mod")?);
     let have = image.version("go")?;
     if let Some(need) = &m.go
         && !have.at_least(need)

@@ -213,8 +213,12 @@ pub(crate) fn need_tool(
     what: &'static str,
     package: &'static str,
 ) -> Result<(), VendorError> {
+    // From `/`: a tool started in the tree (or wherever construir-pack was started) would read
+    // its files (`python3 -m` puts the working directory on sys.path; rustup reads
+    // rust-toolchain.toml).
     match Command::new(program)
         .args(args)
+        .current_dir("/")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -248,13 +252,37 @@ pub fn tree_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// A scratch directory of ours beside the deps (removed on drop).
+/// A scratch directory of ours beside the deps (removed on drop): mode 0700, a fresh random
+/// name, so no other local user puts files in it while tools run there.
 pub(crate) fn scratch(deps: &Path) -> Result<tempfile::TempDir, VendorError> {
     let parent: PathBuf = deps.parent().unwrap_or(Path::new("/tmp")).to_path_buf();
+    private_dir("construir-vendor-", &parent)
+}
+
+/// A new private directory (0700) under `parent`.
+pub fn private_dir(prefix: &str, parent: &Path) -> Result<tempfile::TempDir, VendorError> {
+    use std::os::unix::fs::PermissionsExt;
     tempfile::Builder::new()
-        .prefix("construir-vendor-")
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(parent)
         .map_err(io_error("a scratch directory"))
+}
+
+/// Reads `tree/rel` as text, refusing a path any part of which is a symbolic link: a tree's
+/// lock file could otherwise point at a file of the host's.
+pub(crate) fn read_in_tree(tree: &Path, rel: &str) -> Result<String, VendorError> {
+    let mut at = tree.to_path_buf();
+    for part in Path::new(rel).components() {
+        at.push(part);
+        let meta = std::fs::symlink_metadata(&at).map_err(io_error(rel))?;
+        if meta.file_type().is_symlink() {
+            return Err(VendorError::Unsupported(format!(
+                "{rel}: a symbolic link in the tree; construir-pack reads lock files only as regular files"
+            )));
+        }
+    }
+    std::fs::read_to_string(&at).map_err(io_error(rel))
 }
 
 #[cfg(test)]
@@ -276,6 +304,32 @@ mod tests {
         );
         assert!(s.contains("\nexport ODD='it'\\''s'\n"), "{s}");
         assert!(s.find("export ODD").unwrap() < s.find("dpkg -i").unwrap());
+    }
+
+    #[test]
+    fn lock_files_are_read_only_as_regular_files_of_the_tree() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("debian")).unwrap();
+        std::fs::write(d.path().join("debian/control"), "Source: a\n").unwrap();
+        assert_eq!(
+            read_in_tree(d.path(), "debian/control").unwrap(),
+            "Source: a\n"
+        );
+        std::os::unix::fs::symlink("/etc/hostname", d.path().join("Cargo.lock")).unwrap();
+        let e = read_in_tree(d.path(), "Cargo.lock")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a symbolic link"), "{e}");
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir(other.path().join("debian")).unwrap();
+        std::fs::write(other.path().join("debian/control"), "x").unwrap();
+        std::fs::remove_dir_all(d.path().join("debian")).unwrap();
+        std::os::unix::fs::symlink(other.path().join("debian"), d.path().join("debian")).unwrap();
+        assert!(read_in_tree(d.path(), "debian/control").is_err());
+        let s = private_dir("t-", d.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

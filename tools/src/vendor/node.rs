@@ -41,16 +41,26 @@ pub fn read_lock(package_json: &str, lock: &str) -> Result<NodeLock, String> {
         .ok_or("no \"packages\" in the lock")?;
     let mut count = 0;
     for (path, p) in packages {
-        if path.is_empty() || p["link"].as_bool() == Some(true) {
+        if path.is_empty() {
             continue;
+        }
+        if !registry_path(path) {
+            return Err(format!(
+                "{path:?} is not a path under node_modules/ (workspaces and links are not fetched)"
+            ));
+        }
+        if p.get("link").is_some() {
+            return Err(format!(
+                "{path} is a link: only registry packages are fetched"
+            ));
         }
         // Bundled dependencies come inside their parent's tarball.
         if p["inBundle"].as_bool() == Some(true) {
             continue;
         }
         // No "resolved" (npm's omit-lockfile-registry-resolved): the registry's, by version.
-        if let Some(resolved) = p["resolved"].as_str()
-            && !resolved.starts_with(REGISTRY)
+        if let Some(resolved) = p.get("resolved")
+            && !resolved.as_str().is_some_and(|r| r.starts_with(REGISTRY))
         {
             return Err(format!(
                 "{path} comes from {resolved}: only the npm registry ({REGISTRY}) is fetched"
@@ -67,10 +77,73 @@ pub fn read_lock(package_json: &str, lock: &str) -> Result<NodeLock, String> {
         }
         count += 1;
     }
+    // package.json's own specs go to npm's resolver on the host: registry versions only.
+    for field in [
+        "dependencies",
+        "devDependencies",
+        "optionalDependencies",
+        "peerDependencies",
+        "overrides",
+    ] {
+        specs_are_versions(field, &manifest[field])?;
+    }
     Ok(NodeLock {
         packages: count,
         engines_node: manifest["engines"]["node"].as_str().map(str::to_string),
     })
+}
+
+/// `node_modules/a`, `node_modules/@s/a/node_modules/b`: no `..`, no absolute path, nothing
+/// outside node_modules.
+fn registry_path(path: &str) -> bool {
+    let mut parts = path.split('/').peekable();
+    let mut any = false;
+    while let Some(first) = parts.next() {
+        if first != "node_modules" {
+            return false;
+        }
+        let Some(mut name) = parts.next() else {
+            return false;
+        };
+        if name.starts_with('@') {
+            let ok = |n: &str| !n.is_empty() && n != "." && n != "..";
+            if !ok(&name[1..]) {
+                return false;
+            }
+            let Some(n) = parts.next() else {
+                return false;
+            };
+            name = n;
+        }
+        if name.is_empty() || name.starts_with('.') || name.contains('\\') {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
+/// A dependency spec that names a registry version (`1.2.3`, `^1.2`, `>=1 <2`, `latest`), not a
+/// git repository, a file, a URL or a GitHub shorthand (`user/repo`).
+fn specs_are_versions(field: &str, specs: &serde_json::Value) -> Result<(), String> {
+    match specs {
+        serde_json::Value::Null => Ok(()),
+        serde_json::Value::String(spec) => {
+            if spec.contains(':') || spec.contains('/') || spec.contains('\\') {
+                Err(format!(
+                    "package.json's {field} has {spec:?}: only versions from the npm registry are fetched"
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        serde_json::Value::Object(map) => {
+            map.values().try_for_each(|v| specs_are_versions(field, v))
+        }
+        _ => Err(format!(
+            "package.json's {field} is not an object of versions"
+        )),
+    }
 }
 
 /// Fetches the packages of `tree/package-lock.json` into `deps/npm-cache`.
@@ -92,9 +165,8 @@ pub fn vendor(
         return Ok(None);
     }
     let node = image.version("node")?;
-    let manifest = std::fs::read_to_string(tree.join("package.json"))
-        .map_err(io_error("the tree's package.json"))?;
-    let lock_text = std::fs::read_to_string(&lock_path).map_err(io_error("package-lock.json"))?;
+    let manifest = super::read_in_tree(tree, "package.json")?;
+    let lock_text = super::read_in_tree(tree, "package-lock.json")?;
     let lock = read_lock(&manifest, &lock_text).map_err(|message| VendorError::Lock {
         lock: "package-lock.json".into(),
         message,
@@ -192,8 +264,7 @@ mod tests {
     fn a_registry_lock_with_integrity_reads() {
         let l = lock(
             r#""node_modules/ms":{"version":"2.1.3","resolved":"https://registry.npmjs.org/ms/-/ms-2.1.3.tgz","integrity":"sha512-abc"},
-               "node_modules/x/node_modules/y":{"version":"1.0.0","inBundle":true},
-               "packages/local":{"link":true}"#,
+               "node_modules/x/node_modules/y":{"version":"1.0.0","inBundle":true}"#,
         );
         let got = read_lock(MANIFEST, &l).unwrap();
         assert_eq!(
@@ -225,6 +296,43 @@ mod tests {
         );
         let registrys = lock(r#""node_modules/ms":{"version":"2.1.3","integrity":"sha512-abc"}"#);
         assert_eq!(read_lock(MANIFEST, &registrys).unwrap().packages, 1);
+        for evil in [
+            r#""../../x":{"version":"1.0.0","integrity":"sha512-a"}"#,
+            r#""node_modules/../../x":{"version":"1.0.0","integrity":"sha512-a"}"#,
+            r#""packages/a":{"version":"1.0.0","integrity":"sha512-a"}"#,
+            r#""node_modules/a":{"link":true,"resolved":"../../etc"}"#,
+            r#""node_modules/a":{"version":"1.0.0","resolved":7,"integrity":"sha512-a"}"#,
+        ] {
+            assert!(read_lock(MANIFEST, &lock(evil)).is_err(), "{evil}");
+        }
+        let scoped = lock(
+            r#""node_modules/@s/a/node_modules/b":{"version":"1.0.0","integrity":"sha512-a"}"#,
+        );
+        assert!(read_lock(MANIFEST, &scoped).is_ok());
+        for spec in [
+            "git+ssh://git@example.org/x.git",
+            "file:../x",
+            "user/repo",
+            "https://x.example/a.tgz",
+        ] {
+            let m = format!(r#"{{"name":"a","dependencies":{{"x":"{spec}"}}}}"#);
+            assert!(
+                read_lock(
+                    &m,
+                    &lock(r#""node_modules/ms":{"version":"2.1.3","integrity":"sha512-abc"}"#)
+                )
+                .is_err(),
+                "{spec}"
+            );
+        }
+        let m = r#"{"name":"a","dependencies":{"x":"^1.2"},"overrides":{"y":{"z":"2.0.0"}}}"#;
+        assert!(
+            read_lock(
+                m,
+                &lock(r#""node_modules/ms":{"version":"2.1.3","integrity":"sha512-abc"}"#)
+            )
+            .is_ok()
+        );
         let v1 = r#"{"name":"a","lockfileVersion":1,"dependencies":{}}"#;
         assert!(
             read_lock(MANIFEST, v1)

@@ -75,6 +75,13 @@ pub fn hashed_requirements(text: &str) -> Result<Vec<Requirement>, String> {
                 "line {start}: `{req}`: only named requirements from PyPI are fetched, not URLs or paths"
             ));
         }
+        // pip expands ${VAR} in requirement files (a host secret into a request) and takes
+        // `name @ URL`: neither has a place in a lock of PyPI wheels.
+        if req.contains('$') || req.contains('@') {
+            return Err(format!(
+                "line {start}: `{req}`: `$` and `@` are not taken (a requirement is `name==version --hash=sha256:…`)"
+            ));
+        }
         if !req.contains("--hash=") {
             return Err(format!(
                 "line {start}: `{req}` has no --hash (lock it with `pip-compile --generate-hashes` or `pip hash`)"
@@ -128,7 +135,7 @@ pub fn vendor(
     let glibc = glibc_minor(image);
     need_tool(
         "python3",
-        &["-m", "pip", "--version"],
+        &["-I", "-m", "pip", "--version"],
         "the wheels of requirements.txt",
         "python3-pip",
     )?;
@@ -140,7 +147,7 @@ pub fn vendor(
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        let text = std::fs::read_to_string(file).map_err(super::io_error(&name))?;
+        let text = super::read_in_tree(tree, &name)?;
         let reqs = hashed_requirements(&text).map_err(|message| VendorError::Lock {
             lock: name.clone(),
             message,
@@ -162,7 +169,9 @@ pub fn vendor(
             reqs.len()
         ));
         let mut cmd = Command::new("python3");
+        // -I: neither the working directory nor PYTHON* variables of the host on sys.path.
         cmd.args([
+            "-I",
             "-m",
             "pip",
             "download",
@@ -280,6 +289,10 @@ mod tests {
         let e = hashed_requirements("https://x.example/a.whl --hash=sha256:aa\n").unwrap_err();
         assert!(e.contains("not URLs or paths"), "{e}");
         assert_eq!(hashed_requirements("# nothing\n\n").unwrap(), vec![]);
+        let e = hashed_requirements("${AWS_SECRET_ACCESS_KEY}==1 --hash=sha256:aa\n").unwrap_err();
+        assert!(e.contains("are not taken"), "{e}");
+        let e = hashed_requirements("six@file:x==1 --hash=sha256:aa\n").unwrap_err();
+        assert!(e.contains("are not taken"), "{e}");
     }
 
     #[test]

@@ -22,12 +22,20 @@ pub fn vendor(
         return Ok(None);
     }
     let rustc = image.version("rustc")?;
+    let lock = super::read_in_tree(tree, "Cargo.lock")?;
+    crates_io_only(&lock).map_err(|message| VendorError::Lock {
+        lock: "Cargo.lock".into(),
+        message,
+    })?;
+    let root = super::read_in_tree(tree, "Cargo.toml")?;
     need_tool("cargo", &["--version"], "the crates of Cargo.lock", "cargo")?;
-    let manifest = tree
-        .join("Cargo.toml")
-        .canonicalize()
-        .map_err(io_error("the tree's Cargo.toml"))?;
+    let manifest =
+        std::path::absolute(tree.join("Cargo.toml")).map_err(io_error("the tree's Cargo.toml"))?;
+    let vendor_dir =
+        std::path::absolute(deps.join(VENDOR_DIR)).map_err(io_error("the deps directory"))?;
     progress("rust: cargo vendor --locked (crates.io, each crate checked against Cargo.lock)");
+    // Started in `/`: cargo and rustup read configuration (.cargo/config.toml,
+    // rust-toolchain.toml) from the working directory up, never from the manifest's.
     let out = run_tool(
         "cargo vendor --locked",
         Command::new("cargo")
@@ -36,10 +44,13 @@ pub fn vendor(
             .arg("--versioned-dirs")
             .arg("--manifest-path")
             .arg(&manifest)
-            .arg(VENDOR_DIR)
-            // The host's own settings for where crates come from are not the job's.
-            .env_remove("CARGO_BUILD_TARGET"),
-        deps,
+            .arg(&vendor_dir)
+            // The host's own settings for where crates come from are not the job's, and no
+            // credential of the user's is offered to anything.
+            .env_remove("CARGO_BUILD_TARGET")
+            .env_remove("SSH_AUTH_SOCK")
+            .env("GIT_TERMINAL_PROMPT", "0"),
+        Path::new("/"),
     )?;
     let printed = String::from_utf8_lossy(&out.stdout);
     let config = job_config(&printed, &format!("{}/{VENDOR_DIR}", super::GUEST_DEPS))?;
@@ -48,7 +59,6 @@ pub fn vendor(
         .map_err(io_error("the job's cargo config"))?;
 
     let mut needs = Vec::new();
-    let root = std::fs::read_to_string(&manifest).map_err(io_error("the tree's Cargo.toml"))?;
     if let Some(need) = needed_rustc(&root)
         && !rustc.at_least(&need.version)
     {
@@ -103,6 +113,40 @@ pub fn vendor(
         summary: format!("{crates} crates from Cargo.lock"),
         bytes: tree_bytes(&deps.join(VENDOR_DIR)),
     }))
+}
+
+/// The sources crates.io is known by in a lock (the git index, and the sparse one).
+const CRATES_IO: [&str; 2] = [
+    "registry+https://github.com/rust-lang/crates.io-index",
+    "sparse+https://index.crates.io/",
+];
+
+/// Every package of a `Cargo.lock` is the tree's own (no source) or from crates.io with a
+/// checksum: a git or other-registry source would be fetched on the host with the user's
+/// credentials (and has no checksum cargo could check).
+pub fn crates_io_only(lock: &str) -> Result<(), String> {
+    let table: toml::Table = lock.parse().map_err(|e| format!("not TOML: {e}"))?;
+    let packages = table
+        .get("package")
+        .and_then(|p| p.as_array())
+        .ok_or("no [[package]] in it")?;
+    for p in packages {
+        let name = p.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+        let version = p.get("version").and_then(|n| n.as_str()).unwrap_or("?");
+        let Some(source) = p.get("source") else {
+            continue;
+        };
+        let source = source.as_str().unwrap_or_default();
+        if !CRATES_IO.contains(&source) {
+            return Err(format!(
+                "{name} {version} comes from {source:?}: only crates.io is fetched (a git or other registry's source has no checksum to check)"
+            ));
+        }
+        if p.get("checksum").and_then(|c| c.as_str()).is_none() {
+            return Err(format!("{name} {version} has no checksum"));
+        }
+    }
+    Ok(())
 }
 
 /// The configuration `cargo vendor` printed, with its directory made the guest's path and
@@ -211,6 +255,29 @@ mod tests {
         assert_eq!(t["net"]["offline"].as_bool(), Some(true));
         assert!(job_config("[net]\noffline = true\n", "/x").is_err());
         assert!(job_config("not toml [", "/x").is_err());
+    }
+
+    #[test]
+    fn a_lock_may_name_crates_io_and_the_trees_own_packages_only() {
+        let ok = "version = 4\n[[package]]\nname = \"a\"\nversion = \"0.1.0\"\n\n\
+                  [[package]]\nname = \"itoa\"\nversion = \"1.0.11\"\n\
+                  source = \"registry+https://github.com/rust-lang/crates.io-index\"\nchecksum = \"49f1\"\n";
+        assert_eq!(crates_io_only(ok), Ok(()));
+        let git = "[[package]]\nname = \"p\"\nversion = \"1.0.0\"\n\
+                   source = \"git+ssh://git@example.org/private#abc\"\n";
+        let e = crates_io_only(git).unwrap_err();
+        assert!(e.contains("only crates.io is fetched"), "{e}");
+        let other = "[[package]]\nname = \"p\"\nversion = \"1.0.0\"\n\
+                     source = \"sparse+https://intranet.example/index/\"\nchecksum = \"aa\"\n";
+        assert!(crates_io_only(other).is_err());
+        let unsummed = "[[package]]\nname = \"p\"\nversion = \"1.0.0\"\n\
+                        source = \"registry+https://github.com/rust-lang/crates.io-index\"\n";
+        assert!(
+            crates_io_only(unsummed)
+                .unwrap_err()
+                .contains("no checksum")
+        );
+        assert!(crates_io_only("x = [").is_err());
     }
 
     #[test]
