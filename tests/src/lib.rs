@@ -142,6 +142,22 @@ pub struct Run {
     pub probe: ProcessProbe,
 }
 
+/// `construir-qemu --accel tcg` on image `index` (from the default images directory) with
+/// `job`, plus `extra` arguments, within `deadline`.
+pub fn qemu_tcg_on(index: &str, job: &TestJob, extra: &[&str], deadline: Duration) -> Run {
+    let images = images_dir(index);
+    let mut args = vec![
+        "--accel",
+        "tcg",
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--job",
+        job.path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_launcher(&binary("construir-qemu"), &args, deadline)
+}
+
 /// Runs a launcher binary with `args` plus `--json --console FILE`, killing it after `deadline`.
 pub fn run_launcher(binary: &Path, args: &[&str], deadline: Duration) -> Run {
     let console = tempfile::NamedTempFile::new().expect("console file");

@@ -9,17 +9,7 @@ use std::time::Duration;
 const DEADLINE: Duration = Duration::from_secs(180);
 
 fn qemu_tcg(job: &TestJob, extra: &[&str]) -> Run {
-    let images = images_dir("t0");
-    let mut args = vec![
-        "--accel",
-        "tcg",
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--job",
-        job.path.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    run_launcher(&binary("construir-qemu"), &args, DEADLINE)
+    qemu_tcg_on("t0", job, extra, DEADLINE)
 }
 
 #[test]

@@ -51,7 +51,6 @@ print("asyncio", asyncio.run(main()))
 
 #[test]
 fn i0_compiles_a_c_program_with_make_and_has_local_sockets_only() {
-    let images = images_dir("i0");
     let script = "#!/bin/sh\nset -e\ncd /opt/job/src\nmake > /tmp/build.log 2>&1 || { cat /tmp/build.log; exit 1; }\n\
                   cat /tmp/build.log\ncp hello /tmp/hello\ngcc --version | head -n 1 > /tmp/gcc.txt\n\
                   python3 /opt/job/sockets.py > /tmp/sockets.txt 2>&1 || true\n\
@@ -68,19 +67,10 @@ fn i0_compiles_a_c_program_with_make_and_has_local_sockets_only() {
         ],
         8 << 20,
     );
-    let args = [
-        "--accel",
-        "tcg",
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--job",
-        job.path.to_str().unwrap(),
-        "--timeout",
-        "20m",
-    ];
-    let run = run_launcher(
-        &binary("construir-qemu"),
-        &args,
+    let run = qemu_tcg_on(
+        "i0",
+        &job,
+        &["--timeout", "20m"],
         Duration::from_secs(30 * 60),
     );
     run.expect_code(0);

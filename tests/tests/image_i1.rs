@@ -81,19 +81,10 @@ fn example(name: &str) -> PathBuf {
 
 /// Runs a job in i1 under TCG and gives back the files `outputs` of its output.
 fn run_i1(job: &TestJob, what: &str, outputs: &[&str]) -> Vec<Vec<u8>> {
-    let images = images_dir("i1");
-    let run = run_launcher(
-        &binary("construir-qemu"),
-        &[
-            "--accel",
-            "tcg",
-            "--images-dir",
-            images.to_str().unwrap(),
-            "--job",
-            job.path.to_str().unwrap(),
-            "--timeout",
-            "25m",
-        ],
+    let run = qemu_tcg_on(
+        "i1",
+        job,
+        &["--timeout", "25m"],
         Duration::from_secs(30 * 60),
     );
     run.expect_code(0);
