@@ -8,7 +8,7 @@ use construir_tools::image_info::describe;
 use construir_tools::pack::{
     PackError, archive_from_dir, archive_from_source, parse_size, write_archive,
 };
-use construir_tools::vendor::{ImageTools, vendor_all};
+use construir_tools::vendor::{FetchLimits, ImageTools, vendor_all};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
@@ -59,6 +59,12 @@ struct Cli {
     /// build script unless --script gives one.
     #[arg(long)]
     vendor: bool,
+    /// With --vendor: the longest one fetching tool may run (90s, 30m, 2h).
+    #[arg(long, default_value = "30m", value_parser = construir_launcher::duration::parse_duration)]
+    vendor_timeout: std::time::Duration,
+    /// With --vendor: the most the fetched dependencies may come to (512M, 8G).
+    #[arg(long, default_value = "8G", value_parser = parse_size)]
+    vendor_max_size: u64,
     /// Where the images are, for --list-tools and --vendor (default: $CONSTRUIR_IMAGES, or the
     /// cache's).
     #[arg(long)]
@@ -195,7 +201,11 @@ fn vendor(cli: &Cli, tree: &Path, what: &str) -> anyhow::Result<tempfile::TempDi
     let deps = construir_tools::vendor::private_dir("construir-pack-deps-", &std::env::temp_dir())
         .context("a scratch directory for the dependencies")?;
     let started = std::time::Instant::now();
-    let fetched = vendor_all(tree, deps.path(), &tools, &mut |step| {
+    let limits = FetchLimits {
+        timeout: cli.vendor_timeout,
+        max_bytes: cli.vendor_max_size,
+    };
+    let fetched = vendor_all(tree, deps.path(), &limits, &tools, &mut |step| {
         eprintln!("construir-pack: {step}")
     })
     .with_context(|| format!("vendor the dependencies of {what} for image {}", cli.image))?;

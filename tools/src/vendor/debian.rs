@@ -5,7 +5,8 @@
 
 use super::version::Version;
 use super::{
-    Fetched, ImageTools, Setup, VendorError, io_error, need_tool, run_tool, scratch, tree_bytes,
+    FetchLimits, Fetched, ImageTools, Setup, VendorError, io_error, need_tool, run_tool, scratch,
+    tree_bytes,
 };
 use std::path::Path;
 use std::process::Command;
@@ -94,6 +95,7 @@ fn split_deps(text: &str) -> Vec<String> {
 pub fn vendor(
     tree: &Path,
     deps: &Path,
+    limits: &FetchLimits,
     image: &ImageTools,
     setup: &mut Setup,
     progress: &mut dyn FnMut(&str),
@@ -202,7 +204,7 @@ pub fn vendor(
         "debian: apt-get update for {release} (what the image {} is built from)",
         image.index
     ));
-    run_tool("apt-get update", &mut apt(&["update"]), w)?;
+    run_tool("apt-get update", &mut apt(&["update"]), w, deps, limits)?;
     progress(&format!(
         "debian: apt-get build-dep --download-only of {} build dependencies from debian/control",
         wanted.len()
@@ -212,6 +214,8 @@ pub fn vendor(
         "apt-get build-dep --download-only",
         &mut apt(&["build-dep", "-y", "--download-only", &src_arg]),
         w,
+        deps,
+        limits,
     )?;
     let _ = std::fs::remove_dir_all(archives.join("partial"));
     let _ = std::fs::remove_file(archives.join("lock"));

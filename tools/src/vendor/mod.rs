@@ -27,6 +27,7 @@ pub mod version;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 use version::Version;
 
 /// Where the fetched dependencies are in the guest.
@@ -47,6 +48,12 @@ pub enum VendorError {
     Fetch {
         what: String,
         status: String,
+        output: String,
+    },
+    #[error("{what} was stopped: {why}{}", if .output.is_empty() { String::new() } else { format!("; its last words:\n{}", .output) })]
+    Limit {
+        what: String,
+        why: String,
         output: String,
     },
     #[error("{lock}: {message}")]
@@ -140,22 +147,23 @@ pub fn setup_script(setup: &Setup) -> String {
 pub fn vendor_all(
     tree: &Path,
     deps: &Path,
+    limits: &FetchLimits,
     image: &ImageTools,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Fetched>, VendorError> {
     go::refuse_unfetchable(tree)?;
     let mut setup = Setup::default();
     let mut fetched = Vec::new();
-    if let Some(f) = rust::vendor(tree, deps, image, &mut setup, progress)? {
+    if let Some(f) = rust::vendor(tree, deps, limits, image, &mut setup, progress)? {
         fetched.push(f);
     }
-    if let Some(f) = python::vendor(tree, deps, image, &mut setup, progress)? {
+    if let Some(f) = python::vendor(tree, deps, limits, image, &mut setup, progress)? {
         fetched.push(f);
     }
-    if let Some(f) = node::vendor(tree, deps, image, &mut setup, progress)? {
+    if let Some(f) = node::vendor(tree, deps, limits, image, &mut setup, progress)? {
         fetched.push(f);
     }
-    if let Some(f) = debian::vendor(tree, deps, image, &mut setup, progress)? {
+    if let Some(f) = debian::vendor(tree, deps, limits, image, &mut setup, progress)? {
         fetched.push(f);
     }
     if let Some(f) = go::vendor(tree, image, &mut setup)? {
@@ -173,19 +181,56 @@ pub fn vendor_all(
     Ok(fetched)
 }
 
-/// Runs a fetching tool with no stdin, its output captured (shown whole when it fails).
+/// How long one fetching tool may run, and how much the fetched dependencies may come to, so a
+/// registry that stalls or a lock that names far more than anyone meant ends with a clear error
+/// instead of a pack that never ends or a job of many gigabytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchLimits {
+    pub timeout: Duration,
+    pub max_bytes: u64,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30 * 60),
+            max_bytes: 8 << 30,
+        }
+    }
+}
+
+/// How often a running tool's time and the deps directory's size are looked at.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+const MEASURE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs a fetching tool with no stdin, its output captured (shown when it fails), and stops it
+/// (its whole process group) when it outlives `limits.timeout` or `deps` grows past
+/// `limits.max_bytes`; `deps` is measured as the tool runs and once more when it is done, so a
+/// tool that fills it in one go is caught too.
 /// `cwd` is a directory of ours, never the tree: tools read their configuration from the
 /// working directory up, and the tree's is not trusted on the host.
 pub(crate) fn run_tool(
     what: &str,
     cmd: &mut Command,
     cwd: &Path,
+    deps: &Path,
+    limits: &FetchLimits,
 ) -> Result<std::process::Output, VendorError> {
+    use std::os::unix::process::CommandExt;
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd
+    // Output into unnamed files, not pipes: nothing has to read while the tool runs, and a
+    // chatty tool cannot block on a full pipe.
+    let file = || tempfile::tempfile().map_err(io_error("a file for the tool's output"));
+    let (mut stdout, mut stderr) = (file()?, file()?);
+    let mut child = cmd
         .current_dir(cwd)
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(stdout.try_clone().map_err(io_error("the tool's output"))?)
+        .stderr(stderr.try_clone().map_err(io_error("the tool's output"))?)
+        // A group of its own, so what it starts (apt's download methods, npm's workers) is
+        // stopped with it.
+        .process_group(0)
+        .spawn()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 VendorError::Io(format!("{what}: {program} is not installed on this host"))
@@ -193,17 +238,96 @@ pub(crate) fn run_tool(
                 VendorError::Io(format!("{what}: cannot run {program}: {e}"))
             }
         })?;
-    if !out.status.success() {
-        let mut output = String::from_utf8_lossy(&out.stderr).into_owned();
-        output.push_str(&String::from_utf8_lossy(&out.stdout));
+    let started = Instant::now();
+    let mut measured = started;
+    let too_big = |bytes: u64| {
+        format!(
+            "the dependencies came to {} MiB, past the limit of {} MiB",
+            bytes >> 20,
+            limits.max_bytes >> 20
+        )
+    };
+    let stopped = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) => {}
+            Err(e) => break Err(format!("cannot wait for it: {e}")),
+        }
+        std::thread::sleep(WATCH_EVERY);
+        if started.elapsed() > limits.timeout {
+            break Err(format!(
+                "it was still running after {} s (the limit; a registry that does not answer?)",
+                limits.timeout.as_secs()
+            ));
+        }
+        if measured.elapsed() >= MEASURE_EVERY {
+            measured = Instant::now();
+            let bytes = tree_bytes(deps);
+            if bytes > limits.max_bytes {
+                break Err(too_big(bytes));
+            }
+        }
+    };
+    let read = |f: &mut std::fs::File| {
+        use std::io::{Read, Seek};
+        let mut bytes = Vec::new();
+        f.seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| f.read_to_end(&mut bytes))
+            .map(|_| bytes)
+            .map_err(io_error(format!("read what {what} printed")))
+    };
+    // The last lines of what it printed, stderr first (where tools say what went wrong).
+    let last_lines = |stdout: &[u8], stderr: &[u8]| {
+        let mut output = String::from_utf8_lossy(stderr).into_owned();
+        output.push_str(&String::from_utf8_lossy(stdout));
         let tail: Vec<&str> = output.lines().rev().take(40).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
+    let status = match stopped {
+        Ok(status) => status,
+        Err(why) => {
+            stop_group(&mut child);
+            return Err(VendorError::Limit {
+                what: what.to_string(),
+                why,
+                output: last_lines(&read(&mut stdout)?, &read(&mut stderr)?),
+            });
+        }
+    };
+    let out = std::process::Output {
+        status,
+        stdout: read(&mut stdout)?,
+        stderr: read(&mut stderr)?,
+    };
+    if !out.status.success() {
         return Err(VendorError::Fetch {
             what: what.to_string(),
             status: out.status.to_string(),
-            output: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            output: last_lines(&out.stdout, &out.stderr),
+        });
+    }
+    let bytes = tree_bytes(deps);
+    if bytes > limits.max_bytes {
+        return Err(VendorError::Limit {
+            what: what.to_string(),
+            why: too_big(bytes),
+            output: String::new(),
         });
     }
     Ok(out)
+}
+
+/// SIGKILL to `child`'s process group (it leads one: `process_group(0)`), then reaps it. Only
+/// for a child not yet reaped: until then its pid, and so its group's id, is nobody else's.
+/// With `kill(1)`, as std has no call for a group, and this is no reason for `unsafe`.
+fn stop_group(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Whether `program` runs here at all (`--version`), for a clear error before a fetch.
@@ -330,6 +454,76 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_tool_that_outlives_its_time_or_fetches_too_much_is_stopped() {
+        let deps = tempfile::tempdir().unwrap();
+        let slow = FetchLimits {
+            timeout: Duration::from_millis(500),
+            max_bytes: 1 << 30,
+        };
+        let started = Instant::now();
+        let e = run_tool(
+            "a stalled fetch",
+            Command::new("sleep").arg("30"),
+            Path::new("/"),
+            deps.path(),
+            &slow,
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            matches!(&e, VendorError::Limit { why, .. } if why.contains("still running after 0 s")),
+            "{e}"
+        );
+        let small = FetchLimits {
+            timeout: Duration::from_secs(60),
+            max_bytes: 1 << 20,
+        };
+        let script = format!(
+            "head -c 3000000 /dev/zero > {}/big; sleep 30",
+            deps.path().display()
+        );
+        let e = run_tool(
+            "a fetch of too much",
+            Command::new("sh").args(["-c", &script]),
+            Path::new("/"),
+            deps.path(),
+            &small,
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert!(
+            matches!(&e, VendorError::Limit { why, .. } if why.contains("came to 2 MiB, past the limit of 1 MiB")),
+            "{e}"
+        );
+        // One that fills the deps at once and is gone before the first look: looked at after.
+        let quick = tempfile::tempdir().unwrap();
+        let script = format!("head -c 3000000 /dev/zero > {}/big", quick.path().display());
+        let e = run_tool(
+            "a quick fetch of too much",
+            Command::new("sh").args(["-c", &script]),
+            Path::new("/"),
+            quick.path(),
+            &small,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, VendorError::Limit { why, .. } if why.contains("came to 2 MiB")),
+            "{e}"
+        );
+        // Within its limits, a tool's output comes back whole, however much it prints.
+        let fine = tempfile::tempdir().unwrap();
+        let out = run_tool(
+            "a chatty fetch",
+            Command::new("sh").args(["-c", "seq 1 200000; echo done >&2"]),
+            Path::new("/"),
+            fine.path(),
+            &small,
+        )
+        .unwrap();
+        assert!(out.stdout.ends_with(b"199999\n200000\n") && out.stderr == b"done\n");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 
 use super::version::satisfies_npm_range;
 use super::{
-    Fetched, ImageTools, Setup, VendorError, io_error, need_tool, run_tool, scratch, tree_bytes,
+    FetchLimits, Fetched, ImageTools, Setup, VendorError, io_error, need_tool, run_tool, scratch,
+    tree_bytes,
 };
 use std::path::Path;
 use std::process::Command;
@@ -150,6 +151,7 @@ fn specs_are_versions(field: &str, specs: &serde_json::Value) -> Result<(), Stri
 pub fn vendor(
     tree: &Path,
     deps: &Path,
+    limits: &FetchLimits,
     image: &ImageTools,
     setup: &mut Setup,
     progress: &mut dyn FnMut(&str),
@@ -229,6 +231,8 @@ pub fn vendor(
             .arg(&userconfig)
             .env("npm_config_globalconfig", work.path().join("global-npmrc")),
         &project,
+        deps,
+        limits,
     )?;
     // What the host's npm left beside the cache is not needed in the guest.
     let _ = std::fs::remove_dir_all(cache.join("_logs"));

@@ -4,7 +4,9 @@
 //! In the guest `pip install` finds them with `--no-index --find-links`.
 
 use super::version::Version;
-use super::{Fetched, ImageTools, Setup, VendorError, need_tool, run_tool, scratch, tree_bytes};
+use super::{
+    FetchLimits, Fetched, ImageTools, Setup, VendorError, need_tool, run_tool, scratch, tree_bytes,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -122,6 +124,7 @@ pub fn platforms(glibc_minor: u64) -> Vec<String> {
 pub fn vendor(
     tree: &Path,
     deps: &Path,
+    limits: &FetchLimits,
     image: &ImageTools,
     setup: &mut Setup,
     progress: &mut dyn FnMut(&str),
@@ -196,7 +199,7 @@ pub fn vendor(
             .arg(deps.join(WHEELS_DIR))
             .arg("-r")
             .arg(&copy);
-        run_tool(&format!("pip download -r {name}"), &mut cmd, work.path()).map_err(|e| {
+        run_tool(&format!("pip download -r {name}"), &mut cmd, work.path(), deps, limits).map_err(|e| {
             match e {
                 VendorError::Fetch { what, status, output }
                     if output.contains("No matching distribution")

@@ -3,7 +3,9 @@
 //! job's own that replaces crates.io with the vendored directory, offline.
 
 use super::version::Version;
-use super::{Fetched, ImageTools, Setup, VendorError, io_error, need_tool, run_tool, tree_bytes};
+use super::{
+    FetchLimits, Fetched, ImageTools, Setup, VendorError, io_error, need_tool, run_tool, tree_bytes,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -14,6 +16,7 @@ const HOME_DIR: &str = "cargo-home";
 pub fn vendor(
     tree: &Path,
     deps: &Path,
+    limits: &FetchLimits,
     image: &ImageTools,
     setup: &mut Setup,
     progress: &mut dyn FnMut(&str),
@@ -51,6 +54,8 @@ pub fn vendor(
             .env_remove("SSH_AUTH_SOCK")
             .env("GIT_TERMINAL_PROMPT", "0"),
         Path::new("/"),
+        deps,
+        limits,
     )?;
     let printed = String::from_utf8_lossy(&out.stdout);
     let config = job_config(&printed, &format!("{}/{VENDOR_DIR}", super::GUEST_DEPS))?;
