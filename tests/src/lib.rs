@@ -145,10 +145,16 @@ pub struct Run {
 /// `construir-qemu --accel tcg` on image `index` (from the default images directory) with
 /// `job`, plus `extra` arguments, within `deadline`.
 pub fn qemu_tcg_on(index: &str, job: &TestJob, extra: &[&str], deadline: Duration) -> Run {
+    qemu_on("tcg", index, job, extra, deadline)
+}
+
+/// `construir-qemu --accel ACCEL` on image `index` (from the default images directory) with
+/// `job`, plus `extra` arguments, within `deadline`.
+pub fn qemu_on(accel: &str, index: &str, job: &TestJob, extra: &[&str], deadline: Duration) -> Run {
     let images = images_dir(index);
     let mut args = vec![
         "--accel",
-        "tcg",
+        accel,
         "--images-dir",
         images.to_str().unwrap(),
         "--job",

@@ -10,19 +10,9 @@ use std::time::Duration;
 const DEADLINE: Duration = Duration::from_secs(25 * 60);
 
 fn qemu_kvm(job: &TestJob, extra: &[&str]) -> Run {
-    let images = images_dir("t0");
-    let mut args = vec![
-        "--accel",
-        "kvm",
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--job",
-        job.path.to_str().unwrap(),
-        "--timeout",
-        "15m",
-    ];
+    let mut args = vec!["--timeout", "15m"];
     args.extend_from_slice(extra);
-    run_launcher(&binary("construir-qemu"), &args, DEADLINE)
+    qemu_on("kvm", "t0", job, &args, DEADLINE)
 }
 
 #[test]
