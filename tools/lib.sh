@@ -81,6 +81,11 @@ construir_phase() {
     construir__phases+=("$(printf '%5d s  %s' "$((SECONDS - start))" "$name")")
 }
 
+# construir_corpus_field NAME KEY: the value of KEY= in corpus/NAME/source (empty if absent).
+construir_corpus_field() {
+    sed -n "s/^$2=//p" "$(dirname "${BASH_SOURCE[0]}")/../corpus/$1/source" | head -n 1
+}
+
 # construir_cleanup PATH...: removed when the script exits, however it exits.
 construir_cleanup() {
     construir__cleanup_paths+=("$@")
